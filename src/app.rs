@@ -1,0 +1,173 @@
+//! What each subcommand does, start to finish. Errors come back as [`Fatal`] so that `main`
+//! maps them to exit statuses in one place.
+
+use crate::auth::Tokens;
+use crate::cli::{CallArgs, Cli, Command};
+use crate::config::{Config, Limits};
+use crate::error::Fatal;
+use crate::framing::Framing;
+use crate::request::Request;
+use crate::script::context::ClientSink;
+use crate::script::{HandlerResult, Runtime, ScriptHost};
+use crate::server::{Parts, Server};
+use crate::signals::SignalSource;
+use crate::{client, reload, workers};
+use mio::net::TcpListener;
+use mio::{Poll, Token, Waker};
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+pub fn init_logging() {
+    let env = env_logger::Env::default().default_filter_or("info");
+    env_logger::Builder::from_env(env)
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "{} {:<5} {}",
+                buf.timestamp_millis(),
+                record.level(),
+                record.args()
+            )
+        })
+        .init();
+}
+
+/// Runs the subcommand; the `u8` is the exit status.
+pub fn run(cli: Cli) -> Result<u8, Fatal> {
+    match cli.command {
+        Command::Serve(args) => serve(Config::from_args(args)?),
+        Command::Check(args) => Ok(check(&args.file)),
+        Command::Call(args) => call(args),
+        Command::Send(args) => client::send(args),
+    }
+}
+
+fn check(path: &std::path::Path) -> u8 {
+    let limits = Limits::default();
+    match ScriptHost::load(path, Runtime::new(limits)) {
+        Ok(_) => {
+            println!("ok");
+            0
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            1
+        }
+    }
+}
+
+fn serve(config: Config) -> Result<u8, Fatal> {
+    // Before any thread starts, so every thread inherits the handlers' view.
+    let signals = SignalSource::install()
+        .map_err(|e| Fatal::Runtime(format!("installing signal handlers: {e}")))?;
+    let listeners = bind_all(&config)?;
+    let runtime = Runtime::new(config.limits);
+    let host = Arc::new(ScriptHost::load(&config.script, runtime.clone()).map_err(Fatal::Usage)?);
+    let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
+    warnings.iter().for_each(|w| log::warn!("{w}"));
+
+    let runtime_error = |what: &str, e: std::io::Error| Fatal::Runtime(format!("{what}: {e}"));
+    let poll = Poll::new().map_err(|e| runtime_error("creating the event loop", e))?;
+    let waker = Waker::new(poll.registry(), Token(usize::MAX))
+        .map_err(|e| runtime_error("creating the waker", e))?;
+    let (outbox, inbox) = workers::outbox(Arc::new(waker));
+    let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())
+        .map_err(|e| runtime_error("starting workers", e))?;
+    let reload = reload::spawn(host, config.token_sources.clone(), outbox)
+        .map_err(|e| runtime_error("starting the reload thread", e))?;
+
+    announce(&listeners, config.print_addr)?;
+    let parts = Parts {
+        poll,
+        listeners,
+        signals,
+        pool,
+        inbox,
+        tokens: Arc::new(tokens),
+        runtime,
+        reload,
+    };
+    let server =
+        Server::new(config, parts).map_err(|e| runtime_error("registering listeners", e))?;
+    let code = server.run().map_err(|e| runtime_error("event loop", e))?;
+    Ok(code as u8)
+}
+
+fn bind_all(config: &Config) -> Result<Vec<TcpListener>, Fatal> {
+    let bind = |addr: &std::net::SocketAddr| {
+        TcpListener::bind(*addr).map_err(|e| Fatal::Runtime(format!("binding {addr}: {e}")))
+    };
+    config.listen.iter().map(bind).collect()
+}
+
+fn announce(listeners: &[TcpListener], print_addr: bool) -> Result<(), Fatal> {
+    let mut stdout = std::io::stdout().lock();
+    for listener in listeners {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Fatal::Runtime(format!("reading a bound address: {e}")))?;
+        log::info!("listening on {addr}");
+        if print_addr {
+            let _ = writeln!(stdout, "{addr}");
+        }
+    }
+    let _ = stdout.flush();
+    Ok(())
+}
+
+/// `write()` output of a local call goes straight to stdout.
+struct Stdout;
+
+impl ClientSink for Stdout {
+    fn send(&mut self, bytes: Vec<u8>) {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&bytes).and_then(|_| out.flush());
+    }
+}
+
+fn call(args: CallArgs) -> Result<u8, Fatal> {
+    let limits = Limits {
+        handler_timeout: args.handler_timeout,
+        command_timeout: args.command_timeout,
+        ..Limits::default()
+    };
+    let host = ScriptHost::load(&args.script, Runtime::new(limits)).map_err(Fatal::Usage)?;
+    let peer = args
+        .peer
+        .parse()
+        .map_err(|_| Fatal::Usage(format!("--peer '{}': expected IP:PORT", args.peer)))?;
+    let (framing, payload, body) = if args.payload == ["-"] {
+        let mut body = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut body)
+            .map_err(|e| Fatal::Runtime(format!("reading stdin: {e}")))?;
+        (Framing::Stream, String::new(), body)
+    } else {
+        (Framing::Line, args.payload.join(" "), Vec::new())
+    };
+    let request = Request {
+        id: 1,
+        token_name: Some(args.token_name.into()),
+        payload: payload.into_bytes(),
+        body,
+        peer,
+        local: "127.0.0.1:0"
+            .parse()
+            .map_err(|_| Fatal::Usage("local address".into()))?,
+        framing,
+    };
+    match host.handle(&request, Box::new(Stdout)).0 {
+        HandlerResult::Replied(reply) => {
+            Stdout.send(reply.bytes);
+            Ok(0)
+        }
+        HandlerResult::Failed(message) => {
+            eprintln!("handler failed: {message}");
+            Ok(1)
+        }
+        HandlerResult::TimedOut => {
+            eprintln!("handler timed out");
+            Ok(1)
+        }
+    }
+}

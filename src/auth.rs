@@ -1,0 +1,168 @@
+//! Tokens: where they come from, and the constant-time check of a presented token.
+//!
+//! Only SHA-256 digests of the tokens are kept and compared, so the comparison costs the same
+//! whatever the content or the length of the presented and configured tokens.
+
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+
+/// Below this many bytes a token is guessable enough to warn about.
+const SHORT_TOKEN_BYTES: usize = 16;
+
+/// Where one named token comes from, as given by `--token-file` or `--token-env`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSource {
+    /// The name the script sees as `req.token_name`.
+    pub name: Arc<str>,
+    pub origin: TokenOrigin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenOrigin {
+    File(PathBuf),
+    Env(String),
+}
+
+impl TokenSource {
+    /// Parses `[NAME=]VALUE`; the name defaults to `default`.
+    pub fn parse(spec: &str, origin: fn(&str) -> TokenOrigin) -> Result<Self, String> {
+        let (name, value) = match spec.split_once('=') {
+            Some((name, value)) => (name, value),
+            None => ("default", spec),
+        };
+        if name.is_empty() || value.is_empty() {
+            return Err(format!("'{spec}' is not [NAME=]VALUE"));
+        }
+        Ok(TokenSource {
+            name: name.into(),
+            origin: origin(value),
+        })
+    }
+}
+
+impl fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.origin {
+            TokenOrigin::File(path) => write!(f, "token file {}", path.display()),
+            TokenOrigin::Env(var) => write!(f, "token variable {var}"),
+        }
+    }
+}
+
+type TokenDigest = [u8; 32];
+
+fn digest(token: &[u8]) -> TokenDigest {
+    Sha256::digest(token).into()
+}
+
+/// The valid tokens at one moment; replaced whole when a token file changes.
+#[derive(Default)]
+pub struct Tokens {
+    /// Digests with the name of the source they came from.
+    entries: Vec<(Arc<str>, TokenDigest)>,
+}
+
+impl Tokens {
+    /// Reads every source. Returns the tokens and warnings to log (never the token values).
+    pub fn load(sources: &[TokenSource]) -> Result<(Tokens, Vec<String>), String> {
+        let mut tokens = Tokens::default();
+        let mut warnings = Vec::new();
+        for source in sources {
+            for value in read_source(source)? {
+                if value.len() < SHORT_TOKEN_BYTES {
+                    warnings.push(format!(
+                        "a token from {source} is shorter than {SHORT_TOKEN_BYTES} bytes; use a long random token"
+                    ));
+                }
+                tokens
+                    .entries
+                    .push((source.name.clone(), digest(value.as_bytes())));
+            }
+        }
+        Ok((tokens, warnings))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The name of the token that matches `presented`, checking every token in constant time.
+    pub fn check(&self, presented: &[u8]) -> Option<Arc<str>> {
+        let presented = digest(presented);
+        let mut matched = 0u32; // index + 1 of the match, 0 for none
+        for (index, (_, expected)) in self.entries.iter().enumerate() {
+            let candidate = index as u32 + 1;
+            matched.conditional_assign(&candidate, expected.ct_eq(&presented));
+        }
+        let index = (matched as usize).checked_sub(1)?;
+        self.entries.get(index).map(|(name, _)| name.clone())
+    }
+}
+
+fn read_source(source: &TokenSource) -> Result<Vec<String>, String> {
+    match &source.origin {
+        TokenOrigin::Env(var) => {
+            let value =
+                std::env::var(var).map_err(|_| format!("{source}: not set or not UTF-8"))?;
+            let value = value.trim();
+            if value.is_empty() {
+                return Err(format!("{source}: the token is empty"));
+            }
+            Ok(vec![value.to_owned()])
+        }
+        TokenOrigin::File(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("reading {source}: {e}"))?;
+            let lines: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            if lines.is_empty() {
+                return Err(format!(
+                    "{source}: no token in the file (every line is empty)"
+                ));
+            }
+            Ok(lines)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(values: &[(&str, &str)]) -> Tokens {
+        let entries = values
+            .iter()
+            .map(|(name, v)| (Arc::from(*name), digest(v.as_bytes())));
+        Tokens {
+            entries: entries.collect(),
+        }
+    }
+
+    #[test]
+    fn matches_any_configured_token_by_name() {
+        let t = tokens(&[("a", "first-token-value"), ("b", "second-token-value")]);
+        assert_eq!(t.check(b"second-token-value").as_deref(), Some("b"));
+        assert_eq!(t.check(b"first-token-value").as_deref(), Some("a"));
+        assert_eq!(t.check(b"first-token-valu"), None);
+        assert_eq!(t.check(b""), None);
+    }
+
+    #[test]
+    fn parses_named_and_default_sources() {
+        let s = TokenSource::parse("ops=/run/t", |v| TokenOrigin::File(v.into())).unwrap();
+        assert_eq!(&*s.name, "ops");
+        let s = TokenSource::parse("TOKEN", |v| TokenOrigin::Env(v.into())).unwrap();
+        assert_eq!(
+            (&*s.name, s.origin),
+            ("default", TokenOrigin::Env("TOKEN".into()))
+        );
+        assert!(TokenSource::parse("=x", |v| TokenOrigin::Env(v.into())).is_err());
+    }
+}

@@ -1,0 +1,225 @@
+//! The command line as the user types it (clap), before any validation. `config` turns it into
+//! what the server runs with.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "command-trigger",
+    version,
+    about = "Trigger commands in a pod over TCP, decided by a Rhai script"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (the container's entrypoint).
+    Serve(ServeArgs),
+    /// Compile a script and report errors; exit 0 if it is usable, 1 if not.
+    Check(CheckArgs),
+    /// Run one request through the script locally and print the reply.
+    Call(CallArgs),
+    /// Send one request to a server and print the reply.
+    Send(SendArgs),
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}' is not a duration like 500ms, 10s or 2m: {e}"))
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMode {
+    /// A wrong token is answered `ERR unauthorized` and never reaches the script.
+    Required,
+    /// Every request reaches the script, which checks `req.token_name`.
+    Script,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FramingArg {
+    /// One request per line.
+    Line,
+    /// First line, then the body up to the client's half-close.
+    Stream,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The Rhai script that defines `fn handle(req)`.
+    #[arg(long, env = "CT_SCRIPT", value_name = "FILE")]
+    pub script: PathBuf,
+
+    /// Address to listen on, IP:PORT or [IPv6]:PORT (repeatable; port 0 picks a free port).
+    #[arg(
+        long,
+        env = "CT_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:9000",
+        value_delimiter = ','
+    )]
+    pub listen: Vec<String>,
+
+    /// File whose every non-empty line is a valid token for NAME (default name `default`; repeatable).
+    #[arg(
+        long,
+        env = "CT_TOKEN_FILE",
+        value_name = "[NAME=]PATH",
+        value_delimiter = ','
+    )]
+    pub token_file: Vec<String>,
+
+    /// Environment variable that holds a token for NAME (default name `default`; repeatable).
+    #[arg(
+        long,
+        env = "CT_TOKEN_ENV",
+        value_name = "[NAME=]VAR",
+        value_delimiter = ','
+    )]
+    pub token_env: Vec<String>,
+
+    /// Allow starting with no token source; then the whole line is the payload.
+    #[arg(long, env = "CT_INSECURE_NO_TOKEN")]
+    pub insecure_no_token: bool,
+
+    /// Who rejects a wrong token: the server, or the script.
+    #[arg(long, env = "CT_AUTH", value_enum, default_value = "required")]
+    pub auth: AuthMode,
+
+    /// How requests are cut from the connection's bytes.
+    #[arg(long, env = "CT_FRAMING", value_enum, default_value = "line")]
+    pub framing: FramingArg,
+
+    /// Keep the connection open after a reply and read the next request.
+    #[arg(long, env = "CT_KEEP_ALIVE")]
+    pub keep_alive: bool,
+
+    /// Handlers running at once.
+    #[arg(long, env = "CT_WORKERS", value_name = "N", default_value = "8")]
+    pub workers: usize,
+
+    /// Complete requests waiting for a worker; beyond it the reply is `ERR busy`.
+    #[arg(long, env = "CT_QUEUE", value_name = "N", default_value = "256")]
+    pub queue: usize,
+
+    /// Open client connections; beyond it new connections are closed at once.
+    #[arg(
+        long,
+        env = "CT_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value = "1024"
+    )]
+    pub max_connections: usize,
+
+    /// Largest request: one line (line framing) or the whole request (stream framing).
+    #[arg(
+        long,
+        env = "CT_MAX_REQUEST_BYTES",
+        value_name = "N",
+        default_value = "65536"
+    )]
+    pub max_request_bytes: usize,
+
+    /// Time allowed to send a complete request; with --keep-alive also the idle time between requests.
+    #[arg(long, env = "CT_READ_TIMEOUT", value_name = "DUR", default_value = "10s", value_parser = duration)]
+    pub read_timeout: Duration,
+
+    /// Wall-clock limit of one `handle(req)` call, commands included.
+    #[arg(long, env = "CT_HANDLER_TIMEOUT", value_name = "DUR", default_value = "60s", value_parser = duration)]
+    pub handler_timeout: Duration,
+
+    /// Default limit of one command the script runs.
+    #[arg(long, env = "CT_COMMAND_TIMEOUT", value_name = "DUR", default_value = "30s", value_parser = duration)]
+    pub command_timeout: Duration,
+
+    /// Captured stdout and stderr of one command, each; the rest is dropped and `truncated` set.
+    #[arg(
+        long,
+        env = "CT_MAX_OUTPUT_BYTES",
+        value_name = "N",
+        default_value = "1048576"
+    )]
+    pub max_output_bytes: usize,
+
+    /// Background jobs (`start`) alive at once.
+    #[arg(long, env = "CT_MAX_JOBS", value_name = "N", default_value = "16")]
+    pub max_jobs: usize,
+
+    /// On SIGTERM, time given to running handlers and jobs before their commands are killed.
+    #[arg(long, env = "CT_SHUTDOWN_TIMEOUT", value_name = "DUR", default_value = "20s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Print the bound address(es) to stdout, one per line, once listening.
+    #[arg(long, env = "CT_PRINT_ADDR")]
+    pub print_addr: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The Rhai script to compile.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct CallArgs {
+    /// The Rhai script that defines `fn handle(req)`.
+    #[arg(long, env = "CT_SCRIPT", value_name = "FILE")]
+    pub script: PathBuf,
+
+    /// The `req.token_name` the script sees.
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    pub token_name: String,
+
+    /// The `req.peer` the script sees.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub peer: String,
+
+    /// Limit of one command the script runs.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = duration)]
+    pub command_timeout: Duration,
+
+    /// Wall-clock limit of the `handle(req)` call.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = duration)]
+    pub handler_timeout: Duration,
+
+    /// The payload words; `-` alone reads the body from stdin (stream framing).
+    #[arg(last = true, value_name = "PAYLOAD")]
+    pub payload: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    /// Server address, HOST:PORT.
+    #[arg(value_name = "ADDR")]
+    pub addr: String,
+
+    /// The payload words, joined by spaces.
+    #[arg(value_name = "PAYLOAD")]
+    pub payload: Vec<String>,
+
+    /// File whose first non-empty line is the token.
+    #[arg(long, env = "CT_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Environment variable that holds the token.
+    #[arg(long, env = "CT_TOKEN_ENV", value_name = "VAR")]
+    pub token_env: Option<String>,
+
+    /// Send stdin after the first line as the request body (stream framing).
+    #[arg(long)]
+    pub body: bool,
+
+    /// Send to every address the host name resolves to, at once.
+    #[arg(long)]
+    pub all: bool,
+
+    /// Time allowed for connecting, sending and the whole reply.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = duration)]
+    pub timeout: Duration,
+}

@@ -1,0 +1,452 @@
+//! Running one command for a script: its own process group, stdin from the script, output
+//! captured up to a cap (or streamed), a deadline enforced with SIGTERM then SIGKILL to the
+//! whole group, and the child always reaped.
+//!
+//! One thread waits on the child's pipes and its pidfd with `poll`, so a command that prints
+//! gigabytes, never reads stdin, or ignores SIGTERM cannot stall or outlive its deadline.
+
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::process::{Pid, PidfdFlags, Signal, kill_process_group, pidfd_open};
+use std::collections::HashSet;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// After SIGTERM, how long a command gets before SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+/// After the command exits, how long its pipes may stay open (held by something it left in the
+/// background) before we stop reading them.
+const PIPE_GRACE: Duration = Duration::from_millis(100);
+/// A pipe write of at most this many bytes never blocks once `poll` says writable.
+const PIPE_BUF: usize = 4096;
+
+/// What to run, as the script described it.
+#[derive(Clone, Debug, Default)]
+pub struct CommandSpec {
+    pub program: Program,
+    pub env: Vec<(String, String)>,
+    pub clear_env: bool,
+    pub cwd: Option<String>,
+    pub stdin: Vec<u8>,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub enum Program {
+    /// Executed directly: no shell ever sees the words.
+    Argv(Vec<String>),
+    /// Given to `/bin/sh -c`.
+    Shell(String),
+}
+
+impl Default for Program {
+    fn default() -> Self {
+        Program::Argv(Vec::new())
+    }
+}
+
+/// How a command ended.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// Exit code; 128+N when killed by signal N; 126/127 when it could not be started.
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub truncated: bool,
+    pub timed_out: bool,
+    pub duration: Duration,
+}
+
+impl Outcome {
+    pub fn success(&self) -> bool {
+        self.code == 0 && !self.timed_out
+    }
+
+    fn not_started(program: &str, error: &io::Error, started: Instant) -> Outcome {
+        let code = match error.kind() {
+            io::ErrorKind::NotFound => 127,
+            _ => 126,
+        };
+        Outcome {
+            code,
+            stderr: format!("{program}: {error}").into_bytes(),
+            duration: started.elapsed(),
+            ..Outcome::default()
+        }
+    }
+}
+
+/// The process groups of every running command, so shutdown can kill what is left.
+#[derive(Default)]
+pub struct ProcessGroups {
+    running: Mutex<HashSet<i32>>,
+}
+
+impl ProcessGroups {
+    fn insert(&self, pgid: i32) {
+        self.lock().insert(pgid);
+    }
+
+    fn remove(&self, pgid: i32) {
+        self.lock().remove(&pgid);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sends `signal` to every running command's group.
+    pub fn signal_all(&self, signal: Signal) {
+        for &pgid in self.lock().iter() {
+            signal_group(pgid, signal);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
+        // A panic elsewhere must not stop shutdown from killing commands.
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn signal_group(pgid: i32, signal: Signal) {
+    if let Some(pid) = Pid::from_raw(pgid) {
+        // ESRCH: the group is already gone, which is what we wanted.
+        let _ = kill_process_group(pid, signal);
+    }
+}
+
+/// Where a command's output goes.
+pub enum OutputSink<'a> {
+    /// Kept in the outcome, each stream capped at this many bytes.
+    Capture(usize),
+    /// Handed over as it arrives (stdout and stderr interleaved), not kept.
+    Stream(&'a mut dyn FnMut(&[u8])),
+}
+
+/// Runs `spec` to completion. Never fails: a command that cannot start is an outcome too.
+pub fn run(spec: &CommandSpec, sink: OutputSink<'_>, groups: &ProcessGroups) -> Outcome {
+    let started = Instant::now();
+    let mut command = match build(spec) {
+        Ok(command) => command,
+        Err(reason) => return Outcome::not_started("command", &reason, started),
+    };
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => return Outcome::not_started(&display_name(&spec.program), &error, started),
+    };
+    let pgid = child.id() as i32;
+    groups.insert(pgid);
+    let mut outcome = supervise(&mut child, spec, sink, started);
+    groups.remove(pgid);
+    outcome.duration = started.elapsed();
+    outcome
+}
+
+fn display_name(program: &Program) -> String {
+    match program {
+        Program::Argv(argv) => argv.first().cloned().unwrap_or_default(),
+        Program::Shell(_) => "/bin/sh".into(),
+    }
+}
+
+fn build(spec: &CommandSpec) -> io::Result<Command> {
+    let mut command = match &spec.program {
+        Program::Argv(argv) => {
+            let (program, args) = argv
+                .split_first()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "empty argv"))?;
+            let mut command = Command::new(program);
+            command.args(args);
+            command
+        }
+        Program::Shell(line) => {
+            let mut command = Command::new("/bin/sh");
+            command.arg("-c").arg(line);
+            command
+        }
+    };
+    if spec.clear_env {
+        command.env_clear();
+    }
+    command.envs(spec.env.iter().map(|(k, v)| (k, v)));
+    if let Some(cwd) = &spec.cwd {
+        command.current_dir(cwd);
+    }
+    let stdin = if spec.stdin.is_empty() {
+        Stdio::null()
+    } else {
+        Stdio::piped()
+    };
+    command
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    Ok(command)
+}
+
+/// The pipes of a running child and what has come out of them.
+struct Pipes {
+    stdin: Option<ChildStdin>,
+    stdin_written: usize,
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+}
+
+/// Where a command stands on the way to its deadline.
+#[derive(Clone, Copy)]
+enum Phase {
+    Running,
+    Terminating { kill_at: Instant },
+    Killed,
+}
+
+/// Sends SIGTERM at the deadline and SIGKILL after the grace, each once.
+fn advance(
+    phase: Phase,
+    pgid: i32,
+    term_at: Instant,
+    now: Instant,
+    outcome: &mut Outcome,
+) -> Phase {
+    match phase {
+        Phase::Running if now >= term_at => {
+            signal_group(pgid, Signal::TERM);
+            outcome.timed_out = true;
+            Phase::Terminating {
+                kill_at: now + KILL_GRACE,
+            }
+        }
+        Phase::Terminating { kill_at } if now >= kill_at => {
+            signal_group(pgid, Signal::KILL);
+            Phase::Killed
+        }
+        phase => phase,
+    }
+}
+
+fn supervise(
+    child: &mut Child,
+    spec: &CommandSpec,
+    mut sink: OutputSink<'_>,
+    started: Instant,
+) -> Outcome {
+    let pgid = child.id() as i32;
+    let pidfd = Pid::from_raw(pgid).and_then(|pid| pidfd_open(pid, PidfdFlags::empty()).ok());
+    let mut pipes = Pipes {
+        stdin: child.stdin.take(),
+        stdin_written: 0,
+        stdout: child.stdout.take(),
+        stderr: child.stderr.take(),
+    };
+    let mut outcome = Outcome::default();
+    let term_at = started + spec.timeout;
+    let mut phase = Phase::Running;
+    let mut exited_at = None;
+    loop {
+        let now = Instant::now();
+        if exited_at.is_none() {
+            phase = advance(phase, pgid, term_at, now, &mut outcome);
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                exited_at = Some(now);
+            }
+        }
+        let wake_at = match (exited_at, phase) {
+            (Some(exited), _) if pipes.stdout.is_none() && pipes.stderr.is_none() => exited,
+            (Some(exited), _) => exited + PIPE_GRACE,
+            (None, Phase::Running) => term_at,
+            (None, Phase::Terminating { kill_at }) => kill_at,
+            (None, Phase::Killed) => now + KILL_GRACE,
+        };
+        if exited_at.is_some() && now >= wake_at {
+            break;
+        }
+        let pidfd = pidfd.as_ref().filter(|_| exited_at.is_none());
+        pump(
+            &mut pipes,
+            pidfd,
+            spec,
+            &mut sink,
+            &mut outcome,
+            wake_at.saturating_duration_since(now),
+        );
+    }
+    outcome.code = exit_code(child);
+    outcome
+}
+
+fn exit_code(child: &mut Child) -> i32 {
+    match child.wait() {
+        Ok(status) => status
+            .code()
+            .or_else(|| status.signal().map(|s| 128 + s))
+            .unwrap_or(128),
+        Err(_) => 128,
+    }
+}
+
+/// Waits up to `wait` for any pipe or the pidfd, then moves what is ready.
+fn pump(
+    pipes: &mut Pipes,
+    pidfd: Option<&OwnedFd>,
+    spec: &CommandSpec,
+    sink: &mut OutputSink<'_>,
+    outcome: &mut Outcome,
+    wait: Duration,
+) {
+    let in_flags = PollFlags::IN | PollFlags::HUP | PollFlags::ERR;
+    let mut fds = Vec::with_capacity(4);
+    if let Some(stdout) = &pipes.stdout {
+        fds.push(PollFd::new(stdout, in_flags));
+    }
+    if let Some(stderr) = &pipes.stderr {
+        fds.push(PollFd::new(stderr, in_flags));
+    }
+    if let Some(stdin) = &pipes.stdin {
+        fds.push(PollFd::new(stdin, PollFlags::OUT));
+    }
+    if let Some(pidfd) = pidfd {
+        fds.push(PollFd::new(pidfd, PollFlags::IN));
+    }
+    // Poll wakes at least every 50ms so a missing pidfd only costs latency.
+    let wait = if pidfd.is_some() {
+        wait
+    } else {
+        wait.min(Duration::from_millis(50))
+    };
+    let timeout = Timespec::try_from(wait).ok();
+    if poll(&mut fds, timeout.as_ref()).is_err() {
+        return; // EINTR: the caller loops
+    }
+    let ready: Vec<bool> = fds.iter().map(|fd| !fd.revents().is_empty()).collect();
+    drop(fds);
+    let mut ready = ready.into_iter();
+    if pipes.stdout.is_some() && ready.next() == Some(true) {
+        read_pipe(
+            &mut pipes.stdout,
+            sink,
+            &mut outcome.stdout,
+            &mut outcome.truncated,
+        );
+    }
+    if pipes.stderr.is_some() && ready.next() == Some(true) {
+        read_pipe(
+            &mut pipes.stderr,
+            sink,
+            &mut outcome.stderr,
+            &mut outcome.truncated,
+        );
+    }
+    if pipes.stdin.is_some() && ready.next() == Some(true) {
+        write_stdin(pipes, &spec.stdin);
+    }
+}
+
+fn read_pipe<R: Read>(
+    pipe: &mut Option<R>,
+    sink: &mut OutputSink<'_>,
+    kept: &mut Vec<u8>,
+    truncated: &mut bool,
+) {
+    let Some(reader) = pipe else { return };
+    let mut chunk = [0u8; 16 * 1024];
+    match reader.read(&mut chunk) {
+        Ok(0) | Err(_) => *pipe = None,
+        Ok(n) => match sink {
+            OutputSink::Stream(forward) => forward(&chunk[..n]),
+            OutputSink::Capture(cap) => {
+                let room = cap.saturating_sub(kept.len());
+                kept.extend_from_slice(&chunk[..n.min(room)]);
+                *truncated |= n > room;
+            }
+        },
+    }
+}
+
+fn write_stdin(pipes: &mut Pipes, data: &[u8]) {
+    let Some(stdin) = &mut pipes.stdin else {
+        return;
+    };
+    let end = data.len().min(pipes.stdin_written + PIPE_BUF);
+    match stdin.write(&data[pipes.stdin_written..end]) {
+        Ok(n) => pipes.stdin_written += n,
+        // EPIPE: the command does not want the rest of its input.
+        Err(_) => pipes.stdin_written = data.len(),
+    }
+    if pipes.stdin_written >= data.len() {
+        pipes.stdin = None; // closing it gives the command EOF
+    }
+}
+
+/// Quotes `s` for `/bin/sh`: single quotes, with each `'` written as `'\''`.
+pub fn shell_quote(s: &str) -> String {
+    let mut quoted = String::with_capacity(s.len() + 2);
+    quoted.push('\'');
+    for c in s.chars() {
+        if c == '\'' {
+            quoted.push_str("'\\''");
+        } else {
+            quoted.push(c);
+        }
+    }
+    quoted.push('\'');
+    quoted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_shell(line: &str, timeout_ms: u64) -> Outcome {
+        let spec = CommandSpec {
+            program: Program::Shell(line.into()),
+            timeout: Duration::from_millis(timeout_ms),
+            ..CommandSpec::default()
+        };
+        run(&spec, OutputSink::Capture(8), &ProcessGroups::default())
+    }
+
+    #[test]
+    fn captures_output_and_exit_code_with_a_cap() {
+        let outcome = run_shell("printf 0123456789; echo err >&2; exit 3", 5000);
+        assert_eq!((outcome.code, outcome.truncated), (3, true));
+        assert_eq!(outcome.stdout, b"01234567");
+        assert_eq!(outcome.stderr, b"err\n");
+    }
+
+    #[test]
+    fn timeout_kills_the_group_even_when_term_is_ignored() {
+        let outcome = run_shell("trap '' TERM; sleep 30 & wait", 100);
+        assert!(outcome.timed_out);
+        assert_eq!(outcome.code, 128 + 9);
+        assert!(outcome.duration < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn missing_program_is_127() {
+        let spec = CommandSpec {
+            program: Program::Argv(vec!["/nonexistent/x".into()]),
+            ..Default::default()
+        };
+        let outcome = run(&spec, OutputSink::Capture(64), &ProcessGroups::default());
+        assert_eq!(outcome.code, 127);
+        assert!(!outcome.stderr.is_empty());
+    }
+
+    #[test]
+    fn quoting_survives_the_shell() {
+        let nasty = "a'b; echo $HOME `id` \"q\"";
+        let outcome = run_shell(&format!("printf %s {}", shell_quote(nasty)), 5000);
+        let spec_out = String::from_utf8_lossy(&outcome.stdout).into_owned();
+        assert!(nasty.starts_with(&spec_out), "{spec_out}");
+    }
+}

@@ -1,0 +1,176 @@
+//! One client connection: its socket, what it has sent that is not a request yet, what we
+//! still have to send, and where it stands between accept and close.
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::Instant;
+
+/// Where a connection stands. Each phase but `Handling` has a deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for (the rest of) a request.
+    Reading { deadline: Instant },
+    /// A request is with the workers. Nothing more is read until its reply is out, so a
+    /// client cannot pile up pipelined requests in our memory.
+    Handling,
+    /// Writing the last reply; then the sending side is shut down.
+    Closing { deadline: Instant },
+    /// Sending side shut; what the client still sends is read and dropped until it closes, so
+    /// unread input does not turn our close into a reset that destroys the reply.
+    Draining { deadline: Instant },
+}
+
+pub struct Connection {
+    stream: TcpStream,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// Tells this connection from a later one in the same slab slot.
+    pub serial: u64,
+    pub phase: Phase,
+    /// Received bytes that are not a complete request yet.
+    pub input: Vec<u8>,
+    /// The client has shut down its sending side.
+    pub input_closed: bool,
+    output: Vec<u8>,
+    /// How much of `output` is already written.
+    written: usize,
+    /// Whether WRITABLE is in the registered interest (only while output is pending).
+    wants_writable: bool,
+    /// The deadline an entry in the loop's timer heap stands for, if one does.
+    pub timer: Option<Instant>,
+}
+
+/// Was the read stopped because the socket is empty, or because enough is buffered?
+pub enum Filled {
+    Drained,
+    LimitReached,
+}
+
+impl Connection {
+    pub fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        serial: u64,
+        phase: Phase,
+    ) -> Self {
+        Connection {
+            stream,
+            peer,
+            local,
+            serial,
+            phase,
+            input: Vec::new(),
+            input_closed: false,
+            output: Vec::new(),
+            written: 0,
+            wants_writable: false,
+            timer: None,
+        }
+    }
+
+    pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        registry.register(&mut self.stream, token, Interest::READABLE)
+    }
+
+    pub fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.stream);
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Reading { deadline }
+            | Phase::Closing { deadline }
+            | Phase::Draining { deadline } => Some(deadline),
+            Phase::Handling => None,
+        }
+    }
+
+    /// Reads until the socket is empty, the client closes, or more than `limit` bytes are
+    /// buffered (the framer then reports the request as too large).
+    pub fn fill_input(&mut self, scratch: &mut [u8], limit: usize) -> io::Result<Filled> {
+        while !self.input_closed {
+            if self.input.len() > limit {
+                return Ok(Filled::LimitReached);
+            }
+            match self.stream.read(scratch) {
+                Ok(0) => self.input_closed = true,
+                Ok(n) => self.input.extend_from_slice(&scratch[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Filled::Drained)
+    }
+
+    /// Reads and drops whatever the client sends; true once it has closed.
+    pub fn discard_input(&mut self, scratch: &mut [u8]) -> io::Result<bool> {
+        self.input = Vec::new();
+        loop {
+            match self.stream.read(scratch) {
+                Ok(0) => return Ok(true),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn push_output(&mut self, bytes: &[u8]) {
+        self.output.extend_from_slice(bytes);
+    }
+
+    pub fn pending_output(&self) -> usize {
+        self.output.len() - self.written
+    }
+
+    /// Writes what the socket takes now; true when nothing is left.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        while self.written < self.output.len() {
+            match self.stream.write(&self.output[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.output.clear();
+        self.written = 0;
+        Ok(true)
+    }
+
+    pub fn shutdown_output(&mut self) {
+        // ENOTCONN: the client is gone already; draining will find out.
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+
+    /// Asks for WRITABLE events exactly while output is pending.
+    pub fn update_interest(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        let wants = self.pending_output() > 0;
+        if wants != self.wants_writable {
+            let interest = if wants {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            registry.reregister(&mut self.stream, token, interest)?;
+            self.wants_writable = wants;
+        }
+        Ok(())
+    }
+
+    /// Gives memory back after a large request, so idle connections stay small.
+    pub fn shrink_buffers(&mut self) {
+        if self.input.is_empty() && self.input.capacity() > 4096 {
+            self.input = Vec::new();
+        }
+        if self.output.is_empty() && self.output.capacity() > 4096 {
+            self.output = Vec::new();
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! `command-trigger`: trigger commands in a pod over TCP, decided by a Rhai script.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line as typed (clap); [`config`]: the validated settings of `serve`.
+//! - [`app`]: what each subcommand does, start to finish; `main` only maps errors to exit codes.
+//! - [`server`]: the mio event loop: accept, read, frame, authenticate, dispatch, write, time out.
+//! - [`connection`]: one client connection's buffers and phase; [`framing`]: bytes to requests.
+//! - [`auth`]: token sources and the constant-time check.
+//! - [`workers`]: the threads that run handlers, and the outbox back to the loop.
+//! - [`script`]: the Rhai engine, `handle(req)`, and the functions scripts call.
+//! - [`commands`]: running one command with its process group, deadline and output cap.
+//! - [`signals`]: SIGTERM/SIGINT/SIGHUP as loop events; [`reload`]: hot reload of files.
+//! - [`client`]: the `send` subcommand.
+//! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod framing;
+pub mod reload;
+pub mod request;
+pub mod script;
+pub mod server;
+pub mod signals;
+pub mod workers;

@@ -1,0 +1,138 @@
+//! Hot reload of the script and the token files, on SIGHUP and when a file changes on disk.
+//!
+//! Runs on its own thread, so reading and compiling never happen on the event loop. Files are
+//! looked at through their symlinks (`stat`, not `lstat`), which catches an in-place write, a
+//! rename over the file, and the `..data` symlink swap of Kubernetes ConfigMap/Secret volumes.
+
+use crate::auth::{TokenOrigin, TokenSource, Tokens};
+use crate::script::ScriptHost;
+use crate::workers::{Outbound, Outbox};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+/// How often the files are looked at.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What identifies a version of a file: a swap or rewrite changes at least one of these.
+type Fingerprint = Option<(u64, u64, u64, SystemTime)>;
+
+fn fingerprint(path: &Path) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.dev(), meta.ino(), meta.len(), meta.modified().ok()?))
+}
+
+/// Asks the reload thread to reload now.
+#[derive(Clone)]
+pub struct ReloadTrigger(Sender<()>);
+
+impl ReloadTrigger {
+    pub fn reload_now(&self) {
+        let _ = self.0.send(());
+    }
+}
+
+pub fn spawn(
+    host: Arc<ScriptHost>,
+    token_sources: Vec<TokenSource>,
+    outbox: Outbox,
+) -> std::io::Result<ReloadTrigger> {
+    let (sender, requests) = mpsc::channel();
+    let mut watcher = Watcher::new(host, token_sources, outbox);
+    thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            loop {
+                match requests.recv_timeout(WATCH_INTERVAL) {
+                    Ok(()) => watcher.reload_all("SIGHUP"),
+                    Err(RecvTimeoutError::Timeout) => watcher.reload_changed(),
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        })?;
+    Ok(ReloadTrigger(sender))
+}
+
+struct Watcher {
+    host: Arc<ScriptHost>,
+    token_sources: Vec<TokenSource>,
+    outbox: Outbox,
+    script_seen: Fingerprint,
+    token_files: Vec<(PathBuf, Fingerprint)>,
+}
+
+impl Watcher {
+    fn new(host: Arc<ScriptHost>, token_sources: Vec<TokenSource>, outbox: Outbox) -> Watcher {
+        let token_files = token_sources
+            .iter()
+            .filter_map(|s| match &s.origin {
+                TokenOrigin::File(path) => Some((path.clone(), fingerprint(path))),
+                TokenOrigin::Env(_) => None,
+            })
+            .collect();
+        let script_seen = fingerprint(host.path());
+        Watcher {
+            host,
+            token_sources,
+            outbox,
+            script_seen,
+            token_files,
+        }
+    }
+
+    fn reload_all(&mut self, why: &str) {
+        self.script_seen = fingerprint(self.host.path());
+        self.reload_script(why);
+        for (path, seen) in &mut self.token_files {
+            *seen = fingerprint(path);
+        }
+        self.reload_tokens(why);
+    }
+
+    fn reload_changed(&mut self) {
+        let now = fingerprint(self.host.path());
+        if now.is_some() && now != self.script_seen {
+            self.script_seen = now;
+            self.reload_script("file changed");
+        }
+        let mut tokens_changed = false;
+        for (path, seen) in &mut self.token_files {
+            let now = fingerprint(path);
+            if now.is_some() && now != *seen {
+                *seen = now;
+                tokens_changed = true;
+            }
+        }
+        if tokens_changed {
+            self.reload_tokens("file changed");
+        }
+    }
+
+    fn reload_script(&self, why: &str) {
+        match self.host.reload() {
+            Ok(()) => log::info!("script reloaded ({why}): {}", self.host.path().display()),
+            Err(error) => {
+                log::error!("script reload failed ({why}), keeping the old script: {error}")
+            }
+        }
+    }
+
+    fn reload_tokens(&self, why: &str) {
+        if self.token_sources.is_empty() {
+            return;
+        }
+        match Tokens::load(&self.token_sources) {
+            Ok((tokens, warnings)) => {
+                warnings.iter().for_each(|w| log::warn!("{w}"));
+                log::info!("tokens reloaded ({why})");
+                self.outbox.send(Outbound::Tokens(Arc::new(tokens)));
+            }
+            Err(error) => {
+                log::error!("token reload failed ({why}), keeping the old tokens: {error}")
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! A request on its way to the script, the reply on its way back, and the one log line that
+//! tells an operator what happened to it.
+
+use crate::framing::Framing;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A complete, authenticated (or `--auth script`) request.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Increasing from 1; the same number is in the log and in `ERR ... (request N)`.
+    pub id: u64,
+    /// The name of the token that matched; `None` when none did (or none is configured).
+    pub token_name: Option<Arc<str>>,
+    pub payload: Vec<u8>,
+    pub body: Vec<u8>,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub framing: Framing,
+}
+
+/// What the server sends back for one request.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    pub bytes: Vec<u8>,
+    /// The script's `close` when it chose; otherwise the framing's default applies.
+    pub close: Option<bool>,
+}
+
+impl Reply {
+    /// One of the server's own `ERR ...` lines, always followed by a close.
+    pub fn error(message: &str) -> Reply {
+        Reply {
+            bytes: format!("ERR {message}\n").into_bytes(),
+            close: Some(true),
+        }
+    }
+}
+
+/// The outcome word of the request log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    Unauthorized,
+    Busy,
+    Failed,
+    TimedOut,
+    ShuttingDown,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verdict::Ok => "ok",
+            Verdict::Unauthorized => "unauthorized",
+            Verdict::Busy => "busy",
+            Verdict::Failed => "failed",
+            Verdict::TimedOut => "timed-out",
+            Verdict::ShuttingDown => "shutting-down",
+        })
+    }
+}
+
+/// The single info line per request (SPEC §7). Holds no token and no payload bytes.
+pub struct RequestLog<'a> {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub token_name: Option<&'a str>,
+    pub payload_bytes: usize,
+    pub verdict: Verdict,
+    pub duration: Duration,
+    pub reply_bytes: usize,
+    pub exit_codes: &'a [i32],
+}
+
+impl fmt::Display for RequestLog<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "request {} peer={} token={} payload={}B outcome={} duration={:.1}ms reply={}B commands={:?}",
+            self.id,
+            self.peer,
+            self.token_name.unwrap_or("-"),
+            self.payload_bytes,
+            self.verdict,
+            self.duration.as_secs_f64() * 1000.0,
+            self.reply_bytes,
+            self.exit_codes,
+        )
+    }
+}

@@ -1,0 +1,154 @@
+//! The functions a script can call (SPEC §5): commands, environment, quoting, logging and
+//! writing to the client. Each validates its arguments and throws a clear error; none panics.
+
+use super::{Runtime, bytes_of, context, script_error};
+use crate::commands::{self, CommandSpec, Outcome, OutputSink, Program};
+use rhai::{Array, Dynamic, Engine, EvalAltResult, Map};
+use std::sync::Arc;
+use std::time::Duration;
+
+type ScriptResult<T> = Result<T, Box<EvalAltResult>>;
+
+pub fn register(engine: &mut Engine, runtime: Arc<Runtime>) {
+    let rt = runtime.clone();
+    engine.register_fn("exec", move |argv: Array| {
+        run_command(&rt, argv_program(argv)?, Map::new())
+    });
+    let rt = runtime.clone();
+    engine.register_fn("exec", move |argv: Array, opts: Map| {
+        run_command(&rt, argv_program(argv)?, opts)
+    });
+    let rt = runtime.clone();
+    engine.register_fn("run", move |line: &str| {
+        run_command(&rt, Program::Shell(line.into()), Map::new())
+    });
+    let rt = runtime;
+    engine.register_fn("run", move |line: &str, opts: Map| {
+        run_command(&rt, Program::Shell(line.into()), opts)
+    });
+
+    engine.register_fn("env", |name: &str| {
+        std::env::var(name)
+            .map(Dynamic::from)
+            .unwrap_or(Dynamic::UNIT)
+    });
+    engine.register_fn("shell_quote", |text: &str| commands::shell_quote(text));
+    engine.register_fn("write", |data: Dynamic| {
+        context::send_to_client(bytes_of(data))
+    });
+    for (name, level) in [
+        ("log_error", log::Level::Error),
+        ("log_warn", log::Level::Warn),
+        ("log_info", log::Level::Info),
+        ("log_debug", log::Level::Debug),
+    ] {
+        engine.register_fn(name, move |message: Dynamic| {
+            context::log(level, &message.to_string())
+        });
+    }
+}
+
+fn argv_program(argv: Array) -> ScriptResult<Program> {
+    let words = argv
+        .into_iter()
+        .map(|word| {
+            word.into_string()
+                .map_err(|t| script_error(format!("argv items must be strings, not {t}")))
+        })
+        .collect::<ScriptResult<Vec<String>>>()?;
+    if words.is_empty() {
+        return Err(script_error("argv is empty"));
+    }
+    Ok(Program::Argv(words))
+}
+
+/// The `opts` map of `exec`/`run`, checked.
+struct CommandOptions {
+    spec: CommandSpec,
+    stream: bool,
+}
+
+fn parse_options(
+    program: Program,
+    opts: Map,
+    default_timeout: Duration,
+) -> ScriptResult<CommandOptions> {
+    let mut spec = CommandSpec {
+        program,
+        timeout: default_timeout,
+        ..CommandSpec::default()
+    };
+    let mut stream = false;
+    for (key, value) in opts {
+        match key.as_str() {
+            "env" => spec.env = env_pairs(value)?,
+            "clear_env" => spec.clear_env = typed(&key, value.as_bool())?,
+            "cwd" => spec.cwd = Some(typed(&key, value.into_string())?),
+            "stdin" => spec.stdin = stdin_bytes(value)?,
+            "timeout" => spec.timeout = timeout_ms(value)?,
+            "stream" => stream = typed(&key, value.as_bool())?,
+            other => return Err(script_error(format!("unknown command option '{other}'"))),
+        }
+    }
+    // A command never outlives the handler that waits for it.
+    spec.timeout = spec.timeout.min(context::time_left());
+    Ok(CommandOptions { spec, stream })
+}
+
+fn typed<T, E: std::fmt::Display>(key: &str, value: Result<T, E>) -> ScriptResult<T> {
+    value.map_err(|found| script_error(format!("option '{key}' has the wrong type ({found})")))
+}
+
+fn env_pairs(value: Dynamic) -> ScriptResult<Vec<(String, String)>> {
+    let map = value
+        .try_cast::<Map>()
+        .ok_or_else(|| script_error("option 'env' must be a map"))?;
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+fn stdin_bytes(value: Dynamic) -> ScriptResult<Vec<u8>> {
+    if value.is_string() || value.is_blob() {
+        return Ok(bytes_of(value));
+    }
+    Err(script_error("option 'stdin' must be a string or a blob"))
+}
+
+fn timeout_ms(value: Dynamic) -> ScriptResult<Duration> {
+    match value.as_int() {
+        Ok(ms) if ms >= 0 => Ok(Duration::from_millis(ms as u64)),
+        _ => Err(script_error(
+            "option 'timeout' must be a whole number of milliseconds, 0 or more",
+        )),
+    }
+}
+
+fn run_command(runtime: &Runtime, program: Program, opts: Map) -> ScriptResult<Map> {
+    let options = parse_options(program, opts, runtime.limits.command_timeout)?;
+    let mut forward = |chunk: &[u8]| context::send_to_client(chunk.to_vec());
+    let sink = match options.stream {
+        true => OutputSink::Stream(&mut forward),
+        false => OutputSink::Capture(runtime.limits.max_output_bytes),
+    };
+    let outcome = commands::run(&options.spec, sink, &runtime.groups);
+    context::record_exit_code(outcome.code);
+    Ok(result_map(&outcome))
+}
+
+fn result_map(outcome: &Outcome) -> Map {
+    let text = |bytes: &[u8]| Dynamic::from(String::from_utf8_lossy(bytes).into_owned());
+    let mut map = Map::new();
+    map.insert("code".into(), Dynamic::from(outcome.code as i64));
+    map.insert("success".into(), Dynamic::from(outcome.success()));
+    map.insert("stdout".into(), text(&outcome.stdout));
+    map.insert("stderr".into(), text(&outcome.stderr));
+    map.insert("truncated".into(), Dynamic::from(outcome.truncated));
+    map.insert("timed_out".into(), Dynamic::from(outcome.timed_out));
+    map.insert(
+        "duration_ms".into(),
+        Dynamic::from(outcome.duration.as_millis() as i64),
+    );
+    map
+}

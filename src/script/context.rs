@@ -1,0 +1,94 @@
+//! What the script's functions know about the request they run for. Set by
+//! [`ScriptHost::handle`](super::ScriptHost::handle) on the worker thread for the length of one
+//! call, so registered functions need no extra argument and the frozen engine stays shared.
+
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+/// Where `write()` and streamed command output go.
+pub trait ClientSink: Send {
+    /// Sends bytes to the client now. A client that is gone is not an error for the script.
+    fn send(&mut self, bytes: Vec<u8>);
+}
+
+/// A sink for calls with no client (tests, `check`).
+pub struct Discard;
+
+impl ClientSink for Discard {
+    fn send(&mut self, _bytes: Vec<u8>) {}
+}
+
+pub struct HandlerContext {
+    request_id: u64,
+    deadline: Instant,
+    client: Box<dyn ClientSink>,
+    exit_codes: Vec<i32>,
+}
+
+impl HandlerContext {
+    pub fn new(request_id: u64, deadline: Instant, client: Box<dyn ClientSink>) -> Self {
+        HandlerContext {
+            request_id,
+            deadline,
+            client,
+            exit_codes: Vec::new(),
+        }
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<HandlerContext>> = const { RefCell::new(None) };
+}
+
+/// Clears the context when the call ends, even by panic.
+pub struct ContextGuard(());
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+}
+
+pub fn enter(context: HandlerContext) -> ContextGuard {
+    CURRENT.with(|c| *c.borrow_mut() = Some(context));
+    ContextGuard(())
+}
+
+fn with<T>(default: T, f: impl FnOnce(&mut HandlerContext) -> T) -> T {
+    CURRENT.with(|c| match c.borrow_mut().as_mut() {
+        Some(context) => f(context),
+        None => default,
+    })
+}
+
+pub fn request_id() -> u64 {
+    with(0, |c| c.request_id)
+}
+
+pub fn deadline_passed() -> bool {
+    with(false, |c| Instant::now() >= c.deadline)
+}
+
+/// Time left before the handler deadline; unlimited outside a handler.
+pub fn time_left() -> Duration {
+    with(Duration::MAX, |c| {
+        c.deadline.saturating_duration_since(Instant::now())
+    })
+}
+
+pub fn record_exit_code(code: i32) {
+    with((), |c| c.exit_codes.push(code));
+}
+
+pub fn take_exit_codes() -> Vec<i32> {
+    with(Vec::new(), |c| std::mem::take(&mut c.exit_codes))
+}
+
+pub fn send_to_client(bytes: Vec<u8>) {
+    with((), |c| c.client.send(bytes));
+}
+
+/// Logs a script message tagged with its request id.
+pub fn log(level: log::Level, message: &str) {
+    log::log!(target: "script", level, "request {}: {message}", request_id());
+}

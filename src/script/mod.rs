@@ -1,0 +1,245 @@
+//! The user's Rhai script: compiling it, keeping the current version for hot reload, and
+//! calling `handle(req)` for one request under the handler's deadline.
+//!
+//! One `Engine` is built and frozen at start and shared by every worker; each call gets a fresh
+//! `Scope`. What a call needs to know about its request (id, deadline, the client to `write`
+//! to) lives in a thread-local [`context`], set for the length of the call.
+
+mod api;
+pub mod context;
+
+use crate::commands::ProcessGroups;
+use crate::config::Limits;
+use crate::request::{Reply, Request};
+use context::{ClientSink, HandlerContext};
+use rhai::packages::{Package, StandardPackage};
+use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+/// State the script's functions share across all requests.
+pub struct Runtime {
+    pub limits: Limits,
+    /// Every running command's process group, for shutdown.
+    pub groups: ProcessGroups,
+    /// Set on a hard stop: every running script ends at its next operation.
+    pub abort: AtomicBool,
+}
+
+impl Runtime {
+    pub fn new(limits: Limits) -> Arc<Runtime> {
+        Arc::new(Runtime {
+            limits,
+            groups: ProcessGroups::default(),
+            abort: AtomicBool::new(false),
+        })
+    }
+}
+
+/// How one `handle(req)` call ended.
+pub enum HandlerResult {
+    Replied(Reply),
+    /// The script threw or hit a runtime error; the message names file, line and column.
+    Failed(String),
+    /// `--handler-timeout` passed (or a hard stop).
+    TimedOut,
+}
+
+/// The compiled script and the engine that runs it.
+pub struct ScriptHost {
+    engine: Engine,
+    path: PathBuf,
+    /// Replaced whole on reload; a running call keeps the `Arc` it started with.
+    ast: RwLock<Arc<AST>>,
+    pub runtime: Arc<Runtime>,
+}
+
+impl ScriptHost {
+    /// Compiles the script at `path`; the error names file, line and column.
+    pub fn load(path: &Path, runtime: Arc<Runtime>) -> Result<ScriptHost, String> {
+        let engine = build_engine(&runtime);
+        let ast = compile(&engine, path)?;
+        Ok(ScriptHost {
+            engine,
+            path: path.to_owned(),
+            ast: RwLock::new(Arc::new(ast)),
+            runtime,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Compiles the file again; on success new requests use it, on failure nothing changes.
+    pub fn reload(&self) -> Result<(), String> {
+        let ast = compile(&self.engine, &self.path)?;
+        *self.ast.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ast);
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<AST> {
+        self.ast.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Runs `handle(req)` on this thread. Returns the result and the exit codes of the
+    /// commands it ran.
+    pub fn handle(
+        &self,
+        request: &Request,
+        client: Box<dyn ClientSink>,
+    ) -> (HandlerResult, Vec<i32>) {
+        let ast = self.current();
+        let deadline = Instant::now() + self.runtime.limits.handler_timeout;
+        let _guard = context::enter(HandlerContext::new(request.id, deadline, client));
+        let options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
+        let req = Dynamic::from_map(request_map(request));
+        let result = self.engine.call_fn_with_options::<Dynamic>(
+            options,
+            &mut Scope::new(),
+            &ast,
+            "handle",
+            (req,),
+        );
+        let exit_codes = context::take_exit_codes();
+        let result = match result {
+            Ok(value) => HandlerResult::Replied(reply_from(value)),
+            Err(error) if matches!(*error, EvalAltResult::ErrorTerminated(..)) => {
+                HandlerResult::TimedOut
+            }
+            Err(error) => HandlerResult::Failed(describe(&self.path, &error)),
+        };
+        (result, exit_codes)
+    }
+}
+
+/// Script limits. Memory is bounded by sizes; time by the handler deadline (checked in
+/// `on_progress`), with the operation count as a backstop for a huge `--handler-timeout`.
+const MAX_OPERATIONS: u64 = 2_000_000_000;
+const MAX_CALL_LEVELS: usize = 64;
+const MAX_EXPR_DEPTH: usize = 64;
+const MAX_COLLECTION_ITEMS: usize = 100_000;
+const MIN_STRING_BYTES: usize = 4 << 20;
+/// How many operations pass between two looks at the clock.
+const DEADLINE_CHECK_EVERY: u64 = 256;
+
+fn build_engine(runtime: &Arc<Runtime>) -> Engine {
+    // `new_raw`: no module resolver, so `import` cannot read files from disk.
+    let mut engine = Engine::new_raw();
+    engine.register_global_module(StandardPackage::new().as_shared_module());
+    engine.disable_symbol("eval");
+    engine
+        .set_max_operations(MAX_OPERATIONS)
+        .set_max_call_levels(MAX_CALL_LEVELS)
+        .set_max_expr_depths(MAX_EXPR_DEPTH, MAX_EXPR_DEPTH)
+        .set_max_string_size(MIN_STRING_BYTES.max(runtime.limits.max_output_bytes * 2))
+        .set_max_array_size(MAX_COLLECTION_ITEMS)
+        .set_max_map_size(MAX_COLLECTION_ITEMS);
+    let progress_runtime = runtime.clone();
+    engine.on_progress(move |operations| {
+        if operations % DEADLINE_CHECK_EVERY != 0 {
+            return None;
+        }
+        let stop = progress_runtime.abort.load(Ordering::Relaxed) || context::deadline_passed();
+        stop.then(|| "handler timed out".into())
+    });
+    engine.on_print(|text| context::log(log::Level::Info, text));
+    engine.on_debug(|text, _source, position| {
+        context::log(log::Level::Debug, &format!("{position:?}: {text}"))
+    });
+    api::register(&mut engine, runtime.clone());
+    engine
+}
+
+fn compile(engine: &Engine, path: &Path) -> Result<AST, String> {
+    let ast = engine
+        .compile_file(path.to_owned())
+        .map_err(|e| describe(path, &e))?;
+    let has_handle = ast
+        .iter_functions()
+        .any(|f| f.name == "handle" && f.params.len() == 1);
+    if !has_handle {
+        return Err(format!(
+            "{}: no function handle(req) with one parameter",
+            path.display()
+        ));
+    }
+    Ok(ast)
+}
+
+/// `FILE:LINE:COL: message`, from the innermost error that has a position.
+pub fn describe(path: &Path, error: &EvalAltResult) -> String {
+    let position = error.unwrap_inner().position();
+    let mut message = error.to_string().replace('\n', "; ");
+    for pos in [error.position(), position] {
+        message = message.replace(&format!(" ({pos})"), "");
+    }
+    match (position.line(), position.position()) {
+        (Some(line), Some(col)) => format!("{}:{line}:{col}: {message}", path.display()),
+        (Some(line), None) => format!("{}:{line}: {message}", path.display()),
+        _ => format!("{}: {message}", path.display()),
+    }
+}
+
+fn request_map(request: &Request) -> Map {
+    let payload = String::from_utf8_lossy(&request.payload).into_owned();
+    let args: rhai::Array = payload
+        .split_whitespace()
+        .map(|w| Dynamic::from(w.to_owned()))
+        .collect();
+    let token_name = match &request.token_name {
+        Some(name) => Dynamic::from(name.to_string()),
+        None => Dynamic::UNIT,
+    };
+    let mut map = Map::new();
+    map.insert("id".into(), Dynamic::from(request.id as i64));
+    map.insert("token_name".into(), token_name);
+    map.insert("payload".into(), Dynamic::from(payload));
+    map.insert("args".into(), Dynamic::from_array(args));
+    map.insert("body".into(), Dynamic::from_blob(request.body.clone()));
+    map.insert("peer".into(), Dynamic::from(request.peer.to_string()));
+    map.insert("local".into(), Dynamic::from(request.local.to_string()));
+    map.insert("framing".into(), request.framing.name().into());
+    map
+}
+
+/// Turns `handle`'s return value into bytes (SPEC §5 "The return value").
+fn reply_from(value: Dynamic) -> Reply {
+    if value.is_map() {
+        let map = value.cast::<Map>();
+        let close = map.get("close").and_then(|c| c.as_bool().ok());
+        let bytes = map.get("body").cloned().map(bytes_of).unwrap_or_default();
+        return Reply { bytes, close };
+    }
+    Reply {
+        bytes: bytes_of(value),
+        close: None,
+    }
+}
+
+/// Strings and blobs as they are, `()` as nothing, anything else as its string form.
+pub fn bytes_of(value: Dynamic) -> Vec<u8> {
+    if value.is_unit() {
+        return Vec::new();
+    }
+    if value.is_blob() {
+        return value.into_blob().unwrap_or_default();
+    }
+    if value.is_string() {
+        return value
+            .into_immutable_string()
+            .map(|s| s.as_bytes().to_vec())
+            .unwrap_or_default();
+    }
+    value.to_string().into_bytes()
+}
+
+/// The start of a script-raised position-free error, for the registered functions.
+pub(crate) fn script_error(message: impl Into<String>) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorRuntime(
+        Dynamic::from(message.into()),
+        Position::NONE,
+    ))
+}

@@ -1,0 +1,566 @@
+//! The event loop: one `mio::Poll` that accepts connections, reads and frames requests,
+//! checks tokens, hands requests to the workers, writes replies, enforces timeouts, and stops
+//! cleanly. Nothing here blocks: scripts, commands and file reads run on other threads.
+
+use crate::auth::Tokens;
+use crate::cli::AuthMode;
+use crate::config::Config;
+use crate::connection::{Connection, Filled, Phase};
+use crate::framing::{self, Frame, Framing, RawRequest};
+use crate::reload::ReloadTrigger;
+use crate::request::{Reply, Request, Verdict};
+use crate::script::Runtime;
+use crate::signals::{Signal, SignalSource};
+use crate::workers::{ConnRef, Inbox, Job, Outbound, WorkerPool, log_request};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+const WAKER: Token = Token(usize::MAX);
+const SIGNALS: Token = Token(usize::MAX - 1);
+/// Listener `i` has token `LISTENER_BASE - i`; connections use their slab key.
+const LISTENER_BASE: usize = usize::MAX - 2;
+
+/// How long a closed connection may keep sending before we stop draining it.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+/// After an accept error such as EMFILE, how long before accepting again.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// After the shutdown timeout has killed what was left, how long replies get to flush.
+const FINAL_FLUSH: Duration = Duration::from_secs(3);
+/// Streamed output queued for one slow client beyond which the client is dropped.
+const MAX_PENDING_OUTPUT: usize = 4 << 20;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Everything the loop needs that is built before it starts.
+pub struct Parts {
+    pub poll: Poll,
+    pub listeners: Vec<TcpListener>,
+    pub signals: SignalSource,
+    pub pool: WorkerPool,
+    pub inbox: Inbox,
+    pub tokens: Arc<Tokens>,
+    pub runtime: Arc<Runtime>,
+    pub reload: ReloadTrigger,
+}
+
+/// Where a stop stands.
+#[derive(Clone, Copy)]
+enum Stopping {
+    /// Handlers and jobs get until `kill_at`.
+    Draining { kill_at: Instant },
+    /// Their commands were killed; replies get until `give_up_at`.
+    Flushing { give_up_at: Instant },
+}
+
+pub struct Server {
+    config: Config,
+    parts: Parts,
+    connections: Slab<Connection>,
+    next_serial: u64,
+    next_request_id: u64,
+    /// Requests queued or running.
+    in_flight: usize,
+    /// (deadline, slab key, serial); one live entry per connection, see `Connection::timer`.
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    accept_paused_until: Option<Instant>,
+    stopping: Option<Stopping>,
+    scratch: Vec<u8>,
+}
+
+enum Next {
+    Continue,
+    Exit,
+}
+
+impl Server {
+    pub fn new(config: Config, mut parts: Parts) -> io::Result<Server> {
+        let registry = parts.poll.registry();
+        for (index, listener) in parts.listeners.iter_mut().enumerate() {
+            registry.register(listener, Token(LISTENER_BASE - index), Interest::READABLE)?;
+        }
+        parts.signals.register(registry, SIGNALS)?;
+        Ok(Server {
+            config,
+            parts,
+            connections: Slab::new(),
+            next_serial: 0,
+            next_request_id: 0,
+            in_flight: 0,
+            timers: BinaryHeap::new(),
+            accept_paused_until: None,
+            stopping: None,
+            scratch: vec![0; READ_CHUNK],
+        })
+    }
+
+    /// Serves until a stop completes. Returns the exit status.
+    pub fn run(mut self) -> io::Result<i32> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self
+                .next_wake()
+                .map(|at| at.saturating_duration_since(Instant::now()));
+            match self.parts.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => self.take_worker_messages(),
+                    SIGNALS => {
+                        if let Some(code) = self.on_signals() {
+                            return Ok(code);
+                        }
+                    }
+                    Token(t) if t > LISTENER_BASE - self.parts.listeners.len() => {
+                        self.accept(LISTENER_BASE - t)
+                    }
+                    Token(key) => self.drive(key),
+                }
+            }
+            let now = Instant::now();
+            self.run_timers(now);
+            if let Next::Exit = self.check_stop(now) {
+                return Ok(0);
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let timer = self.timers.peek().map(|Reverse((at, ..))| *at);
+        let stop = self.stopping.map(|s| match s {
+            Stopping::Draining { kill_at } => {
+                kill_at.min(Instant::now() + Duration::from_millis(100))
+            }
+            Stopping::Flushing { give_up_at } => {
+                give_up_at.min(Instant::now() + Duration::from_millis(100))
+            }
+        });
+        [timer, self.accept_paused_until, stop]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    // ---- accepting ----
+
+    fn accept(&mut self, index: usize) {
+        if self.accept_paused_until.is_some() || self.stopping.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = self.parts.listeners.get(index) else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_per_connection_error(&e) => continue,
+                Err(e) => {
+                    // EMFILE and friends: pause instead of spinning on a ready listener.
+                    log::warn!("accepting a connection: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn resume_accepting(&mut self) {
+        self.accept_paused_until = None;
+        for index in 0..self.parts.listeners.len() {
+            self.accept(index);
+        }
+    }
+
+    fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
+        if self.connections.len() >= self.config.max_connections {
+            log::debug!(
+                "refusing {peer}: --max-connections {} reached",
+                self.config.max_connections
+            );
+            return; // dropping the stream closes it
+        }
+        let local = match stream.local_addr() {
+            Ok(local) => local,
+            Err(e) => return log::debug!("dropping {peer}: {e}"),
+        };
+        let _ = stream.set_nodelay(true);
+        self.next_serial += 1;
+        let phase = Phase::Reading {
+            deadline: Instant::now() + self.config.read_timeout,
+        };
+        let connection = Connection::new(stream, peer, local, self.next_serial, phase);
+        let key = self.connections.insert(connection);
+        if let Err(e) = self.connections[key].register(self.parts.poll.registry(), Token(key)) {
+            log::warn!("registering connection from {peer}: {e}");
+            self.connections.remove(key);
+            return;
+        }
+        log::debug!("connection from {peer}");
+        // Data may already be there; with edge triggers we will not hear of it again.
+        self.drive(key);
+    }
+
+    // ---- driving one connection ----
+
+    /// Moves a connection as far as it can go without blocking, then closes it if it is done.
+    fn drive(&mut self, key: usize) {
+        let Some(connection) = self.connections.get_mut(key) else {
+            return;
+        };
+        let result = step(connection, &self.config, &mut self.scratch);
+        match result {
+            Ok(Step::Wait) => self.after_step(key),
+            Ok(Step::Dispatch(raw)) => {
+                self.dispatch(key, raw);
+                self.drive(key);
+            }
+            Ok(Step::Close(why)) => self.close(key, why),
+            Err(e) => self.close(key, &format!("I/O error: {e}")),
+        }
+    }
+
+    fn after_step(&mut self, key: usize) {
+        let registry = self.parts.poll.registry();
+        let connection = &mut self.connections[key];
+        if let Err(e) = connection.update_interest(registry, Token(key)) {
+            return self.close(key, &format!("re-registering: {e}"));
+        }
+        connection.shrink_buffers();
+        if let Some(deadline) = connection.deadline()
+            && connection.timer.is_none_or(|armed| deadline < armed)
+        {
+            connection.timer = Some(deadline);
+            self.timers
+                .push(Reverse((deadline, key, connection.serial)));
+        }
+    }
+
+    fn close(&mut self, key: usize, why: &str) {
+        let mut connection = self.connections.remove(key);
+        connection.deregister(self.parts.poll.registry());
+        log::debug!("closed connection from {}: {why}", connection.peer);
+    }
+
+    // ---- requests ----
+
+    fn dispatch(&mut self, key: usize, raw: RawRequest) {
+        self.next_request_id += 1;
+        let connection = &mut self.connections[key];
+        let (token_name, payload) = authenticate(&self.parts.tokens, &raw.line);
+        let request = Request {
+            id: self.next_request_id,
+            token_name,
+            payload: payload.to_vec(),
+            body: raw.body,
+            peer: connection.peer,
+            local: connection.local,
+            framing: self.config.framing,
+        };
+        let refusal = if self.stopping.is_some() {
+            Some(("shutting down", Verdict::ShuttingDown))
+        } else if self.config.auth == AuthMode::Required
+            && request.token_name.is_none()
+            && !self.parts.tokens.is_empty()
+        {
+            Some(("unauthorized", Verdict::Unauthorized))
+        } else if self.in_flight >= self.config.workers + self.config.queue {
+            Some(("busy", Verdict::Busy))
+        } else {
+            None
+        };
+        if let Some((message, verdict)) = refusal {
+            let reply = Reply::error(message);
+            log_request(&request, verdict, Instant::now(), reply.bytes.len(), &[]);
+            return answer(connection, reply, &self.config, true);
+        }
+        connection.phase = Phase::Handling;
+        self.in_flight += 1;
+        let conn = ConnRef {
+            key,
+            serial: connection.serial,
+        };
+        self.parts.pool.submit(Job { request, conn });
+    }
+
+    fn take_worker_messages(&mut self) {
+        let messages: Vec<Outbound> = self.parts.inbox.drain().collect();
+        for message in messages {
+            match message {
+                Outbound::Data { conn, bytes } => self.on_live_output(conn, &bytes),
+                Outbound::Done { conn, reply } => {
+                    self.in_flight -= 1;
+                    self.on_reply(conn, reply);
+                }
+                Outbound::Tokens(tokens) => self.parts.tokens = tokens,
+            }
+        }
+    }
+
+    fn on_live_output(&mut self, conn: ConnRef, bytes: &[u8]) {
+        let Some(connection) = find(&mut self.connections, conn) else {
+            return;
+        };
+        connection.push_output(bytes);
+        if connection.pending_output() > MAX_PENDING_OUTPUT {
+            // The handler keeps running; only this slow reader is let go.
+            return self.close(conn.key, "client reads too slowly for streamed output");
+        }
+        self.drive(conn.key);
+    }
+
+    fn on_reply(&mut self, conn: ConnRef, reply: Reply) {
+        let stopping = self.stopping.is_some();
+        let Some(connection) = find(&mut self.connections, conn) else {
+            return;
+        };
+        answer(connection, reply, &self.config, stopping);
+        self.drive(conn.key);
+    }
+
+    // ---- timers ----
+
+    fn run_timers(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|at| at <= now) {
+            self.resume_accepting();
+        }
+        while let Some(Reverse((at, key, serial))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(connection) = find(&mut self.connections, ConnRef { key, serial }) else {
+                continue;
+            };
+            if connection.timer != Some(at) {
+                continue; // superseded by an earlier entry
+            }
+            connection.timer = None;
+            match connection.deadline() {
+                Some(deadline) if deadline <= now => self.close(key, "timed out"),
+                _ => self.after_step(key),
+            }
+        }
+    }
+
+    // ---- signals and stopping ----
+
+    /// Returns an exit status when the process must end at once.
+    fn on_signals(&mut self) -> Option<i32> {
+        for signal in self.parts.signals.pending() {
+            match signal {
+                Signal::Reload => self.parts.reload.reload_now(),
+                Signal::Stop(number) if self.stopping.is_some() => {
+                    log::warn!("second stop signal: exiting now");
+                    self.parts
+                        .runtime
+                        .groups
+                        .signal_all(rustix::process::Signal::KILL);
+                    return Some(128 + number);
+                }
+                Signal::Stop(_) => self.begin_stop(),
+            }
+        }
+        None
+    }
+
+    fn begin_stop(&mut self) {
+        log::info!("shutting down: {} request(s) in progress", self.in_flight);
+        let registry = self.parts.poll.registry();
+        for listener in &mut self.parts.listeners {
+            let _ = registry.deregister(listener);
+        }
+        self.parts.listeners.clear();
+        self.stopping = Some(Stopping::Draining {
+            kill_at: Instant::now() + self.config.shutdown_timeout,
+        });
+        for job in self.parts.pool.take_waiting() {
+            self.in_flight -= 1;
+            let reply = Reply::error("shutting down");
+            log_request(
+                &job.request,
+                Verdict::ShuttingDown,
+                Instant::now(),
+                reply.bytes.len(),
+                &[],
+            );
+            self.on_reply(job.conn, reply);
+        }
+        let idle: Vec<usize> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| matches!(c.phase, Phase::Reading { .. }) && c.pending_output() == 0)
+            .map(|(key, _)| key)
+            .collect();
+        idle.into_iter()
+            .for_each(|key| self.close(key, "shutting down"));
+    }
+
+    fn check_stop(&mut self, now: Instant) -> Next {
+        let Some(stopping) = self.stopping else {
+            return Next::Continue;
+        };
+        let finished = self.in_flight == 0
+            && self.connections.is_empty()
+            && self.parts.runtime.groups.is_empty();
+        match stopping {
+            _ if finished => {
+                log::info!("shut down cleanly");
+                Next::Exit
+            }
+            Stopping::Draining { kill_at } if now >= kill_at => {
+                log::warn!(
+                    "shutdown timeout passed: killing {} command(s)",
+                    self.parts.runtime.groups.len()
+                );
+                self.parts.runtime.abort.store(true, Ordering::SeqCst);
+                self.parts
+                    .runtime
+                    .groups
+                    .signal_all(rustix::process::Signal::KILL);
+                self.stopping = Some(Stopping::Flushing {
+                    give_up_at: now + FINAL_FLUSH,
+                });
+                Next::Continue
+            }
+            Stopping::Flushing { give_up_at } if now >= give_up_at => {
+                log::warn!(
+                    "exiting with {} connection(s) still open",
+                    self.connections.len()
+                );
+                Next::Exit
+            }
+            _ => Next::Continue,
+        }
+    }
+}
+
+/// The connection a worker message is for, unless it has closed since.
+fn find(connections: &mut Slab<Connection>, conn: ConnRef) -> Option<&mut Connection> {
+    connections
+        .get_mut(conn.key)
+        .filter(|c| c.serial == conn.serial)
+}
+
+fn is_per_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// The token's name and the payload of a request line (SPEC §3).
+fn authenticate<'a>(tokens: &Tokens, line: &'a [u8]) -> (Option<Arc<str>>, &'a [u8]) {
+    if tokens.is_empty() {
+        return (None, line); // --insecure-no-token: the whole line is the payload
+    }
+    let (token, payload) = framing::split_token(line);
+    (tokens.check(token), payload)
+}
+
+/// Queues a reply and decides whether the connection stays open for another request.
+fn answer(connection: &mut Connection, reply: Reply, config: &Config, stopping: bool) {
+    connection.push_output(&reply.bytes);
+    let default_close = !config.keep_alive || config.framing == Framing::Stream;
+    let now = Instant::now();
+    connection.phase = if stopping || reply.close.unwrap_or(default_close) {
+        Phase::Closing {
+            deadline: now + config.read_timeout,
+        }
+    } else {
+        Phase::Reading {
+            deadline: now + config.read_timeout,
+        }
+    };
+}
+
+/// What `step` found for the loop to do.
+enum Step {
+    /// Nothing more until the next event or timer.
+    Wait,
+    /// A complete request to hand on.
+    Dispatch(RawRequest),
+    Close(&'static str),
+}
+
+/// Advances one connection by what its socket allows now.
+fn step(connection: &mut Connection, config: &Config, scratch: &mut [u8]) -> io::Result<Step> {
+    loop {
+        match connection.phase {
+            Phase::Handling => {
+                connection.flush()?;
+                return Ok(Step::Wait);
+            }
+            Phase::Reading { .. } => {
+                connection.flush()?;
+                return read_request(connection, config, scratch);
+            }
+            Phase::Closing { .. } => {
+                if !connection.flush()? {
+                    return Ok(Step::Wait);
+                }
+                connection.shutdown_output();
+                connection.phase = Phase::Draining {
+                    deadline: Instant::now() + DRAIN_TIME,
+                };
+            }
+            Phase::Draining { .. } => {
+                let closed = connection.input_closed || connection.discard_input(scratch)?;
+                return Ok(if closed {
+                    Step::Close("done")
+                } else {
+                    Step::Wait
+                });
+            }
+        }
+    }
+}
+
+fn read_request(
+    connection: &mut Connection,
+    config: &Config,
+    scratch: &mut [u8],
+) -> io::Result<Step> {
+    let limit = config.max_request_bytes;
+    loop {
+        let filled = connection.fill_input(scratch, limit)?;
+        match framing::next_frame(
+            config.framing,
+            &mut connection.input,
+            connection.input_closed,
+            limit,
+        ) {
+            Frame::Request(raw) => return Ok(Step::Dispatch(raw)),
+            Frame::TooLarge => {
+                connection.input.clear();
+                answer(connection, Reply::error("request too large"), config, true);
+                return step(connection, config, scratch);
+            }
+            Frame::Incomplete if connection.input_closed => {
+                if connection.pending_output() == 0 {
+                    return Ok(Step::Close("client closed without a complete request"));
+                }
+                connection.phase = Phase::Closing {
+                    deadline: Instant::now() + config.read_timeout,
+                };
+                return step(connection, config, scratch);
+            }
+            Frame::Incomplete => {
+                if let Filled::Drained = filled {
+                    return Ok(Step::Wait);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The worker pool: threads that run `handle(req)` off the event loop, fed by a queue, and the outbox through which they hand replies (and live output) back to the loop.
+
+use crate::auth::Tokens;
+use crate::request::{Reply, Request, RequestLog, Verdict};
+use crate::script::context::ClientSink;
+use crate::script::{HandlerResult, ScriptHost};
+use mio::Waker;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::Instant;
+
+/// Names a connection across threads; the serial tells a reused slot from the original.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRef {
+    pub key: usize,
+    pub serial: u64,
+}
+
+/// What workers send back to the event loop.
+pub enum Outbound {
+    /// Bytes to send now (`write()`, streamed output); more will follow.
+    Data { conn: ConnRef, bytes: Vec<u8> },
+    /// The request is finished; this is the last of its bytes.
+    Done { conn: ConnRef, reply: Reply },
+    /// Token files were read again.
+    Tokens(Arc<Tokens>),
+}
+
+/// The sending half of the loop's inbox: a channel plus a wake of the loop's `poll`.
+#[derive(Clone)]
+pub struct Outbox {
+    sender: Sender<Outbound>,
+    waker: Arc<Waker>,
+    /// Set while a wake is on its way, so a burst of messages costs one `wake()` syscall.
+    wake_pending: Arc<AtomicBool>,
+}
+
+/// The loop's end of the outbox.
+pub struct Inbox {
+    receiver: Receiver<Outbound>,
+    wake_pending: Arc<AtomicBool>,
+}
+
+pub fn outbox(waker: Arc<Waker>) -> (Outbox, Inbox) {
+    let (sender, receiver) = mpsc::channel();
+    let wake_pending = Arc::new(AtomicBool::new(false));
+    (
+        Outbox {
+            sender,
+            waker,
+            wake_pending: wake_pending.clone(),
+        },
+        Inbox {
+            receiver,
+            wake_pending,
+        },
+    )
+}
+
+impl Outbox {
+    pub fn send(&self, message: Outbound) {
+        if self.sender.send(message).is_ok()
+            && !self.wake_pending.swap(true, Ordering::SeqCst)
+            && let Err(error) = self.waker.wake()
+        {
+            log::error!("waking the event loop: {error}");
+        }
+    }
+}
+
+impl Inbox {
+    /// Everything sent so far; call on every wake, since wakes coalesce.
+    pub fn drain(&self) -> impl Iterator<Item = Outbound> + '_ {
+        self.wake_pending.store(false, Ordering::SeqCst);
+        self.receiver.try_iter()
+    }
+}
+
+/// A request handed to the pool, with the connection its reply goes to.
+pub struct Job {
+    pub request: Request,
+    pub conn: ConnRef,
+}
+
+/// Requests waiting for a worker. The event loop bounds its length (`--queue`) and takes the
+/// waiting ones back at shutdown; workers only hold the lock to pop, never while waiting.
+#[derive(Default)]
+struct JobQueue {
+    jobs: Mutex<VecDeque<Job>>,
+    available: Condvar,
+}
+
+impl JobQueue {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Job>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pop(&self) -> Job {
+        let mut jobs = self.lock();
+        loop {
+            if let Some(job) = jobs.pop_front() {
+                return job;
+            }
+            jobs = self.available.wait(jobs).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+pub struct WorkerPool {
+    queue: Arc<JobQueue>,
+}
+
+impl WorkerPool {
+    pub fn start(
+        workers: usize,
+        host: Arc<ScriptHost>,
+        outbox: Outbox,
+    ) -> std::io::Result<WorkerPool> {
+        let queue = Arc::new(JobQueue::default());
+        for index in 0..workers {
+            let worker = Worker {
+                queue: queue.clone(),
+                host: host.clone(),
+                outbox: outbox.clone(),
+            };
+            thread::Builder::new()
+                .name(format!("worker-{index}"))
+                .spawn(move || worker.run())?;
+        }
+        Ok(WorkerPool { queue })
+    }
+
+    pub fn submit(&self, job: Job) {
+        self.queue.lock().push_back(job);
+        self.queue.available.notify_one();
+    }
+
+    /// Takes back every job no worker has started.
+    pub fn take_waiting(&self) -> Vec<Job> {
+        self.queue.lock().drain(..).collect()
+    }
+}
+
+struct Worker {
+    queue: Arc<JobQueue>,
+    host: Arc<ScriptHost>,
+    outbox: Outbox,
+}
+
+impl Worker {
+    fn run(self) {
+        loop {
+            let job = self.queue.pop();
+            let reply = self.serve(&job.request, job.conn);
+            self.outbox.send(Outbound::Done {
+                conn: job.conn,
+                reply,
+            });
+        }
+    }
+
+    fn serve(&self, request: &Request, conn: ConnRef) -> Reply {
+        let started = Instant::now();
+        let client = Box::new(ConnectionSink {
+            conn,
+            outbox: self.outbox.clone(),
+        });
+        let (result, exit_codes) = self.host.handle(request, client);
+        let id = request.id;
+        let (reply, verdict) = match result {
+            HandlerResult::Replied(reply) => (reply, Verdict::Ok),
+            HandlerResult::Failed(message) => {
+                log::error!("request {id} failed: {message}");
+                (
+                    Reply::error(&format!("handler failed (request {id})")),
+                    Verdict::Failed,
+                )
+            }
+            HandlerResult::TimedOut => {
+                log::error!("request {id} timed out");
+                (
+                    Reply::error(&format!("handler timed out (request {id})")),
+                    Verdict::TimedOut,
+                )
+            }
+        };
+        log_request(request, verdict, started, reply.bytes.len(), &exit_codes);
+        reply
+    }
+}
+
+pub fn log_request(
+    request: &Request,
+    verdict: Verdict,
+    started: Instant,
+    reply_bytes: usize,
+    exit_codes: &[i32],
+) {
+    log::info!(
+        "{}",
+        RequestLog {
+            id: request.id,
+            peer: request.peer,
+            token_name: request.token_name.as_deref(),
+            payload_bytes: request.payload.len() + request.body.len(),
+            verdict,
+            duration: started.elapsed(),
+            reply_bytes,
+            exit_codes,
+        }
+    );
+}
+
+/// Sends a handler's live output to its connection through the loop.
+struct ConnectionSink {
+    conn: ConnRef,
+    outbox: Outbox,
+}
+
+impl ClientSink for ConnectionSink {
+    fn send(&mut self, bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            self.outbox.send(Outbound::Data {
+                conn: self.conn,
+                bytes,
+            });
+        }
+    }
+}
