@@ -154,7 +154,11 @@ impl Worker {
     fn run(self) {
         loop {
             let job = self.queue.pop();
-            let reply = self.serve(&job.request, job.conn);
+            let serve = std::panic::AssertUnwindSafe(|| self.serve(&job.request, job.conn));
+            let reply = std::panic::catch_unwind(serve).unwrap_or_else(|_| {
+                log::error!("request {} failed: internal error (panic)", job.request.id);
+                Reply::error(&format!("handler failed (request {})", job.request.id))
+            });
             self.outbox.send(Outbound::Done {
                 conn: job.conn,
                 reply,

@@ -1,0 +1,8 @@
+//! Integration tests: every test starts the real `command-trigger` binary and talks to it over
+//! TCP (or runs its client subcommands), asserting on bytes, exit codes, logs and files.
+//!
+//! Every wait is bounded (see `util`); a hung server fails a test instead of hanging CI.
+
+mod util;
+
+mod core;
