@@ -65,6 +65,17 @@ impl Outcome {
         self.code == 0 && !self.timed_out
     }
 
+    /// The command never ran: its lock stayed taken past its timeout.
+    pub fn lock_timed_out(lock: &str, waited: Duration) -> Outcome {
+        Outcome {
+            code: 124,
+            stderr: format!("timed out waiting for lock '{lock}'").into_bytes(),
+            timed_out: true,
+            duration: waited,
+            ..Outcome::default()
+        }
+    }
+
     fn not_started(program: &str, error: &io::Error, started: Instant) -> Outcome {
         let code = match error.kind() {
             io::ErrorKind::NotFound => 127,

@@ -10,6 +10,7 @@
 //! - [`workers`]: the threads that run handlers, and the outbox back to the loop.
 //! - [`script`]: the Rhai engine, `handle(req)`, and the functions scripts call.
 //! - [`commands`]: running one command with its process group, deadline and output cap.
+//! - [`runtime`]: what handlers and jobs share; [`jobs`]: `start`/`job`; [`locks`]: `opts.lock`.
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as loop events; [`reload`]: hot reload of files.
 //! - [`client`]: the `send` subcommand.
 //! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
@@ -23,8 +24,11 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod framing;
+pub mod jobs;
+pub mod locks;
 pub mod reload;
 pub mod request;
+pub mod runtime;
 pub mod script;
 pub mod server;
 pub mod signals;

@@ -411,7 +411,7 @@ impl Server {
         };
         let finished = self.in_flight == 0
             && self.connections.is_empty()
-            && self.parts.runtime.groups.is_empty();
+            && !self.parts.runtime.busy();
         match stopping {
             _ if finished => {
                 log::info!("shut down cleanly");

@@ -1,8 +1,10 @@
 //! The functions a script can call (SPEC §5): commands, environment, quoting, logging and
 //! writing to the client. Each validates its arguments and throws a clear error; none panics.
 
-use super::{Runtime, bytes_of, context, script_error};
+use super::{bytes_of, context, script_error};
 use crate::commands::{self, CommandSpec, Outcome, OutputSink, Program};
+use crate::jobs::Jobs;
+use crate::runtime::Runtime;
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,23 +12,7 @@ use std::time::Duration;
 type ScriptResult<T> = Result<T, Box<EvalAltResult>>;
 
 pub fn register(engine: &mut Engine, runtime: Arc<Runtime>) {
-    let rt = runtime.clone();
-    engine.register_fn("exec", move |argv: Array| {
-        run_command(&rt, argv_program(argv)?, Map::new())
-    });
-    let rt = runtime.clone();
-    engine.register_fn("exec", move |argv: Array, opts: Map| {
-        run_command(&rt, argv_program(argv)?, opts)
-    });
-    let rt = runtime.clone();
-    engine.register_fn("run", move |line: &str| {
-        run_command(&rt, Program::Shell(line.into()), Map::new())
-    });
-    let rt = runtime;
-    engine.register_fn("run", move |line: &str, opts: Map| {
-        run_command(&rt, Program::Shell(line.into()), opts)
-    });
-
+    register_commands(engine, &runtime);
     engine.register_fn("env", |name: &str| {
         std::env::var(name)
             .map(Dynamic::from)
@@ -48,6 +34,35 @@ pub fn register(engine: &mut Engine, runtime: Arc<Runtime>) {
     }
 }
 
+fn register_commands(engine: &mut Engine, runtime: &Arc<Runtime>) {
+    let rt = runtime.clone();
+    engine.register_fn("exec", move |argv: Array| {
+        run_command(&rt, argv_program(argv)?, Map::new())
+    });
+    let rt = runtime.clone();
+    engine.register_fn("exec", move |argv: Array, opts: Map| {
+        run_command(&rt, argv_program(argv)?, opts)
+    });
+    let rt = runtime.clone();
+    engine.register_fn("run", move |line: &str| {
+        run_command(&rt, Program::Shell(line.into()), Map::new())
+    });
+    let rt = runtime.clone();
+    engine.register_fn("run", move |line: &str, opts: Map| {
+        run_command(&rt, Program::Shell(line.into()), opts)
+    });
+    let rt = runtime.clone();
+    engine.register_fn("start", move |what: Dynamic| {
+        start_job(&rt, what, Map::new())
+    });
+    let rt = runtime.clone();
+    engine.register_fn("start", move |what: Dynamic, opts: Map| {
+        start_job(&rt, what, opts)
+    });
+    let rt = runtime.clone();
+    engine.register_fn("job", move |id: i64| job_state(&rt, id));
+}
+
 fn argv_program(argv: Array) -> ScriptResult<Program> {
     let words = argv
         .into_iter()
@@ -66,6 +81,7 @@ fn argv_program(argv: Array) -> ScriptResult<Program> {
 struct CommandOptions {
     spec: CommandSpec,
     stream: bool,
+    lock: Option<String>,
 }
 
 fn parse_options(
@@ -79,6 +95,7 @@ fn parse_options(
         ..CommandSpec::default()
     };
     let mut stream = false;
+    let mut lock = None;
     for (key, value) in opts {
         match key.as_str() {
             "env" => spec.env = env_pairs(value)?,
@@ -87,12 +104,11 @@ fn parse_options(
             "stdin" => spec.stdin = stdin_bytes(value)?,
             "timeout" => spec.timeout = timeout_ms(value)?,
             "stream" => stream = typed(&key, value.as_bool())?,
+            "lock" => lock = Some(typed(&key, value.into_string())?),
             other => return Err(script_error(format!("unknown command option '{other}'"))),
         }
     }
-    // A command never outlives the handler that waits for it.
-    spec.timeout = spec.timeout.min(context::time_left());
-    Ok(CommandOptions { spec, stream })
+    Ok(CommandOptions { spec, stream, lock })
 }
 
 fn typed<T, E: std::fmt::Display>(key: &str, value: Result<T, E>) -> ScriptResult<T> {
@@ -126,15 +142,59 @@ fn timeout_ms(value: Dynamic) -> ScriptResult<Duration> {
 }
 
 fn run_command(runtime: &Runtime, program: Program, opts: Map) -> ScriptResult<Map> {
-    let options = parse_options(program, opts, runtime.limits.command_timeout)?;
+    let mut options = parse_options(program, opts, runtime.limits.command_timeout)?;
+    // A command never outlives the handler that waits for it.
+    options.spec.timeout = options.spec.timeout.min(context::time_left());
     let mut forward = |chunk: &[u8]| context::send_to_client(chunk.to_vec());
     let sink = match options.stream {
         true => OutputSink::Stream(&mut forward),
         false => OutputSink::Capture(runtime.limits.max_output_bytes),
     };
-    let outcome = commands::run(&options.spec, sink, &runtime.groups);
+    let outcome = runtime.run_command(&options.spec, options.lock.as_deref(), sink);
     context::record_exit_code(outcome.code);
     Ok(result_map(&outcome))
+}
+
+/// `start(argv_or_cmd, opts)`: an array runs directly, a string through `/bin/sh -c`.
+fn start_job(runtime: &Arc<Runtime>, what: Dynamic, opts: Map) -> ScriptResult<i64> {
+    let program = if what.is_array() {
+        argv_program(what.cast::<Array>())?
+    } else if what.is_string() {
+        Program::Shell(what.to_string())
+    } else {
+        return Err(script_error(format!(
+            "start() takes an array of strings or a string, not {}",
+            what.type_name()
+        )));
+    };
+    let options = parse_options(program, opts, runtime.limits.command_timeout)?;
+    if options.stream {
+        return Err(script_error(
+            "a background job has no client to stream to: remove 'stream'",
+        ));
+    }
+    Jobs::start(runtime, options.spec, options.lock, context::request_id()).map_err(script_error)
+}
+
+fn job_state(runtime: &Runtime, id: i64) -> Dynamic {
+    let Some(state) = runtime.jobs.state(id) else {
+        return Dynamic::UNIT;
+    };
+    let mut map = Map::new();
+    let code = state
+        .code
+        .map(|c| Dynamic::from(c as i64))
+        .unwrap_or(Dynamic::UNIT);
+    let success = state.code == Some(0) && !state.timed_out;
+    map.insert("running".into(), Dynamic::from(state.running));
+    map.insert("code".into(), code);
+    map.insert("success".into(), Dynamic::from(success));
+    map.insert("timed_out".into(), Dynamic::from(state.timed_out));
+    map.insert(
+        "duration_ms".into(),
+        Dynamic::from(state.duration.as_millis() as i64),
+    );
+    Dynamic::from_map(map)
 }
 
 fn result_map(outcome: &Outcome) -> Map {

@@ -8,35 +8,15 @@
 mod api;
 pub mod context;
 
-use crate::commands::ProcessGroups;
-use crate::config::Limits;
 use crate::request::{Reply, Request};
+pub use crate::runtime::Runtime;
 use context::{ClientSink, HandlerContext};
 use rhai::packages::{Package, StandardPackage};
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
-
-/// State the script's functions share across all requests.
-pub struct Runtime {
-    pub limits: Limits,
-    /// Every running command's process group, for shutdown.
-    pub groups: ProcessGroups,
-    /// Set on a hard stop: every running script ends at its next operation.
-    pub abort: AtomicBool,
-}
-
-impl Runtime {
-    pub fn new(limits: Limits) -> Arc<Runtime> {
-        Arc::new(Runtime {
-            limits,
-            groups: ProcessGroups::default(),
-            abort: AtomicBool::new(false),
-        })
-    }
-}
 
 /// How one `handle(req)` call ended.
 pub enum HandlerResult {

@@ -1,0 +1,125 @@
+//! Background jobs started by `start()`: each runs on its own thread, outlives the request that
+//! started it, and leaves a record that `job(id)` reads. At most `--max-jobs` run at once; the
+//! last [`KEPT_FINISHED`] finished ones are remembered.
+
+use crate::commands::{CommandSpec, Outcome, OutputSink};
+use crate::runtime::Runtime;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub const KEPT_FINISHED: usize = 100;
+
+/// What `job(id)` reports.
+#[derive(Clone, Debug)]
+pub struct JobState {
+    pub running: bool,
+    pub code: Option<i32>,
+    pub timed_out: bool,
+    pub duration: Duration,
+}
+
+#[derive(Default)]
+pub struct Jobs {
+    table: Mutex<JobTable>,
+}
+
+#[derive(Default)]
+struct JobTable {
+    last_id: i64,
+    /// Start time of each running job.
+    running: HashMap<i64, Instant>,
+    finished: VecDeque<(i64, JobState)>,
+}
+
+impl Jobs {
+    fn table(&self) -> MutexGuard<'_, JobTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn alive(&self) -> usize {
+        self.table().running.len()
+    }
+
+    pub fn state(&self, id: i64) -> Option<JobState> {
+        let table = self.table();
+        if let Some(started) = table.running.get(&id) {
+            return Some(JobState {
+                running: true,
+                code: None,
+                timed_out: false,
+                duration: started.elapsed(),
+            });
+        }
+        table
+            .finished
+            .iter()
+            .find(|(done, _)| *done == id)
+            .map(|(_, state)| state.clone())
+    }
+
+    /// Starts `spec` in the background; fails when `--max-jobs` are alive.
+    pub fn start(
+        runtime: &Arc<Runtime>,
+        spec: CommandSpec,
+        lock: Option<String>,
+        request_id: u64,
+    ) -> Result<i64, String> {
+        let id = runtime.jobs.reserve(runtime.limits.max_jobs)?;
+        let thread_runtime = runtime.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("job-{id}"))
+            .spawn(move || run_job(&thread_runtime, id, spec, lock, request_id));
+        if let Err(e) = spawned {
+            runtime.jobs.table().running.remove(&id);
+            return Err(format!("starting job thread: {e}"));
+        }
+        Ok(id)
+    }
+
+    fn reserve(&self, max_jobs: usize) -> Result<i64, String> {
+        let mut table = self.table();
+        if table.running.len() >= max_jobs {
+            return Err(format!(
+                "too many background jobs: {max_jobs} are running (--max-jobs)"
+            ));
+        }
+        table.last_id += 1;
+        let id = table.last_id;
+        table.running.insert(id, Instant::now());
+        Ok(id)
+    }
+
+    fn finish(&self, id: i64, outcome: &Outcome) {
+        let mut table = self.table();
+        table.running.remove(&id);
+        let state = JobState {
+            running: false,
+            code: Some(outcome.code),
+            timed_out: outcome.timed_out,
+            duration: outcome.duration,
+        };
+        table.finished.push_back((id, state));
+        while table.finished.len() > KEPT_FINISHED {
+            table.finished.pop_front();
+        }
+    }
+}
+
+fn run_job(runtime: &Runtime, id: i64, spec: CommandSpec, lock: Option<String>, request_id: u64) {
+    let sink = OutputSink::Capture(runtime.limits.max_output_bytes);
+    let outcome = runtime.run_command(&spec, lock.as_deref(), sink);
+    runtime.jobs.finish(id, &outcome);
+    log::info!(
+        "job {id} (request {request_id}) ended: code={} timed_out={} duration={:.1}ms",
+        outcome.code,
+        outcome.timed_out,
+        outcome.duration.as_secs_f64() * 1000.0
+    );
+    if !outcome.stderr.is_empty() {
+        log::debug!(
+            "job {id} stderr: {}",
+            String::from_utf8_lossy(&outcome.stderr).trim_end()
+        );
+    }
+}

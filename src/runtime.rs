@@ -1,0 +1,58 @@
+//! What every handler and background job shares: the limits, the running process groups (so
+//! shutdown can kill them), the named locks, the job table, and the hard-stop flag.
+
+use crate::commands::{self, CommandSpec, Outcome, OutputSink, ProcessGroups};
+use crate::config::Limits;
+use crate::jobs::Jobs;
+use crate::locks::NamedLocks;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+pub struct Runtime {
+    pub limits: Limits,
+    pub groups: ProcessGroups,
+    pub locks: NamedLocks,
+    pub jobs: Jobs,
+    /// Set on a hard stop: every running script ends at its next operation.
+    pub abort: AtomicBool,
+}
+
+impl Runtime {
+    pub fn new(limits: Limits) -> Arc<Runtime> {
+        Arc::new(Runtime {
+            limits,
+            groups: ProcessGroups::default(),
+            locks: NamedLocks::default(),
+            jobs: Jobs::default(),
+            abort: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether commands (of handlers or jobs) are still running.
+    pub fn busy(&self) -> bool {
+        !self.groups.is_empty() || self.jobs.alive() > 0
+    }
+
+    /// Runs `spec`, first waiting for `lock` if it names one. Waiting counts against the
+    /// command's timeout, so a queue behind a stuck holder still ends in time.
+    pub fn run_command(
+        &self,
+        spec: &CommandSpec,
+        lock: Option<&str>,
+        sink: OutputSink<'_>,
+    ) -> Outcome {
+        let Some(name) = lock else {
+            return commands::run(spec, sink, &self.groups);
+        };
+        let asked = Instant::now();
+        let Some(_held) = self.locks.acquire(name, asked + spec.timeout) else {
+            return Outcome::lock_timed_out(name, asked.elapsed());
+        };
+        let spec = CommandSpec {
+            timeout: spec.timeout.saturating_sub(asked.elapsed()),
+            ..spec.clone()
+        };
+        commands::run(&spec, sink, &self.groups)
+    }
+}
