@@ -12,7 +12,7 @@
 //! - [`commands`]: running one command with its process group, deadline and output cap.
 //! - [`runtime`]: what handlers and jobs share; [`jobs`]: `start`/`job`; [`locks`]: `opts.lock`.
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as loop events; [`reload`]: hot reload of files.
-//! - [`client`]: the `send` subcommand.
+//! - [`client`]: the `send` subcommand; [`init`]: the built-in init when running as PID 1.
 //! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
 
 pub mod app;
@@ -24,6 +24,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod framing;
+pub mod init;
 pub mod jobs;
 pub mod locks;
 pub mod reload;

@@ -1,8 +1,11 @@
 use clap::Parser;
-use command_trigger::{app, cli::Cli};
+use command_trigger::{app, cli::Cli, init};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    if let Some(code) = init::run_if_pid1() {
+        return ExitCode::from(code);
+    }
     let cli = Cli::parse();
     app::init_logging();
     match app::run(cli) {
