@@ -313,3 +313,100 @@ fn without_the_init_orphans_stay_zombies() {
         "a zombie was expected with CT_INIT=0"
     );
 }
+
+/// Serves a ready script from `scripts/` with extra environment variables.
+fn serve_ready_script(name: &str, envs: &[(&str, String)]) -> Server {
+    let mut command = command();
+    command
+        .arg("serve")
+        .arg("--script")
+        .arg(format!("scripts/{name}"))
+        .args(["--token-env", "TOKEN"]);
+    command.envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
+    Server::spawn(command, Scratch::new(), &["--listen", "127.0.0.1:0"], &[])
+}
+
+#[test]
+fn deploy_script_starts_a_job_and_reports_its_status() {
+    let scratch = Scratch::new();
+    let go = scratch.path("go");
+    let record = scratch.path("deployed");
+    let deployer = scratch.write(
+        "deploy.sh",
+        &format!(
+            "#!/bin/sh\n{}\nprintf '%s' \"$1\" > '{}'\nexit 4\n",
+            wait_for_file(&go),
+            record.display()
+        ),
+    );
+    shell(&format!("chmod +x '{}'", deployer.display()));
+    let server = serve_ready_script(
+        "deploy.rhai",
+        &[("DEPLOY_SCRIPT", deployer.display().to_string())],
+    );
+    // A hostile version string is one argv word: nothing but the deployer sees it.
+    assert_eq!(
+        server.ask("deploy v1;touch${IFS}/tmp/pwned"),
+        "started job 1\n"
+    );
+    assert!(server.ask("status 1").starts_with("job 1: running"));
+    touch(&go);
+    server.log.wait_for("job 1 (request 1) ended: code=4");
+    assert!(
+        server
+            .ask("status 1")
+            .starts_with("job 1: finished, code 4")
+    );
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        "v1;touch${IFS}/tmp/pwned"
+    );
+    assert!(server.ask("status 77").contains("unknown"));
+}
+
+#[test]
+fn log_tail_script_streams_new_lines_while_following() {
+    let scratch = Scratch::new();
+    let log_file = scratch.write("app.log", "one\ntwo\nthree\n");
+    let server = serve_ready_script(
+        "log-tail.rhai",
+        &[("LOG_FILE", log_file.display().to_string())],
+    );
+    assert_eq!(server.ask("tail 2 0"), "two\nthree\n");
+    let mut stream = open_with(server.addr(), format!("{TOKEN} tail 1 5\n").as_bytes());
+    assert_eq!(read_exact(&mut stream, 6), b"three\n");
+    // Appended after the reply began: only a live stream can deliver it.
+    shell(&format!("echo four >> '{}'", log_file.display()));
+    assert_eq!(read_exact(&mut stream, 5), b"four\n");
+}
+
+#[test]
+fn locked_files_script_backs_up_and_rotates() {
+    let scratch = Scratch::new();
+    let data = scratch.path("data");
+    let backups = scratch.path("backups");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&backups).unwrap();
+    std::fs::write(data.join("file"), "x").unwrap();
+    for old in ["data-20000101-000000.tar.gz", "data-20000102-000000.tar.gz"] {
+        std::fs::write(backups.join(old), "").unwrap();
+    }
+    let envs = [
+        ("DATA_DIR", data.display().to_string()),
+        ("BACKUP_DIR", backups.display().to_string()),
+    ];
+    let server = serve_ready_script("locked-files.rhai", &envs);
+    let reply = server.ask("backup");
+    assert!(
+        reply.starts_with("backup: data-") && reply.ends_with(".tar.gz\n"),
+        "{reply}"
+    );
+    assert_eq!(server.ask("rotate 1"), "rotate: kept 1, removed 2\n");
+    let left: Vec<_> = std::fs::read_dir(&backups)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 1);
+    assert_eq!(format!("backup: {}\n", left[0].to_string_lossy()), reply);
+}
