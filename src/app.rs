@@ -17,21 +17,6 @@ use mio::{Poll, Token, Waker};
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-pub fn init_logging() {
-    let env = env_logger::Env::default().default_filter_or("info");
-    env_logger::Builder::from_env(env)
-        .format(|buf, record| {
-            writeln!(
-                buf,
-                "{} {:<5} {}",
-                buf.timestamp_millis(),
-                record.level(),
-                record.args()
-            )
-        })
-        .init();
-}
-
 /// Runs the subcommand; the `u8` is the exit status.
 pub fn run(cli: Cli) -> Result<u8, Fatal> {
     match cli.command {

@@ -49,6 +49,15 @@ pub enum FramingArg {
     Stream,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// `TIME LEVEL message`.
+    #[default]
+    Text,
+    /// One JSON object per line: time, level, message and the request fields.
+    Json,
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The Rhai script that defines `fn handle(req)`.
@@ -153,6 +162,18 @@ pub struct ServeArgs {
     /// On SIGTERM, time given to running handlers and jobs before their commands are killed.
     #[arg(long, env = "CT_SHUTDOWN_TIMEOUT", value_name = "DUR", default_value = "20s", value_parser = duration)]
     pub shutdown_timeout: Duration,
+
+    /// Only clients from these networks are served (repeatable; default: any).
+    #[arg(long, env = "CT_ALLOW", value_name = "CIDR", value_delimiter = ',')]
+    pub allow: Vec<ipnet::IpNet>,
+
+    /// After N wrong tokens from one IP within 60 s, refuse that IP for 60 s; 0 turns this off.
+    #[arg(long, env = "CT_AUTH_FAILURES", value_name = "N", default_value = "10")]
+    pub auth_failures: u32,
+
+    /// Log line format: `text` for people, `json` (one object per line) for log collectors.
+    #[arg(long, env = "CT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 
     /// Print the bound address(es) to stdout, one per line, once listening.
     #[arg(long, env = "CT_PRINT_ADDR")]

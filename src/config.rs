@@ -25,6 +25,9 @@ pub struct Config {
     pub limits: Limits,
     pub shutdown_timeout: Duration,
     pub print_addr: bool,
+    /// Networks whose clients are served; empty means any.
+    pub allow: Vec<ipnet::IpNet>,
+    pub auth_failures: u32,
 }
 
 /// What one handler may use; shared by `serve` and `call`.
@@ -37,6 +40,12 @@ pub struct Limits {
 }
 
 impl Config {
+    /// Whether `--allow` admits a client from `ip` (IPv4-mapped IPv6 counts as IPv4).
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip))
+    }
+
     pub fn from_args(args: ServeArgs) -> Result<Config, Fatal> {
         let listen = args
             .listen
@@ -80,6 +89,8 @@ impl Config {
             },
             shutdown_timeout: args.shutdown_timeout,
             print_addr: args.print_addr,
+            allow: args.allow,
+            auth_failures: args.auth_failures,
         })
     }
 }

@@ -36,20 +36,27 @@ fn supervise() -> io::Result<u8> {
     // Installed before the child exists, so no signal slips through unforwarded.
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2])?;
     let exe = std::env::current_exe()?;
-    let child = Command::new(exe).args(std::env::args_os().skip(1)).env(CHILD_MARK, "1").spawn()?;
+    let child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(CHILD_MARK, "1")
+        .spawn()?;
     let server = Pid::from_child(&child);
-    std::thread::Builder::new().name("forward-signals".into()).spawn(move || {
-        for number in signals.forever() {
-            if let Some(signal) = Signal::from_named_raw(number) {
-                // ESRCH: the server is already gone; its exit ends us too.
-                let _ = kill_process(server, signal);
+    std::thread::Builder::new()
+        .name("forward-signals".into())
+        .spawn(move || {
+            for number in signals.forever() {
+                if let Some(signal) = Signal::from_named_raw(number) {
+                    // ESRCH: the server is already gone; its exit ends us too.
+                    let _ = kill_process(server, signal);
+                }
             }
-        }
-    })?;
+        })?;
     loop {
         match wait(WaitOptions::empty()) {
             Ok(Some((pid, status))) if pid == server => {
-                let code = status.exit_status().or_else(|| status.terminating_signal().map(|s| 128 + s));
+                let code = status
+                    .exit_status()
+                    .or_else(|| status.terminating_signal().map(|s| 128 + s));
                 return Ok(code.unwrap_or(1) as u8);
             }
             Ok(_) => {} // an orphan, reaped

@@ -6,7 +6,7 @@
 //! - [`app`]: what each subcommand does, start to finish; `main` only maps errors to exit codes.
 //! - [`server`]: the mio event loop: accept, read, frame, authenticate, dispatch, write, time out.
 //! - [`connection`]: one client connection's buffers and phase; [`framing`]: bytes to requests.
-//! - [`auth`]: token sources and the constant-time check.
+//! - [`auth`]: token sources and the constant-time check; [`backoff`]: `--auth-failures`.
 //! - [`workers`]: the threads that run handlers, and the outbox back to the loop.
 //! - [`script`]: the Rhai engine, `handle(req)`, and the functions scripts call.
 //! - [`commands`]: running one command with its process group, deadline and output cap.
@@ -14,9 +14,11 @@
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as loop events; [`reload`]: hot reload of files.
 //! - [`client`]: the `send` subcommand; [`init`]: the built-in init when running as PID 1.
 //! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
+//! - [`logging`]: text or JSON log lines on stderr.
 
 pub mod app;
 pub mod auth;
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod commands;
@@ -27,6 +29,7 @@ pub mod framing;
 pub mod init;
 pub mod jobs;
 pub mod locks;
+pub mod logging;
 pub mod reload;
 pub mod request;
 pub mod runtime;

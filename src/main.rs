@@ -1,5 +1,6 @@
 use clap::Parser;
-use command_trigger::{app, cli::Cli, init};
+use command_trigger::cli::{Cli, Command, LogFormat};
+use command_trigger::{app, init, logging};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -7,7 +8,10 @@ fn main() -> ExitCode {
         return ExitCode::from(code);
     }
     let cli = Cli::parse();
-    app::init_logging();
+    logging::init(match &cli.command {
+        Command::Serve(args) => args.log_format,
+        _ => LogFormat::Text,
+    });
     match app::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(fatal) => {

@@ -3,6 +3,7 @@
 //! cleanly. Nothing here blocks: scripts, commands and file reads run on other threads.
 
 use crate::auth::Tokens;
+use crate::backoff::AuthBackoff;
 use crate::cli::AuthMode;
 use crate::config::Config;
 use crate::connection::{Connection, Filled, Phase};
@@ -71,6 +72,7 @@ pub struct Server {
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     accept_paused_until: Option<Instant>,
     stopping: Option<Stopping>,
+    backoff: AuthBackoff,
     scratch: Vec<u8>,
 }
 
@@ -87,6 +89,7 @@ impl Server {
         }
         parts.signals.register(registry, SIGNALS)?;
         Ok(Server {
+            backoff: AuthBackoff::new(config.auth_failures),
             config,
             parts,
             connections: Slab::new(),
@@ -182,6 +185,10 @@ impl Server {
     }
 
     fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
+        if !self.config.allows(peer.ip()) {
+            log::debug!("refusing {peer}: not in --allow");
+            return; // dropping the stream closes it, without a reply
+        }
         if self.connections.len() >= self.config.max_connections {
             log::debug!(
                 "refusing {peer}: --max-connections {} reached",
@@ -255,8 +262,11 @@ impl Server {
 
     fn dispatch(&mut self, key: usize, raw: RawRequest) {
         self.next_request_id += 1;
+        let now = Instant::now();
         let connection = &mut self.connections[key];
-        let (token_name, payload) = authenticate(&self.parts.tokens, &raw.line);
+        // A backed-off client's token is not even checked.
+        let blocked = self.backoff.is_blocked(connection.peer.ip(), now);
+        let (token_name, payload) = authenticate(&self.parts.tokens, &raw.line, !blocked);
         let request = Request {
             id: self.next_request_id,
             token_name,
@@ -266,23 +276,12 @@ impl Server {
             local: connection.local,
             framing: self.config.framing,
         };
-        let refusal = if self.stopping.is_some() {
-            Some(("shutting down", Verdict::ShuttingDown))
-        } else if self.config.auth == AuthMode::Required
-            && request.token_name.is_none()
-            && !self.parts.tokens.is_empty()
-        {
-            Some(("unauthorized", Verdict::Unauthorized))
-        } else if self.in_flight >= self.config.workers + self.config.queue {
-            Some(("busy", Verdict::Busy))
-        } else {
-            None
-        };
-        if let Some((message, verdict)) = refusal {
+        if let Some((message, verdict)) = self.refusal(&request, blocked, now) {
             let reply = Reply::error(message);
-            log_request(&request, verdict, Instant::now(), reply.bytes.len(), &[]);
-            return answer(connection, reply, &self.config, true);
+            log_request(&request, verdict, now, reply.bytes.len(), &[]);
+            return answer(&mut self.connections[key], reply, &self.config, true);
         }
+        let connection = &mut self.connections[key];
         connection.phase = Phase::Handling;
         self.in_flight += 1;
         let conn = ConnRef {
@@ -290,6 +289,34 @@ impl Server {
             serial: connection.serial,
         };
         self.parts.pool.submit(Job { request, conn });
+    }
+
+    /// Why the server answers a request itself instead of running the script, if it does.
+    fn refusal(
+        &mut self,
+        request: &Request,
+        blocked: bool,
+        now: Instant,
+    ) -> Option<(&'static str, Verdict)> {
+        if self.stopping.is_some() {
+            return Some(("shutting down", Verdict::ShuttingDown));
+        }
+        let token_required =
+            self.config.auth == AuthMode::Required && !self.parts.tokens.is_empty();
+        if token_required && (blocked || request.token_name.is_none()) {
+            if !blocked && self.backoff.record_failure(request.peer.ip(), now) {
+                log::warn!(
+                    "{}: {} wrong tokens within 60 s; refusing this IP for 60 s",
+                    request.peer.ip(),
+                    self.config.auth_failures
+                );
+            }
+            return Some(("unauthorized", Verdict::Unauthorized));
+        }
+        if self.in_flight >= self.config.workers + self.config.queue {
+            return Some(("busy", Verdict::Busy));
+        }
+        None
     }
 
     fn take_worker_messages(&mut self) {
@@ -409,9 +436,8 @@ impl Server {
         let Some(stopping) = self.stopping else {
             return Next::Continue;
         };
-        let finished = self.in_flight == 0
-            && self.connections.is_empty()
-            && !self.parts.runtime.busy();
+        let finished =
+            self.in_flight == 0 && self.connections.is_empty() && !self.parts.runtime.busy();
         match stopping {
             _ if finished => {
                 log::info!("shut down cleanly");
@@ -461,12 +487,13 @@ fn is_per_connection_error(e: &io::Error) -> bool {
 }
 
 /// The token's name and the payload of a request line (SPEC §3).
-fn authenticate<'a>(tokens: &Tokens, line: &'a [u8]) -> (Option<Arc<str>>, &'a [u8]) {
+/// With `check` false the token is split off but not compared (a backed-off client).
+fn authenticate<'a>(tokens: &Tokens, line: &'a [u8], check: bool) -> (Option<Arc<str>>, &'a [u8]) {
     if tokens.is_empty() {
         return (None, line); // --insecure-no-token: the whole line is the payload
     }
     let (token, payload) = framing::split_token(line);
-    (tokens.check(token), payload)
+    (if check { tokens.check(token) } else { None }, payload)
 }
 
 /// Queues a reply and decides whether the connection stays open for another request.

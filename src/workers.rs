@@ -196,6 +196,7 @@ impl Worker {
     }
 }
 
+/// The one info line per request; its fields also go to JSON logs as fields.
 pub fn log_request(
     request: &Request,
     verdict: Verdict,
@@ -203,18 +204,26 @@ pub fn log_request(
     reply_bytes: usize,
     exit_codes: &[i32],
 ) {
+    let line = RequestLog {
+        id: request.id,
+        peer: request.peer,
+        token_name: request.token_name.as_deref(),
+        payload_bytes: request.payload.len() + request.body.len(),
+        verdict,
+        duration: started.elapsed(),
+        reply_bytes,
+        exit_codes,
+    };
     log::info!(
-        "{}",
-        RequestLog {
-            id: request.id,
-            peer: request.peer,
-            token_name: request.token_name.as_deref(),
-            payload_bytes: request.payload.len() + request.body.len(),
-            verdict,
-            duration: started.elapsed(),
-            reply_bytes,
-            exit_codes,
-        }
+        request_id = line.id,
+        peer:% = line.peer,
+        token_name = line.token_name.unwrap_or("-"),
+        payload_bytes = line.payload_bytes,
+        outcome:% = line.verdict,
+        duration_ms = line.duration.as_secs_f64() * 1000.0,
+        reply_bytes = line.reply_bytes,
+        exit_codes:? = line.exit_codes;
+        "{line}"
     );
 }
 
