@@ -7,3 +7,4 @@ mod util;
 
 mod core;
 mod live;
+mod ops;
