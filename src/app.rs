@@ -140,6 +140,7 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
             .parse()
             .map_err(|_| Fatal::Usage("local address".into()))?,
         framing,
+        http: None,
     };
     match host.handle(&request, Box::new(Stdout)).0 {
         HandlerResult::Replied(reply) => {

@@ -47,6 +47,8 @@ pub enum FramingArg {
     Line,
     /// First line, then the body up to the client's half-close.
     Stream,
+    /// HTTP/1.0 and 1.1: curl, webhooks, Kubernetes httpGet probes.
+    Http,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]

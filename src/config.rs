@@ -74,6 +74,7 @@ impl Config {
             framing: match args.framing {
                 FramingArg::Line => Framing::Line,
                 FramingArg::Stream => Framing::Stream,
+                FramingArg::Http => Framing::Http,
             },
             keep_alive: args.keep_alive,
             workers: args.workers,

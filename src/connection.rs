@@ -40,6 +40,8 @@ pub struct Connection {
     wants_writable: bool,
     /// The deadline an entry in the loop's timer heap stands for, if one does.
     pub timer: Option<Instant>,
+    /// HTTP: `100 Continue` already sent for the request being read.
+    pub continue_sent: bool,
 }
 
 /// Was the read stopped because the socket is empty, or because enough is buffered?
@@ -68,6 +70,7 @@ impl Connection {
             written: 0,
             wants_writable: false,
             timer: None,
+            continue_sent: false,
         }
     }
 

@@ -1,6 +1,9 @@
 //! Cutting the bytes a client sends into requests, without any I/O, so the rules of SPEC §3
 //! can be tested (and fuzzed) apart from sockets.
 
+use crate::http;
+use crate::http::HttpHead;
+
 /// How a connection's bytes become requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Framing {
@@ -8,6 +11,8 @@ pub enum Framing {
     Line,
     /// A first line, then everything up to the client's half-close as the body.
     Stream,
+    /// HTTP/1.0 and 1.1 (see [`crate::http`]).
+    Http,
 }
 
 impl Framing {
@@ -15,6 +20,7 @@ impl Framing {
         match self {
             Framing::Line => "line",
             Framing::Stream => "stream",
+            Framing::Http => "http",
         }
     }
 }
@@ -24,8 +30,10 @@ impl Framing {
 pub struct RawRequest {
     /// The whole first line, without `\n` and the trailing `\r`.
     pub line: Vec<u8>,
-    /// Stream framing: everything after the first line.
+    /// Stream framing: everything after the first line; HTTP: the decoded body.
     pub body: Vec<u8>,
+    /// HTTP framing: the request line and headers (then `line` is empty).
+    pub http: Option<HttpHead>,
 }
 
 /// What the framer found in the buffered bytes.
@@ -36,6 +44,10 @@ pub enum Frame {
     Incomplete,
     /// The request grew past the limit: answer `ERR request too large`.
     TooLarge,
+    /// HTTP: not a request we can parse; answer 400 and close.
+    Malformed(&'static str),
+    /// HTTP: incomplete, and the client waits for `100 Continue` before sending its body.
+    WantsContinue,
 }
 
 /// Takes the next request out of `buf`, consuming its bytes. `eof` says the client has closed
@@ -44,6 +56,32 @@ pub fn next_frame(framing: Framing, buf: &mut Vec<u8>, eof: bool, max_bytes: usi
     match framing {
         Framing::Line => next_line_request(buf, eof, max_bytes),
         Framing::Stream => next_stream_request(buf, eof, max_bytes),
+        Framing::Http => next_http_request(buf, max_bytes),
+    }
+}
+
+fn next_http_request(buf: &mut Vec<u8>, max_bytes: usize) -> Frame {
+    match http::parse(buf, max_bytes) {
+        http::Parsed::Request {
+            head,
+            body,
+            consumed,
+        } => {
+            buf.drain(..consumed);
+            Frame::Request(RawRequest {
+                line: Vec::new(),
+                body,
+                http: Some(head),
+            })
+        }
+        http::Parsed::Incomplete {
+            continue_wanted: true,
+        } => Frame::WantsContinue,
+        http::Parsed::Incomplete {
+            continue_wanted: false,
+        } => Frame::Incomplete,
+        http::Parsed::TooLarge => Frame::TooLarge,
+        http::Parsed::Malformed(reason) => Frame::Malformed(reason),
     }
 }
 
@@ -60,6 +98,7 @@ fn next_line_request(buf: &mut Vec<u8>, eof: bool, max_bytes: usize) -> Frame {
                 return Frame::Request(RawRequest {
                     line,
                     body: Vec::new(),
+                    http: None,
                 });
             }
         }
@@ -83,7 +122,11 @@ fn next_stream_request(buf: &mut Vec<u8>, eof: bool, max_bytes: usize) -> Frame 
     if line.is_empty() && body.is_empty() {
         return Frame::Incomplete;
     }
-    Frame::Request(RawRequest { line, body })
+    Frame::Request(RawRequest {
+        line,
+        body,
+        http: None,
+    })
 }
 
 struct TooLarge;
@@ -149,7 +192,7 @@ mod tests {
     fn request(line: &[u8]) -> Frame {
         Frame::Request(RawRequest {
             line: line.to_vec(),
-            body: Vec::new(),
+            ..RawRequest::default()
         })
     }
 
@@ -193,6 +236,7 @@ mod tests {
         let expected = RawRequest {
             line: b"tok upload".to_vec(),
             body: b"body\nmore".to_vec(),
+            http: None,
         };
         assert_eq!(
             next_frame(Framing::Stream, &mut buf, true, 64),

@@ -5,7 +5,8 @@
 //! - [`cli`]: the command line as typed (clap); [`config`]: the validated settings of `serve`.
 //! - [`app`]: what each subcommand does, start to finish; `main` only maps errors to exit codes.
 //! - [`server`]: the mio event loop: accept, read, frame, authenticate, dispatch, write, time out.
-//! - [`connection`]: one client connection's buffers and phase; [`framing`]: bytes to requests.
+//! - [`connection`]: one client connection's buffers and phase; [`framing`]: bytes to requests;
+//!   [`http`]: HTTP/1.x requests and responses; [`wire`]: a reply encoded for its framing.
 //! - [`auth`]: token sources and the constant-time check; [`backoff`]: `--auth-failures`.
 //! - [`workers`]: the threads that run handlers, and the outbox back to the loop.
 //! - [`script`]: the Rhai engine, `handle(req)`, and the functions scripts call.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod framing;
+pub mod http;
 pub mod init;
 pub mod jobs;
 pub mod locks;
@@ -36,4 +38,5 @@ pub mod runtime;
 pub mod script;
 pub mod server;
 pub mod signals;
+pub mod wire;
 pub mod workers;

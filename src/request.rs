@@ -2,6 +2,7 @@
 //! tells an operator what happened to it.
 
 use crate::framing::Framing;
+use crate::http::HttpHead;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ pub struct Request {
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub framing: Framing,
+    /// HTTP framing: the request line and headers.
+    pub http: Option<HttpHead>,
 }
 
 /// What the server sends back for one request.
@@ -27,14 +30,76 @@ pub struct Reply {
     pub bytes: Vec<u8>,
     /// The script's `close` when it chose; otherwise the framing's default applies.
     pub close: Option<bool>,
+    /// HTTP: the status the script or the server chose (default 200, or 204 for `()`).
+    pub status: Option<u16>,
+    /// HTTP: extra response headers.
+    pub headers: Vec<(String, String)>,
+    pub content: Content,
+}
+
+/// What kind of value the body came from, for HTTP's defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Content {
+    #[default]
+    Text,
+    Binary,
+    /// `()`: no body at all (HTTP 204).
+    Nothing,
+}
+
+/// The replies the server makes itself (SPEC §3), with their HTTP status (SPEC §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerError {
+    Unauthorized,
+    /// `--auth-failures` tripped: the token was not even checked.
+    BackedOff,
+    Busy,
+    TooLarge,
+    Malformed,
+    HandlerFailed(u64),
+    HandlerTimedOut(u64),
+    ShuttingDown,
+}
+
+impl ServerError {
+    fn message(self) -> String {
+        match self {
+            ServerError::Unauthorized | ServerError::BackedOff => "unauthorized".into(),
+            ServerError::Busy => "busy".into(),
+            ServerError::TooLarge => "request too large".into(),
+            ServerError::Malformed => "bad request".into(),
+            ServerError::HandlerFailed(id) => format!("handler failed (request {id})"),
+            ServerError::HandlerTimedOut(id) => format!("handler timed out (request {id})"),
+            ServerError::ShuttingDown => "shutting down".into(),
+        }
+    }
+
+    fn status(self) -> u16 {
+        match self {
+            ServerError::Unauthorized => 401,
+            ServerError::BackedOff => 429,
+            ServerError::Busy | ServerError::ShuttingDown => 503,
+            ServerError::TooLarge => 413,
+            ServerError::Malformed => 400,
+            ServerError::HandlerFailed(_) => 500,
+            ServerError::HandlerTimedOut(_) => 504,
+        }
+    }
 }
 
 impl Reply {
-    /// One of the server's own `ERR ...` lines, always followed by a close.
-    pub fn error(message: &str) -> Reply {
+    /// One of the server's own `ERR ...` replies, always followed by a close.
+    pub fn error(error: ServerError) -> Reply {
+        let headers = match error {
+            ServerError::Unauthorized => vec![("www-authenticate".to_owned(), "Bearer".to_owned())],
+            _ => Vec::new(),
+        };
         Reply {
-            bytes: format!("ERR {message}\n").into_bytes(),
+            bytes: format!("ERR {}\n", error.message()).into_bytes(),
             close: Some(true),
+            status: Some(error.status()),
+            headers,
+            content: Content::Text,
         }
     }
 }

@@ -8,10 +8,12 @@ use crate::cli::AuthMode;
 use crate::config::Config;
 use crate::connection::{Connection, Filled, Phase};
 use crate::framing::{self, Frame, Framing, RawRequest};
+use crate::http::HttpHead;
 use crate::reload::ReloadTrigger;
-use crate::request::{Reply, Request, Verdict};
+use crate::request::{Reply, Request, ServerError, Verdict};
 use crate::script::Runtime;
 use crate::signals::{Signal, SignalSource};
+use crate::wire;
 use crate::workers::{ConnRef, Inbox, Job, Outbound, WorkerPool, log_request};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
@@ -264,20 +266,22 @@ impl Server {
         self.next_request_id += 1;
         let now = Instant::now();
         let connection = &mut self.connections[key];
+        connection.continue_sent = false;
         // A backed-off client's token is not even checked.
         let blocked = self.backoff.is_blocked(connection.peer.ip(), now);
-        let (token_name, payload) = authenticate(&self.parts.tokens, &raw.line, !blocked);
+        let (token_name, payload) = authenticate(&self.parts.tokens, &raw, !blocked);
         let request = Request {
             id: self.next_request_id,
             token_name,
-            payload: payload.to_vec(),
+            payload,
             body: raw.body,
             peer: connection.peer,
             local: connection.local,
             framing: self.config.framing,
+            http: raw.http,
         };
-        if let Some((message, verdict)) = self.refusal(&request, blocked, now) {
-            let reply = Reply::error(message);
+        if let Some((error, verdict)) = self.refusal(&request, blocked, now) {
+            let reply = wire::finish(Reply::error(error), request.http.as_ref(), false);
             log_request(&request, verdict, now, reply.bytes.len(), &[]);
             return answer(&mut self.connections[key], reply, &self.config, true);
         }
@@ -297,24 +301,27 @@ impl Server {
         request: &Request,
         blocked: bool,
         now: Instant,
-    ) -> Option<(&'static str, Verdict)> {
+    ) -> Option<(ServerError, Verdict)> {
         if self.stopping.is_some() {
-            return Some(("shutting down", Verdict::ShuttingDown));
+            return Some((ServerError::ShuttingDown, Verdict::ShuttingDown));
         }
         let token_required =
             self.config.auth == AuthMode::Required && !self.parts.tokens.is_empty();
-        if token_required && (blocked || request.token_name.is_none()) {
-            if !blocked && self.backoff.record_failure(request.peer.ip(), now) {
+        if token_required && blocked {
+            return Some((ServerError::BackedOff, Verdict::Unauthorized));
+        }
+        if token_required && request.token_name.is_none() {
+            if self.backoff.record_failure(request.peer.ip(), now) {
                 log::warn!(
                     "{}: {} wrong tokens within 60 s; refusing this IP for 60 s",
                     request.peer.ip(),
                     self.config.auth_failures
                 );
             }
-            return Some(("unauthorized", Verdict::Unauthorized));
+            return Some((ServerError::Unauthorized, Verdict::Unauthorized));
         }
         if self.in_flight >= self.config.workers + self.config.queue {
-            return Some(("busy", Verdict::Busy));
+            return Some((ServerError::Busy, Verdict::Busy));
         }
         None
     }
@@ -412,7 +419,11 @@ impl Server {
         });
         for job in self.parts.pool.take_waiting() {
             self.in_flight -= 1;
-            let reply = Reply::error("shutting down");
+            let reply = wire::finish(
+                Reply::error(ServerError::ShuttingDown),
+                job.request.http.as_ref(),
+                false,
+            );
             log_request(
                 &job.request,
                 Verdict::ShuttingDown,
@@ -487,13 +498,18 @@ fn is_per_connection_error(e: &io::Error) -> bool {
 }
 
 /// The token's name and the payload of a request line (SPEC §3).
-/// With `check` false the token is split off but not compared (a backed-off client).
-fn authenticate<'a>(tokens: &Tokens, line: &'a [u8], check: bool) -> (Option<Arc<str>>, &'a [u8]) {
-    if tokens.is_empty() {
-        return (None, line); // --insecure-no-token: the whole line is the payload
+/// The token's name and the payload of a request (SPEC §3, §10). With `check` false the token
+/// is split off but not compared (a backed-off client).
+fn authenticate(tokens: &Tokens, raw: &RawRequest, check: bool) -> (Option<Arc<str>>, Vec<u8>) {
+    let matched = |token: &[u8]| if check { tokens.check(token) } else { None };
+    if let Some(head) = &raw.http {
+        return (head.token().and_then(|t| matched(t.as_bytes())), Vec::new());
     }
-    let (token, payload) = framing::split_token(line);
-    (if check { tokens.check(token) } else { None }, payload)
+    if tokens.is_empty() {
+        return (None, raw.line.clone()); // --insecure-no-token: the whole line is the payload
+    }
+    let (token, payload) = framing::split_token(&raw.line);
+    (matched(token), payload.to_vec())
 }
 
 /// Queues a reply and decides whether the connection stays open for another request.
@@ -562,19 +578,22 @@ fn read_request(
     let limit = config.max_request_bytes;
     loop {
         let filled = connection.fill_input(scratch, limit)?;
-        match framing::next_frame(
+        let frame = framing::next_frame(
             config.framing,
             &mut connection.input,
             connection.input_closed,
             limit,
-        ) {
+        );
+        match frame {
             Frame::Request(raw) => return Ok(Step::Dispatch(raw)),
             Frame::TooLarge => {
-                connection.input.clear();
-                answer(connection, Reply::error("request too large"), config, true);
-                return step(connection, config, scratch);
+                return refuse_unreadable(connection, ServerError::TooLarge, config, scratch);
             }
-            Frame::Incomplete if connection.input_closed => {
+            Frame::Malformed(reason) => {
+                log::debug!("bad request from {}: {reason}", connection.peer);
+                return refuse_unreadable(connection, ServerError::Malformed, config, scratch);
+            }
+            Frame::Incomplete | Frame::WantsContinue if connection.input_closed => {
                 if connection.pending_output() == 0 {
                     return Ok(Step::Close("client closed without a complete request"));
                 }
@@ -583,11 +602,38 @@ fn read_request(
                 };
                 return step(connection, config, scratch);
             }
-            Frame::Incomplete => {
+            Frame::WantsContinue if !connection.continue_sent => {
+                connection.continue_sent = true;
+                connection.push_output(b"HTTP/1.1 100 Continue\r\n\r\n");
+                connection.flush()?;
+            }
+            Frame::Incomplete | Frame::WantsContinue => {
                 if let Filled::Drained = filled {
                     return Ok(Step::Wait);
                 }
             }
         }
     }
+}
+
+/// Answers input that will never be a request (too large, not HTTP), then closes.
+fn refuse_unreadable(
+    connection: &mut Connection,
+    error: ServerError,
+    config: &Config,
+    scratch: &mut [u8],
+) -> io::Result<Step> {
+    connection.input.clear();
+    // No request head to answer in kind: HTTP framing answers as HTTP/1.1.
+    let head = (config.framing == Framing::Http).then(|| HttpHead {
+        minor_version: 1,
+        ..HttpHead::default()
+    });
+    answer(
+        connection,
+        wire::finish(Reply::error(error), head.as_ref(), false),
+        config,
+        true,
+    );
+    step(connection, config, scratch)
 }

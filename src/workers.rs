@@ -1,9 +1,11 @@
 //! The worker pool: threads that run `handle(req)` off the event loop, fed by a queue, and the outbox through which they hand replies (and live output) back to the loop.
 
 use crate::auth::Tokens;
-use crate::request::{Reply, Request, RequestLog, Verdict};
+use crate::http::{self, HttpHead};
+use crate::request::{Reply, Request, RequestLog, ServerError, Verdict};
 use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, ScriptHost};
+use crate::wire;
 use mio::Waker;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -154,11 +156,18 @@ impl Worker {
     fn run(self) {
         loop {
             let job = self.queue.pop();
-            let serve = std::panic::AssertUnwindSafe(|| self.serve(&job.request, job.conn));
+            let streamed = Arc::new(AtomicBool::new(false));
+            let serve =
+                std::panic::AssertUnwindSafe(|| self.serve(&job.request, job.conn, &streamed));
             let reply = std::panic::catch_unwind(serve).unwrap_or_else(|_| {
                 log::error!("request {} failed: internal error (panic)", job.request.id);
-                Reply::error(&format!("handler failed (request {})", job.request.id))
+                Reply::error(ServerError::HandlerFailed(job.request.id))
             });
+            let reply = wire::finish(
+                reply,
+                job.request.http.as_ref(),
+                streamed.load(Ordering::SeqCst),
+            );
             self.outbox.send(Outbound::Done {
                 conn: job.conn,
                 reply,
@@ -166,11 +175,13 @@ impl Worker {
         }
     }
 
-    fn serve(&self, request: &Request, conn: ConnRef) -> Reply {
+    fn serve(&self, request: &Request, conn: ConnRef, streamed: &Arc<AtomicBool>) -> Reply {
         let started = Instant::now();
         let client = Box::new(ConnectionSink {
             conn,
             outbox: self.outbox.clone(),
+            http: request.http.clone(),
+            streamed: streamed.clone(),
         });
         let (result, exit_codes) = self.host.handle(request, client);
         let id = request.id;
@@ -179,14 +190,14 @@ impl Worker {
             HandlerResult::Failed(message) => {
                 log::error!("request {id} failed: {message}");
                 (
-                    Reply::error(&format!("handler failed (request {id})")),
+                    Reply::error(ServerError::HandlerFailed(id)),
                     Verdict::Failed,
                 )
             }
             HandlerResult::TimedOut => {
                 log::error!("request {id} timed out");
                 (
-                    Reply::error(&format!("handler timed out (request {id})")),
+                    Reply::error(ServerError::HandlerTimedOut(id)),
                     Verdict::TimedOut,
                 )
             }
@@ -231,15 +242,31 @@ pub fn log_request(
 struct ConnectionSink {
     conn: ConnRef,
     outbox: Outbox,
+    /// HTTP framing: live output goes out as the chunked body of a `200` response.
+    http: Option<HttpHead>,
+    /// Set once live output has started the response, so the final reply only ends it.
+    streamed: Arc<AtomicBool>,
 }
 
 impl ClientSink for ConnectionSink {
     fn send(&mut self, bytes: Vec<u8>) {
-        if !bytes.is_empty() {
-            self.outbox.send(Outbound::Data {
-                conn: self.conn,
-                bytes,
-            });
+        if bytes.is_empty() {
+            return;
         }
+        let bytes = match &self.http {
+            None => bytes,
+            Some(head) => {
+                let mut framed = Vec::new();
+                if !self.streamed.swap(true, Ordering::SeqCst) {
+                    framed = wire::stream_start(head);
+                }
+                framed.extend_from_slice(&http::chunk(&bytes, head.minor_version));
+                framed
+            }
+        };
+        self.outbox.send(Outbound::Data {
+            conn: self.conn,
+            bytes,
+        });
     }
 }

@@ -8,7 +8,8 @@
 mod api;
 pub mod context;
 
-use crate::request::{Reply, Request};
+use crate::http::HttpHead;
+use crate::request::{Content, Reply, Request};
 pub use crate::runtime::Runtime;
 use context::{ClientSink, HandlerContext};
 use rhai::packages::{Package, StandardPackage};
@@ -85,7 +86,12 @@ impl ScriptHost {
         );
         let exit_codes = context::take_exit_codes();
         let result = match result {
-            Ok(value) => HandlerResult::Replied(reply_from(value)),
+            Ok(value) => match reply_from(value) {
+                Ok(reply) => HandlerResult::Replied(reply),
+                Err(message) => {
+                    HandlerResult::Failed(format!("{}: {message}", self.path.display()))
+                }
+            },
             Err(error) if matches!(*error, EvalAltResult::ErrorTerminated(..)) => {
                 HandlerResult::TimedOut
             }
@@ -164,11 +170,17 @@ pub fn describe(path: &Path, error: &EvalAltResult) -> String {
 }
 
 fn request_map(request: &Request) -> Map {
-    let payload = String::from_utf8_lossy(&request.payload).into_owned();
-    let args: rhai::Array = payload
-        .split_whitespace()
-        .map(|w| Dynamic::from(w.to_owned()))
-        .collect();
+    // HTTP carries its payload in the body; the other framings on the first line.
+    let payload_bytes = if request.http.is_some() {
+        &request.body
+    } else {
+        &request.payload
+    };
+    let payload = String::from_utf8_lossy(payload_bytes).into_owned();
+    let args: Vec<String> = match &request.http {
+        Some(head) => head.segments(),
+        None => payload.split_whitespace().map(str::to_owned).collect(),
+    };
     let token_name = match &request.token_name {
         Some(name) => Dynamic::from(name.to_string()),
         None => Dynamic::UNIT,
@@ -177,25 +189,95 @@ fn request_map(request: &Request) -> Map {
     map.insert("id".into(), Dynamic::from(request.id as i64));
     map.insert("token_name".into(), token_name);
     map.insert("payload".into(), Dynamic::from(payload));
-    map.insert("args".into(), Dynamic::from_array(args));
+    map.insert(
+        "args".into(),
+        Dynamic::from_array(args.into_iter().map(Dynamic::from).collect()),
+    );
     map.insert("body".into(), Dynamic::from_blob(request.body.clone()));
     map.insert("peer".into(), Dynamic::from(request.peer.to_string()));
     map.insert("local".into(), Dynamic::from(request.local.to_string()));
     map.insert("framing".into(), request.framing.name().into());
+    if let Some(head) = &request.http {
+        insert_http_fields(&mut map, head);
+    }
     map
 }
 
-/// Turns `handle`'s return value into bytes (SPEC §5 "The return value").
-fn reply_from(value: Dynamic) -> Reply {
-    if value.is_map() {
-        let map = value.cast::<Map>();
-        let close = map.get("close").and_then(|c| c.as_bool().ok());
-        let bytes = map.get("body").cloned().map(bytes_of).unwrap_or_default();
-        return Reply { bytes, close };
+fn insert_http_fields(map: &mut Map, head: &HttpHead) {
+    let strings = |pairs: Vec<(String, String)>| -> Map {
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), Dynamic::from(v)))
+            .collect()
+    };
+    let query = head
+        .query()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    map.insert("method".into(), Dynamic::from(head.method.clone()));
+    map.insert("path".into(), Dynamic::from(head.path().to_owned()));
+    map.insert("query".into(), Dynamic::from_map(strings(query)));
+    map.insert(
+        "headers".into(),
+        Dynamic::from_map(strings(head.joined_headers())),
+    );
+}
+
+/// Turns `handle`'s return value into a reply (SPEC §5 and §10 "The return value").
+fn reply_from(value: Dynamic) -> Result<Reply, String> {
+    if !value.is_map() {
+        return Ok(Reply {
+            content: content_of(&value),
+            bytes: bytes_of(value),
+            ..Reply::default()
+        });
     }
-    Reply {
-        bytes: bytes_of(value),
-        close: None,
+    let mut map = value.cast::<Map>();
+    let close = match map.remove("close") {
+        Some(close) => Some(
+            close
+                .as_bool()
+                .map_err(|t| format!("reply 'close' must be a bool, not {t}"))?,
+        ),
+        None => None,
+    };
+    let status = match map.remove("status") {
+        Some(status) => match status.as_int() {
+            Ok(code @ 100..=599) => Some(code as u16),
+            _ => {
+                return Err(format!(
+                    "reply 'status' must be a number from 100 to 599, not {status}"
+                ));
+            }
+        },
+        None => None,
+    };
+    let headers = match map.remove("headers") {
+        Some(headers) => headers
+            .try_cast::<Map>()
+            .ok_or("reply 'headers' must be a map")?
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        None => Vec::new(),
+    };
+    let body = map.remove("body").unwrap_or(Dynamic::UNIT);
+    Ok(Reply {
+        close,
+        status,
+        headers,
+        content: content_of(&body),
+        bytes: bytes_of(body),
+    })
+}
+
+fn content_of(value: &Dynamic) -> Content {
+    if value.is_unit() {
+        Content::Nothing
+    } else if value.is_blob() {
+        Content::Binary
+    } else {
+        Content::Text
     }
 }
 

@@ -1,0 +1,455 @@
+//! HTTP/1.0 and 1.1 framing (SPEC §10): requests parsed by `httparse` (bodies by
+//! `Content-Length` or chunked), and responses written for the reply a script returned.
+//! Pure functions over bytes, like [`framing`](crate::framing).
+
+use httparse::{EMPTY_HEADER, Status};
+use std::borrow::Cow;
+
+const MAX_HEADERS: usize = 64;
+
+/// The parts of a request line and headers that the server and the script use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpHead {
+    pub method: String,
+    /// The request target as sent: path and query.
+    pub target: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// Lower-case names, in the order sent.
+    pub headers: Vec<(String, String)>,
+}
+
+impl HttpHead {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn header_has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// Whether the connection stays open after the response, as HTTP says.
+    pub fn keep_alive(&self) -> bool {
+        match self.minor_version {
+            0 => self.header_has_token("connection", "keep-alive"),
+            _ => !self.header_has_token("connection", "close"),
+        }
+    }
+
+    /// The token from `Authorization: Bearer` or `X-Token` (never from the query).
+    pub fn token(&self) -> Option<&str> {
+        let bearer = self.header("authorization").and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+        bearer.or_else(|| self.header("x-token").map(str::trim))
+    }
+
+    pub fn path(&self) -> &str {
+        self.target
+            .split_once('?')
+            .map_or(&self.target, |(path, _)| path)
+    }
+
+    pub fn query(&self) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+        let query = self.target.split_once('?').map_or("", |(_, q)| q);
+        form_urlencoded::parse(query.as_bytes())
+    }
+
+    /// The non-empty, URL-decoded path segments: `req.args`.
+    pub fn segments(&self) -> Vec<String> {
+        self.path()
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+            .collect()
+    }
+
+    /// Headers as the script sees them: repeats joined with `, `.
+    pub fn joined_headers(&self) -> Vec<(String, String)> {
+        let mut joined: Vec<(String, String)> = Vec::new();
+        for (name, value) in &self.headers {
+            match joined.iter_mut().find(|(n, _)| n == name) {
+                Some((_, existing)) => {
+                    existing.push_str(", ");
+                    existing.push_str(value);
+                }
+                None => joined.push((name.clone(), value.clone())),
+            }
+        }
+        joined
+    }
+
+    fn expects_continue(&self) -> bool {
+        self.minor_version == 1
+            && self
+                .header("expect")
+                .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+    }
+}
+
+/// What the bytes buffered so far hold.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Request {
+        head: HttpHead,
+        body: Vec<u8>,
+        consumed: usize,
+    },
+    /// More bytes are needed; `continue_wanted` when the client waits for `100 Continue`.
+    Incomplete {
+        continue_wanted: bool,
+    },
+    TooLarge,
+    Malformed(&'static str),
+}
+
+pub fn parse(buf: &[u8], max_bytes: usize) -> Parsed {
+    let mut headers = [EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(buf) {
+        Ok(Status::Complete(len)) => len,
+        Ok(Status::Partial) if buf.len() > max_bytes => return Parsed::TooLarge,
+        Ok(Status::Partial) => {
+            return Parsed::Incomplete {
+                continue_wanted: false,
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Parsed::TooLarge,
+        Err(_) => return Parsed::Malformed("malformed request head"),
+    };
+    let head = HttpHead {
+        method: request.method.unwrap_or_default().to_owned(),
+        target: request.path.unwrap_or_default().to_owned(),
+        minor_version: request.version.unwrap_or(1),
+        headers: request
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect(),
+    };
+    let room = max_bytes.saturating_sub(head_len);
+    let body = match body_framing(&head) {
+        Ok(BodyFraming::Chunked) => decode_chunked(&buf[head_len..], room),
+        Ok(BodyFraming::Length(len)) if len > room => BodyParse::TooLarge,
+        Ok(BodyFraming::Length(len)) if buf.len() - head_len < len => BodyParse::Incomplete,
+        Ok(BodyFraming::Length(len)) => {
+            BodyParse::Done(buf[head_len..head_len + len].to_vec(), len)
+        }
+        Err(reason) => return Parsed::Malformed(reason),
+    };
+    match body {
+        BodyParse::Done(body, len) => Parsed::Request {
+            head,
+            body,
+            consumed: head_len + len,
+        },
+        BodyParse::Incomplete => Parsed::Incomplete {
+            continue_wanted: head.expects_continue(),
+        },
+        BodyParse::TooLarge => Parsed::TooLarge,
+        BodyParse::Malformed(reason) => Parsed::Malformed(reason),
+    }
+}
+
+enum BodyFraming {
+    Chunked,
+    Length(usize),
+}
+
+fn body_framing(head: &HttpHead) -> Result<BodyFraming, &'static str> {
+    if let Some(coding) = head.header("transfer-encoding") {
+        return match coding.trim().eq_ignore_ascii_case("chunked") {
+            true if head.header("content-length").is_none() => Ok(BodyFraming::Chunked),
+            true => Err("both Content-Length and Transfer-Encoding"),
+            false => Err("unsupported Transfer-Encoding"),
+        };
+    }
+    let lengths: Vec<&str> = head
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.trim())
+        .collect();
+    match lengths.as_slice() {
+        [] => Ok(BodyFraming::Length(0)),
+        [len] => len
+            .parse()
+            .map(BodyFraming::Length)
+            .map_err(|_| "invalid Content-Length"),
+        _ => Err("repeated Content-Length"),
+    }
+}
+
+enum BodyParse {
+    /// The body and how many bytes after the head it took.
+    Done(Vec<u8>, usize),
+    Incomplete,
+    TooLarge,
+    Malformed(&'static str),
+}
+
+fn decode_chunked(data: &[u8], max_bytes: usize) -> BodyParse {
+    let mut body = Vec::new();
+    let mut pos = 0;
+    loop {
+        let (size_len, size) = match httparse::parse_chunk_size(&data[pos..]) {
+            Ok(Status::Complete(found)) => found,
+            Ok(Status::Partial) => return BodyParse::Incomplete,
+            Err(_) => return BodyParse::Malformed("invalid chunk size"),
+        };
+        pos += size_len;
+        if size == 0 {
+            return finish_chunked(data, pos, body);
+        }
+        let size = match usize::try_from(size) {
+            Ok(size) if body.len() + size <= max_bytes => size,
+            _ => return BodyParse::TooLarge,
+        };
+        if data.len() < pos + size + 2 {
+            return BodyParse::Incomplete;
+        }
+        if &data[pos + size..pos + size + 2] != b"\r\n" {
+            return BodyParse::Malformed("chunk not followed by CRLF");
+        }
+        body.extend_from_slice(&data[pos..pos + size]);
+        pos += size + 2;
+    }
+}
+
+/// After the last chunk: optional trailer fields, then an empty line.
+fn finish_chunked(data: &[u8], pos: usize, body: Vec<u8>) -> BodyParse {
+    let mut trailers = [EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(&data[pos..], &mut trailers) {
+        Ok(Status::Complete((len, _))) => BodyParse::Done(body, pos + len),
+        Ok(Status::Partial) => BodyParse::Incomplete,
+        Err(_) => BodyParse::Malformed("invalid chunked trailer"),
+    }
+}
+
+/// How a response is shaped on the wire.
+pub struct ResponseHead<'a> {
+    pub status: u16,
+    pub headers: &'a [(String, String)],
+    /// Used when the script set no `content-type`.
+    pub default_content_type: &'a str,
+    pub keep_alive: bool,
+    pub minor_version: u8,
+}
+
+impl ResponseHead<'_> {
+    fn write_start(&self, out: &mut Vec<u8>) {
+        let reason = http::StatusCode::from_u16(self.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        out.extend_from_slice(
+            format!(
+                "HTTP/1.{} {} {}\r\n",
+                self.minor_version, self.status, reason
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(
+            format!(
+                "date: {}\r\n",
+                httpdate::fmt_http_date(std::time::SystemTime::now())
+            )
+            .as_bytes(),
+        );
+        let has = |name: &str| {
+            self.headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(name))
+        };
+        if !has("content-type") && self.status != 204 {
+            out.extend_from_slice(
+                format!("content-type: {}\r\n", self.default_content_type).as_bytes(),
+            );
+        }
+        for (name, value) in self.headers {
+            // A script's header cannot smuggle a second header or a body in.
+            if is_token(name) && !value.contains(['\r', '\n']) && !is_framing_header(name) {
+                out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+            }
+        }
+        let connection = match (self.keep_alive, self.minor_version) {
+            (true, 0) => "connection: keep-alive\r\n",
+            (true, _) => "",
+            (false, _) => "connection: close\r\n",
+        };
+        out.extend_from_slice(connection.as_bytes());
+    }
+
+    /// A complete response with a `Content-Length` body.
+    pub fn complete(&self, body: &[u8], head_only: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160 + body.len());
+        self.write_start(&mut out);
+        if self.status != 204 && self.status != 304 {
+            out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head_only {
+            out.extend_from_slice(body);
+        }
+        out
+    }
+
+    /// The head of a response whose body follows in pieces: chunked on HTTP/1.1, and until
+    /// the close on HTTP/1.0 (which has no chunks).
+    pub fn streaming(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160);
+        self.write_start(&mut out);
+        if self.minor_version == 1 {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+/// One piece of a streamed body, framed for the protocol version.
+pub fn chunk(data: &[u8], minor_version: u8) -> Vec<u8> {
+    if minor_version == 0 || data.is_empty() {
+        return data.to_vec();
+    }
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Ends a streamed body (HTTP/1.0 ends it by closing).
+pub fn last_chunk(minor_version: u8) -> &'static [u8] {
+    if minor_version == 0 {
+        b""
+    } else {
+        b"0\r\n\r\n"
+    }
+}
+
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Headers the server owns, because they decide where the response ends.
+fn is_framing_header(name: &str) -> bool {
+    ["content-length", "transfer-encoding", "connection", "date"]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(raw: &[u8]) -> (HttpHead, Vec<u8>, usize) {
+        match parse(raw, 1024) {
+            Parsed::Request {
+                head,
+                body,
+                consumed,
+            } => (head, body, consumed),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn content_length_body_and_pipelined_rest() {
+        let raw = b"POST /hooks/deploy%20now?x=1&y=a+b HTTP/1.1\r\nX-Token: t\r\nContent-Length: 3\r\n\r\nabcGET";
+        let (head, body, consumed) = request(raw);
+        assert_eq!((body.as_slice(), consumed), (&b"abc"[..], raw.len() - 3));
+        assert_eq!(head.segments(), ["hooks", "deploy now"]);
+        assert_eq!(
+            head.query().collect::<Vec<_>>(),
+            [("x".into(), "1".into()), ("y".into(), "a b".into())]
+        );
+        assert_eq!(head.token(), Some("t"));
+        assert!(head.keep_alive());
+    }
+
+    #[test]
+    fn chunked_body_with_trailer() {
+        let raw = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nX-T: 1\r\n\r\n";
+        let (_, body, consumed) = request(raw);
+        assert_eq!((body.as_slice(), consumed), (&b"abcde"[..], raw.len()));
+        assert_eq!(
+            parse(&raw[..raw.len() - 2], 1024),
+            Parsed::Incomplete {
+                continue_wanted: false
+            }
+        );
+    }
+
+    #[test]
+    fn limits_and_errors() {
+        assert_eq!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 2000\r\n\r\n", 1024),
+            Parsed::TooLarge
+        );
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 1024),
+            Parsed::Malformed(_)
+        ));
+        assert!(matches!(
+            parse(b"\x00\x01 nonsense\r\n\r\n", 1024),
+            Parsed::Malformed(_)
+        ));
+        let waiting = b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(
+            parse(waiting, 1024),
+            Parsed::Incomplete {
+                continue_wanted: true
+            }
+        );
+    }
+
+    #[test]
+    fn bearer_and_http10_keep_alive() {
+        let (head, ..) = request(
+            b"GET / HTTP/1.0\r\nAuthorization: Bearer  abc \r\nConnection: Keep-Alive\r\n\r\n",
+        );
+        assert_eq!((head.token(), head.keep_alive()), (Some("abc"), true));
+        let (head, ..) = request(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(!head.keep_alive());
+    }
+
+    #[test]
+    fn script_headers_cannot_split_the_response() {
+        let headers = vec![
+            ("x-a".to_string(), "1\r\nx-evil: 2".to_string()),
+            ("content-length".into(), "0".into()),
+        ];
+        let head = ResponseHead {
+            status: 200,
+            headers: &headers,
+            default_content_type: "text/plain",
+            keep_alive: true,
+            minor_version: 1,
+        };
+        let text = String::from_utf8(head.complete(b"hi", false)).unwrap();
+        assert!(
+            !text.contains("x-evil") && text.ends_with("content-length: 2\r\n\r\nhi"),
+            "{text}"
+        );
+    }
+}

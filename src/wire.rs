@@ -1,0 +1,59 @@
+//! Puts a reply on the wire in the connection's framing: as it is for line and stream framing,
+//! as an HTTP response for HTTP framing. The one place that knows both.
+
+use crate::http::{self, HttpHead, ResponseHead};
+use crate::request::{Content, Reply};
+
+/// Encodes `reply` for the wire and settles whether the connection closes after it.
+/// `streamed`: an HTTP response head already went out with live output (`write()`).
+pub fn finish(reply: Reply, head: Option<&HttpHead>, streamed: bool) -> Reply {
+    let Some(head) = head else { return reply };
+    let version = head.minor_version;
+    if streamed {
+        let mut bytes = http::chunk(&reply.bytes, version);
+        bytes.extend_from_slice(http::last_chunk(version));
+        // HTTP/1.0 has no chunks: the close ends the body.
+        let close = version == 0 || reply.close.unwrap_or(!head.keep_alive());
+        return Reply {
+            bytes,
+            close: Some(close),
+            ..Reply::default()
+        };
+    }
+    let keep_alive = reply.close.map_or(head.keep_alive(), |close| !close);
+    let status = reply
+        .status
+        .unwrap_or(if reply.content == Content::Nothing {
+            204
+        } else {
+            200
+        });
+    let response = ResponseHead {
+        status,
+        headers: &reply.headers,
+        default_content_type: match reply.content {
+            Content::Binary => "application/octet-stream",
+            _ => "text/plain; charset=utf-8",
+        },
+        keep_alive,
+        minor_version: version,
+    };
+    let bytes = response.complete(&reply.bytes, head.method == "HEAD");
+    Reply {
+        bytes,
+        close: Some(!keep_alive),
+        ..Reply::default()
+    }
+}
+
+/// The response head that live output starts with: `200`, chunked (or until close on 1.0).
+pub fn stream_start(head: &HttpHead) -> Vec<u8> {
+    let response = ResponseHead {
+        status: 200,
+        headers: &[],
+        default_content_type: "text/plain; charset=utf-8",
+        keep_alive: head.minor_version == 1 && head.keep_alive(),
+        minor_version: head.minor_version,
+    };
+    response.streaming()
+}
