@@ -11,7 +11,7 @@ use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, Runtime, ScriptHost};
 use crate::server::{Parts, Server};
 use crate::signals::SignalSource;
-use crate::{client, reload, workers};
+use crate::{client, metrics, reload, workers};
 use mio::net::TcpListener;
 use mio::{Poll, Token, Waker};
 use std::io::{Read, Write};
@@ -46,6 +46,13 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     let signals = SignalSource::install()
         .map_err(|e| Fatal::Runtime(format!("installing signal handlers: {e}")))?;
     let listeners = bind_all(&config)?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| Fatal::Runtime(format!("binding --metrics-listen {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     let runtime = Runtime::new(config.limits);
     let host = Arc::new(ScriptHost::load(&config.script, runtime.clone()).map_err(Fatal::Usage)?);
     let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
@@ -62,6 +69,11 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         .map_err(|e| runtime_error("starting the reload thread", e))?;
 
     announce(&listeners, config.print_addr)?;
+    if let Some(listener) = metrics_listener {
+        announce_metrics(&listener, config.print_addr)?;
+        metrics::serve(listener).map_err(|e| runtime_error("starting the metrics thread", e))?;
+    }
+    metrics::metrics().set_ready();
     let parts = Parts {
         poll,
         listeners,
@@ -97,6 +109,18 @@ fn announce(listeners: &[TcpListener], print_addr: bool) -> Result<(), Fatal> {
         }
     }
     let _ = stdout.flush();
+    Ok(())
+}
+
+/// The metrics address comes last in `--print-addr` output.
+fn announce_metrics(listener: &std::net::TcpListener, print_addr: bool) -> Result<(), Fatal> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Fatal::Runtime(format!("reading a bound address: {e}")))?;
+    log::info!("metrics on http://{addr}/metrics");
+    if print_addr {
+        let _ = writeln!(std::io::stdout(), "{addr}");
+    }
     Ok(())
 }
 

@@ -177,6 +177,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` here (plain HTTP, no token).
+    #[arg(long, env = "CT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// Print the bound address(es) to stdout, one per line, once listening.
     #[arg(long, env = "CT_PRINT_ADDR")]
     pub print_addr: bool,

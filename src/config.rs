@@ -28,6 +28,7 @@ pub struct Config {
     /// Networks whose clients are served; empty means any.
     pub allow: Vec<ipnet::IpNet>,
     pub auth_failures: u32,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What one handler may use; shared by `serve` and `call`.
@@ -92,6 +93,7 @@ impl Config {
             print_addr: args.print_addr,
             allow: args.allow,
             auth_failures: args.auth_failures,
+            metrics_listen: args.metrics_listen,
         })
     }
 }

@@ -3,6 +3,7 @@
 //! last [`KEPT_FINISHED`] finished ones are remembered.
 
 use crate::commands::{CommandSpec, Outcome, OutputSink};
+use crate::metrics::metrics;
 use crate::runtime::Runtime;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -72,6 +73,7 @@ impl Jobs {
             .spawn(move || run_job(&thread_runtime, id, spec, lock, request_id));
         if let Err(e) = spawned {
             runtime.jobs.table().running.remove(&id);
+            metrics().running_jobs.dec();
             return Err(format!("starting job thread: {e}"));
         }
         Ok(id)
@@ -87,12 +89,14 @@ impl Jobs {
         table.last_id += 1;
         let id = table.last_id;
         table.running.insert(id, Instant::now());
+        metrics().running_jobs.inc();
         Ok(id)
     }
 
     fn finish(&self, id: i64, outcome: &Outcome) {
         let mut table = self.table();
         table.running.remove(&id);
+        metrics().running_jobs.dec();
         let state = JobState {
             running: false,
             code: Some(outcome.code),

@@ -15,7 +15,7 @@
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as loop events; [`reload`]: hot reload of files.
 //! - [`client`]: the `send` subcommand; [`init`]: the built-in init when running as PID 1.
 //! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
-//! - [`logging`]: text or JSON log lines on stderr.
+//! - [`logging`]: text or JSON log lines on stderr; [`metrics`]: Prometheus and health endpoints.
 
 pub mod app;
 pub mod auth;
@@ -32,6 +32,7 @@ pub mod init;
 pub mod jobs;
 pub mod locks;
 pub mod logging;
+pub mod metrics;
 pub mod reload;
 pub mod request;
 pub mod runtime;

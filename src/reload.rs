@@ -112,7 +112,9 @@ impl Watcher {
     }
 
     fn reload_script(&self, why: &str) {
-        match self.host.reload() {
+        let result = self.host.reload();
+        crate::metrics::metrics().record_reload(result.is_ok());
+        match result {
             Ok(()) => log::info!("script reloaded ({why}): {}", self.host.path().display()),
             Err(error) => {
                 log::error!("script reload failed ({why}), keeping the old script: {error}")

@@ -42,6 +42,12 @@ impl Runtime {
         lock: Option<&str>,
         sink: OutputSink<'_>,
     ) -> Outcome {
+        let outcome = self.run_locked(spec, lock, sink);
+        crate::metrics::metrics().record_command(outcome.success());
+        outcome
+    }
+
+    fn run_locked(&self, spec: &CommandSpec, lock: Option<&str>, sink: OutputSink<'_>) -> Outcome {
         let Some(name) = lock else {
             return commands::run(spec, sink, &self.groups);
         };

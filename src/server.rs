@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::connection::{Connection, Filled, Phase};
 use crate::framing::{self, Frame, Framing, RawRequest};
 use crate::http::HttpHead;
+use crate::metrics::metrics;
 use crate::reload::ReloadTrigger;
 use crate::request::{Reply, Request, ServerError, Verdict};
 use crate::script::Runtime;
@@ -209,9 +210,11 @@ impl Server {
         };
         let connection = Connection::new(stream, peer, local, self.next_serial, phase);
         let key = self.connections.insert(connection);
+        metrics().open_connections.inc();
         if let Err(e) = self.connections[key].register(self.parts.poll.registry(), Token(key)) {
             log::warn!("registering connection from {peer}: {e}");
             self.connections.remove(key);
+            metrics().open_connections.dec();
             return;
         }
         log::debug!("connection from {peer}");
@@ -256,6 +259,7 @@ impl Server {
 
     fn close(&mut self, key: usize, why: &str) {
         let mut connection = self.connections.remove(key);
+        metrics().open_connections.dec();
         connection.deregister(self.parts.poll.registry());
         log::debug!("closed connection from {}: {why}", connection.peer);
     }
@@ -408,6 +412,7 @@ impl Server {
     }
 
     fn begin_stop(&mut self) {
+        metrics().set_stopping();
         log::info!("shutting down: {} request(s) in progress", self.in_flight);
         let registry = self.parts.poll.registry();
         for listener in &mut self.parts.listeners {

@@ -2,6 +2,7 @@
 
 use crate::auth::Tokens;
 use crate::http::{self, HttpHead};
+use crate::metrics::metrics;
 use crate::request::{Reply, Request, RequestLog, ServerError, Verdict};
 use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, ScriptHost};
@@ -104,6 +105,7 @@ impl JobQueue {
         let mut jobs = self.lock();
         loop {
             if let Some(job) = jobs.pop_front() {
+                metrics().queue_depth.dec();
                 return job;
             }
             jobs = self.available.wait(jobs).unwrap_or_else(|p| p.into_inner());
@@ -136,13 +138,32 @@ impl WorkerPool {
     }
 
     pub fn submit(&self, job: Job) {
+        metrics().queue_depth.inc();
         self.queue.lock().push_back(job);
         self.queue.available.notify_one();
     }
 
     /// Takes back every job no worker has started.
     pub fn take_waiting(&self) -> Vec<Job> {
-        self.queue.lock().drain(..).collect()
+        let waiting: Vec<Job> = self.queue.lock().drain(..).collect();
+        metrics().queue_depth.dec_by(waiting.len() as i64);
+        waiting
+    }
+}
+
+/// Counts a worker as busy for as long as it lives (panics included).
+struct BusyWorker;
+
+impl BusyWorker {
+    fn enter() -> BusyWorker {
+        metrics().busy_workers.inc();
+        BusyWorker
+    }
+}
+
+impl Drop for BusyWorker {
+    fn drop(&mut self) {
+        metrics().busy_workers.dec();
     }
 }
 
@@ -156,6 +177,7 @@ impl Worker {
     fn run(self) {
         loop {
             let job = self.queue.pop();
+            let _busy = BusyWorker::enter();
             let streamed = Arc::new(AtomicBool::new(false));
             let serve =
                 std::panic::AssertUnwindSafe(|| self.serve(&job.request, job.conn, &streamed));
@@ -215,6 +237,11 @@ pub fn log_request(
     reply_bytes: usize,
     exit_codes: &[i32],
 ) {
+    let metrics = crate::metrics::metrics();
+    metrics.record_request(&verdict.to_string(), started.elapsed());
+    if verdict == Verdict::Unauthorized {
+        metrics.auth_failures.inc();
+    }
     let line = RequestLog {
         id: request.id,
         peer: request.peer,

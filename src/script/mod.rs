@@ -7,6 +7,7 @@
 
 mod api;
 pub mod context;
+mod webhook;
 
 use crate::http::HttpHead;
 use crate::request::{Content, Reply, Request};
@@ -136,6 +137,7 @@ fn build_engine(runtime: &Arc<Runtime>) -> Engine {
         context::log(log::Level::Debug, &format!("{position:?}: {text}"))
     });
     api::register(&mut engine, runtime.clone());
+    webhook::register(&mut engine);
     engine
 }
 
