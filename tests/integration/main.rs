@@ -5,6 +5,7 @@
 
 mod util;
 
+mod clients;
 mod core;
 mod live;
 mod ops;
