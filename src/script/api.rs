@@ -152,6 +152,14 @@ fn run_command(runtime: &Runtime, program: Program, opts: Map) -> ScriptResult<M
     };
     let outcome = runtime.run_command(&options.spec, options.lock.as_deref(), sink);
     context::record_exit_code(outcome.code);
+    // A command cut short by the handler deadline ends the handler too, at once.
+    if context::deadline_passed() {
+        return Err(EvalAltResult::ErrorTerminated(
+            "handler timed out".into(),
+            rhai::Position::NONE,
+        )
+        .into());
+    }
     Ok(result_map(&outcome))
 }
 

@@ -3,7 +3,6 @@
 use crate::util::*;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn version_script(version: &str) -> String {

@@ -128,7 +128,11 @@ impl Server {
         let mut child = command.spawn().expect("starting command-trigger");
         let log = Log::default();
         log.clone().collect(child.stderr.take().expect("stderr"));
-        let listeners = listen.iter().filter(|a| **a == "--listen").count().max(1);
+        let listeners = listen
+            .iter()
+            .filter(|a| matches!(**a, "--listen" | "--metrics-listen"))
+            .count()
+            .max(1);
         let addrs = read_addrs(&mut child, listeners, &log);
         Server {
             child,
