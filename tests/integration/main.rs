@@ -9,3 +9,4 @@ mod clients;
 mod core;
 mod live;
 mod ops;
+mod http;
