@@ -219,7 +219,7 @@ fn decode_chunked(data: &[u8], max_bytes: usize) -> BodyParse {
             return finish_chunked(data, pos, body);
         }
         let size = match usize::try_from(size) {
-            Ok(size) if body.len() + size <= max_bytes => size,
+            Ok(size) if size <= max_bytes.saturating_sub(body.len()) => size,
             _ => return BodyParse::TooLarge,
         };
         if data.len() < pos + size + 2 {
