@@ -9,11 +9,11 @@ use crate::framing::Framing;
 use crate::request::Request;
 use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, Runtime, ScriptHost};
-use crate::server::{Parts, Server};
+use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
 use crate::{client, metrics, reload, workers};
 use mio::net::TcpListener;
-use mio::{Poll, Token, Waker};
+use mio::{Poll, Waker};
 use std::io::{Read, Write};
 use std::sync::Arc;
 
@@ -60,7 +60,7 @@ fn serve(config: Config) -> Result<u8, Fatal> {
 
     let runtime_error = |what: &str, e: std::io::Error| Fatal::Runtime(format!("{what}: {e}"));
     let poll = Poll::new().map_err(|e| runtime_error("creating the event loop", e))?;
-    let waker = Waker::new(poll.registry(), Token(usize::MAX))
+    let waker = Waker::new(poll.registry(), server::WAKER)
         .map_err(|e| runtime_error("creating the waker", e))?;
     let (outbox, inbox) = workers::outbox(Arc::new(waker));
     let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())

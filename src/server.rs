@@ -27,7 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-const WAKER: Token = Token(usize::MAX);
+/// The token of the `Waker` through which workers wake the loop.
+pub const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
 /// Listener `i` has token `LISTENER_BASE - i`; connections use their slab key.
 const LISTENER_BASE: usize = usize::MAX - 2;
