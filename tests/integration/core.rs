@@ -181,6 +181,9 @@ fn check_reports_ok_syntax_errors_with_position_and_a_missing_handle() {
     );
 }
 
+/// Extra `serve` arguments, environment, and what stderr must say.
+type UsageCase<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, String);
+
 #[test]
 fn serve_usage_errors_exit_2_and_say_what_is_wrong() {
     let scratch = Scratch::new();
@@ -191,7 +194,7 @@ fn serve_usage_errors_exit_2_and_say_what_is_wrong() {
     let empty = scratch.write("empty-token", "\n  \n\t\n");
     let empty = empty.to_str().unwrap();
     let listen = ["--listen", "127.0.0.1:0"];
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, String)> = vec![
+    let cases: Vec<UsageCase> = vec![
         (vec!["--bogus"], vec![], "--bogus".into()),
         (
             vec!["--script", bad, "--token-env", "TOKEN"],
@@ -985,6 +988,31 @@ fn a_slowloris_is_closed_after_the_read_timeout_without_a_reply() {
         "closed connection from 127.0.0.1:{port}: timed out"
     ));
     assert_eq!(loud_lines(&server.log), Vec::<String>::new());
+}
+
+#[test]
+fn a_client_dribbling_bytes_does_not_extend_the_read_timeout() {
+    let server = Server::start(ECHO, &["--read-timeout", "300ms"]);
+    let mut stream = open_with(server.addr(), TOKEN.as_bytes());
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => panic!("unexpected reply {:?}", text(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "a client sending a byte every 50 ms is still connected"
+        );
+        let _ = stream.write_all(b"x");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(250));
 }
 
 #[test]
