@@ -224,6 +224,26 @@ fn serve_usage_errors_exit_2_and_say_what_is_wrong() {
             vec![],
             "500ms".into(),
         ),
+        (
+            vec!["--script", "/no/such/script.rhai", "--token-env", "TOKEN"],
+            vec![],
+            "/no/such/script.rhai".into(),
+        ),
+        (
+            vec!["--script", good, "--token-file", "/no/such/token"],
+            vec![],
+            "/no/such/token".into(),
+        ),
+        (
+            vec!["--script", good, "--token-env", "CT_TEST_UNSET_VARIABLE"],
+            vec![],
+            "CT_TEST_UNSET_VARIABLE: not set".into(),
+        ),
+        (
+            vec!["--script", good, "--token-env", "TOKEN", "--workers", "0"],
+            vec![],
+            "--workers".into(),
+        ),
     ];
     for (args, envs, needle) in cases {
         let mut all = vec!["serve"];
@@ -1182,6 +1202,15 @@ fn a_second_sigterm_exits_at_once() {
         process_gone_within(pid, Duration::from_secs(2)),
         "sleep {pid} survived"
     );
+}
+
+#[test]
+fn sigint_stops_cleanly_too() {
+    let mut server = Server::start(ECHO, &[]);
+    assert_eq!(server.ask("x"), "payload=x\n");
+    server.signal(2);
+    assert_eq!(server.wait_exit().code(), Some(0));
+    server.log.wait_for("shut down cleanly");
 }
 
 #[test]
