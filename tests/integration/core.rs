@@ -682,12 +682,14 @@ fn deep(n) { deep(n + 1) }
 
 #[test]
 fn import_cannot_read_files_from_disk() {
-    let script = r#"fn handle(req) { import "other" as o; o::leak() }"#;
-    let server = Server::start(script, &[]);
-    server
-        .scratch
-        .write("other.rhai", r#"fn leak() { "leaked" }"#);
-    server.scratch.write("other", r#"fn leak() { "leaked" }"#);
+    let modules = Scratch::new();
+    modules.write("other.rhai", r#"fn leak() { "leaked" }"#);
+    let module = modules.path("other");
+    let script = format!(
+        r#"fn handle(req) {{ import "{}" as o; o::leak() }}"#,
+        module.display()
+    );
+    let server = Server::start(&script, &[]);
     assert_eq!(server.ask("x"), "ERR handler failed (request 1)\n");
     assert!(server.log.wait_for("request 1 failed").contains("other"));
 }
