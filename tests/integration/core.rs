@@ -686,24 +686,29 @@ fn import_cannot_read_files_from_disk() {
     // script can never load code from disk, and `serve` refuses it at start.
     let modules = Scratch::new();
     modules.write("other.rhai", r#"fn leak() { "leaked" }"#);
+    let module = modules.path("other");
     let script = modules.write(
         "handler.rhai",
-        &format!(r#"fn handle(req) {{ import "{}" as o; o::leak() }}"#, modules.path("other").display()),
+        &format!(
+            r#"fn handle(req) {{ import "{}" as o; o::leak() }}"#,
+            module.display()
+        ),
     );
-    let mut child = command()
-        .arg("serve")
-        .arg("--script")
-        .arg(&script)
-        .args(["--token-env", "TOKEN", "--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_child(&mut child, WAIT).expect("serve did not exit");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("handler.rhai:1:") && stderr.contains("import"), "{stderr}");
+    let args = ["serve", "--script", script.to_str().unwrap()];
+    let out = run_cli(
+        &[
+            &args[..],
+            &["--token-env", "TOKEN", "--listen", "127.0.0.1:0"],
+        ]
+        .concat(),
+        &[],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("handler.rhai:1:") && stderr.contains("import"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -7,6 +7,6 @@ mod util;
 
 mod clients;
 mod core;
+mod http;
 mod live;
 mod ops;
-mod http;
