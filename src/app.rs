@@ -11,7 +11,7 @@ use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
-use crate::{client, metrics, reload, workers};
+use crate::{client, footprint, metrics, reload, workers};
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
 use std::io::{Read, Write};
@@ -74,6 +74,7 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         metrics::serve(listener).map_err(|e| runtime_error("starting the metrics thread", e))?;
     }
     metrics::metrics().set_ready();
+    footprint::release_startup_code();
     let parts = Parts {
         poll,
         listeners,

@@ -15,7 +15,7 @@
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as loop events; [`reload`]: hot reload of files.
 //! - [`client`]: the `send` subcommand; [`init`]: the built-in init when running as PID 1.
 //! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
-//! - [`logging`]: text or JSON log lines on stderr; [`metrics`]: Prometheus and health endpoints.
+//! - [`footprint`]: keeping idle memory small; [`logging`]: text or JSON log lines on stderr; [`metrics`]: Prometheus and health endpoints.
 
 pub mod app;
 pub mod auth;
@@ -26,6 +26,7 @@ pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod footprint;
 pub mod framing;
 pub mod http;
 pub mod init;
