@@ -1064,6 +1064,35 @@ fn a_tcp_probe_gets_no_reply_and_no_info_line() {
     assert_eq!(loud_lines(&server.log), Vec::<String>::new());
 }
 
+fn threads_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    line["Threads:".len()..].trim().parse().unwrap()
+}
+
+#[test]
+fn idle_connections_cost_no_thread_and_delay_no_one() {
+    let server = Server::start(ECHO, &[]);
+    assert_eq!(server.ask("warm"), "payload=warm\n");
+    let threads = threads_of(server.child.id());
+    let idle: Vec<TcpStream> = (0..400)
+        .map(|i| open_with(server.addr(), format!("{TOKEN} partial {i}").as_bytes()))
+        .collect();
+    let last = idle.last().unwrap().local_addr().unwrap().port();
+    server
+        .log
+        .wait_for(&format!("connection from 127.0.0.1:{last}"));
+    let started = Instant::now();
+    assert_eq!(server.ask("busy day"), "payload=busy day\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(threads_of(server.child.id()), threads);
+    drop(idle);
+}
+
 /// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
