@@ -92,23 +92,46 @@ pub struct Job {
 /// waiting ones back at shutdown; workers only hold the lock to pop, never while waiting.
 #[derive(Default)]
 struct JobQueue {
-    jobs: Mutex<VecDeque<Job>>,
+    state: Mutex<Waiting>,
     available: Condvar,
 }
 
+#[derive(Default)]
+struct Waiting {
+    jobs: VecDeque<Job>,
+    /// Workers asleep on `available`. Under load none are, and a push then costs no wake-up
+    /// system call at all.
+    idle_workers: usize,
+}
+
 impl JobQueue {
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Job>> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, job: Job) {
+        let mut state = self.lock();
+        state.jobs.push_back(job);
+        let someone_sleeps = state.idle_workers > 0;
+        drop(state);
+        if someone_sleeps {
+            self.available.notify_one();
+        }
     }
 
     fn pop(&self) -> Job {
-        let mut jobs = self.lock();
+        let mut state = self.lock();
         loop {
-            if let Some(job) = jobs.pop_front() {
+            if let Some(job) = state.jobs.pop_front() {
                 metrics().queue_depth.dec();
                 return job;
             }
-            jobs = self.available.wait(jobs).unwrap_or_else(|p| p.into_inner());
+            state.idle_workers += 1;
+            state = self
+                .available
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+            state.idle_workers -= 1;
         }
     }
 }
@@ -139,13 +162,12 @@ impl WorkerPool {
 
     pub fn submit(&self, job: Job) {
         metrics().queue_depth.inc();
-        self.queue.lock().push_back(job);
-        self.queue.available.notify_one();
+        self.queue.push(job);
     }
 
     /// Takes back every job no worker has started.
     pub fn take_waiting(&self) -> Vec<Job> {
-        let waiting: Vec<Job> = self.queue.lock().drain(..).collect();
+        let waiting: Vec<Job> = self.queue.lock().jobs.drain(..).collect();
         metrics().queue_depth.dec_by(waiting.len() as i64);
         waiting
     }
