@@ -42,6 +42,8 @@ const FINAL_FLUSH: Duration = Duration::from_secs(3);
 /// Streamed output queued for one slow client beyond which the client is dropped.
 const MAX_PENDING_OUTPUT: usize = 4 << 20;
 const READ_CHUNK: usize = 64 * 1024;
+/// Unsent reply bytes beyond which a keep-alive connection's next request is not read yet.
+const MAX_UNREAD_REPLY: usize = 64 * 1024;
 
 /// Everything the loop needs that is built before it starts.
 pub struct Parts {
@@ -552,7 +554,11 @@ fn step(connection: &mut Connection, config: &Config, scratch: &mut [u8]) -> io:
                 return Ok(Step::Wait);
             }
             Phase::Reading { .. } => {
-                connection.flush()?;
+                // Backpressure: a client that pipelines requests without reading the replies
+                // gets no new request read while a reply is still stuck in our buffer.
+                if !connection.flush()? && connection.pending_output() > MAX_UNREAD_REPLY {
+                    return Ok(Step::Wait);
+                }
                 return read_request(connection, config, scratch);
             }
             Phase::Closing { .. } => {

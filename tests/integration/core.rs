@@ -533,6 +533,35 @@ fn keep_alive_closes_an_idle_connection_after_the_read_timeout() {
     );
 }
 
+#[test]
+fn a_pipelining_client_that_does_not_read_cannot_pile_up_replies() {
+    // Each 30-byte request makes a 1 MiB reply: without backpressure a client that never reads
+    // would make the server hold every reply in memory.
+    let script = r#"fn handle(req) { let s = "rrrrrrrr"; while s.len() < 1048576 { s += s; } s }"#;
+    let server = Server::start(script, &["--keep-alive"]);
+    let requests = format!("{TOKEN} x\n").repeat(40);
+    let mut stream = open_with(server.addr(), requests.as_bytes());
+    server.log.wait_for("request 3 peer");
+    // No event says "the server stopped"; give it time to go on if it would.
+    std::thread::sleep(Duration::from_millis(700));
+    let handled = server.log.text().matches("outcome=ok").count();
+    assert!(
+        handled < 30,
+        "{handled} replies were queued for a client that reads nothing"
+    );
+    let mut total = 0;
+    let mut chunk = vec![0u8; 1 << 16];
+    while total < 40 << 20 {
+        match stream.read(&mut chunk) {
+            Ok(0) => panic!("closed after {total} bytes"),
+            Ok(n) => total += n,
+            Err(e) => panic!("{e} after {total} bytes"),
+        }
+    }
+    assert_eq!(total, 40 << 20);
+    server.log.wait_for("request 40 peer");
+}
+
 const CLOSER: &str = r#"
 fn handle(req) {
     switch req.payload {
