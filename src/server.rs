@@ -77,6 +77,8 @@ pub struct Server {
     /// (deadline, slab key, serial); one live entry per connection, see `Connection::timer`.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     accept_paused_until: Option<Instant>,
+    /// Accepting fails (out of descriptors): warned about once until it works again.
+    accept_failing: bool,
     stopping: Option<Stopping>,
     backoff: AuthBackoff,
     scratch: Vec<u8>,
@@ -104,6 +106,7 @@ impl Server {
             in_flight: 0,
             timers: BinaryHeap::new(),
             accept_paused_until: None,
+            accept_failing: false,
             stopping: None,
             scratch: vec![0; READ_CHUNK],
         })
@@ -170,12 +173,24 @@ impl Server {
                 return;
             };
             match listener.accept() {
-                Ok((stream, peer)) => self.admit(stream, peer),
+                Ok((stream, peer)) => {
+                    if std::mem::take(&mut self.accept_failing) {
+                        log::info!("accepting connections again");
+                    }
+                    self.admit(stream, peer)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_per_connection_error(&e) => continue,
                 Err(e) => {
-                    // EMFILE and friends: pause instead of spinning on a ready listener.
-                    log::warn!("accepting a connection: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
+                    // EMFILE and friends: pause instead of spinning on a ready listener, and
+                    // warn once per episode rather than ten times a second.
+                    if std::mem::replace(&mut self.accept_failing, true) {
+                        log::debug!("accepting a connection: {e}; still pausing");
+                    } else {
+                        log::warn!(
+                            "accepting a connection: {e}; pausing accepts for {ACCEPT_PAUSE:?} at a time"
+                        );
+                    }
                     self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                     return;
                 }
