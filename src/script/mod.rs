@@ -159,7 +159,7 @@ fn compile(engine: &Engine, path: &Path) -> Result<AST, String> {
 
 /// `FILE:LINE:COL: message`, from the innermost error that has a position.
 pub fn describe(path: &Path, error: &EvalAltResult) -> String {
-    let position = error.unwrap_inner().position();
+    let position = innermost_position(error);
     let mut message = error.to_string().replace('\n', "; ");
     for pos in [error.position(), position] {
         message = message.replace(&format!(" ({pos})"), "");
@@ -169,6 +169,20 @@ pub fn describe(path: &Path, error: &EvalAltResult) -> String {
         (Some(line), None) => format!("{}:{line}: {message}", path.display()),
         _ => format!("{}: {message}", path.display()),
     }
+}
+
+/// Limit errors (stack overflow, sizes) carry no position themselves; the function calls
+/// around them do, and the innermost of those is the closest place to point at.
+fn innermost_position(error: &EvalAltResult) -> Position {
+    let mut best = error.position();
+    let mut current = error;
+    while let EvalAltResult::ErrorInFunctionCall(.., inner, _) = current {
+        if !inner.position().is_none() {
+            best = inner.position();
+        }
+        current = inner;
+    }
+    best
 }
 
 fn request_map(request: &Request) -> Map {
