@@ -1,0 +1,317 @@
+#!/usr/bin/env bash
+# Benchmark command-trigger side by side with the tools it replaces, in one run on this machine,
+# and print the results as Markdown (the tables and target ratios of BENCHMARKS.md).
+#
+#   bench/run.sh                 # every cell runs BENCH_DURATION (default 5s)
+#   BENCH_DURATION=2s bench/run.sh
+#
+# Installs the peers from Debian packages (as root), builds command-trigger and the load generator
+# with `cargo build --release`, starts each peer on 127.0.0.1 (the busybox netcat loop cannot bind
+# one address: it listens on every interface), drives it with bench/ct-bench, stops it by PID.
+# Raw generator lines go to stderr, so `bench/run.sh > table.md` keeps only the Markdown.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${BENCH_DURATION:-5s}
+WORKERS_W1=${BENCH_WORKERS_W1:-2}
+WORKERS_W2=${BENCH_WORKERS_W2:-8}
+TOKEN=bench-token-0123456789abcdef
+BASE_PORT=${BENCH_BASE_PORT:-7300}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+export RUST_LOG=warn
+
+install_peers() {
+    local missing=()
+    local tool pkg
+    for pair in busybox:busybox socat:socat ncat:ncat tcpserver:ucspi-tcp webhook:webhook \
+        redis-server:redis-server redis-benchmark:redis-tools valgrind:valgrind; do
+        tool=${pair%%:*} pkg=${pair#*:}
+        command -v "$tool" >/dev/null || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return
+    [ "$(id -u)" = 0 ] || { echo "run as root to install: ${missing[*]}" >&2; exit 1; }
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+build() {
+    cargo build --release --quiet
+    cargo build --release --quiet --manifest-path bench/Cargo.toml
+    CT=$CARGO_TARGET_DIR/release/command-trigger
+    GEN=$CARGO_TARGET_DIR/release/ct-bench
+}
+
+# The handlers every peer runs. The shell ones are what people write around a netcat: read the
+# line, compare the token in the shell, answer.
+write_handlers() {
+    WORK=$(mktemp -d /tmp/ct-bench.XXXXXX)
+    echo "$TOKEN" >"$WORK/token"
+    echo 'fn handle(req) { "ok\n" }' >"$WORK/w1.rhai"
+    echo 'fn handle(req) { exec(["/bin/true"]); "ok\n" }' >"$WORK/w2.rhai"
+    cat >"$WORK/w1.sh" <<EOF
+read -r tok rest
+if [ "\$tok" = "$TOKEN" ]; then echo ok; else echo 'ERR unauthorized'; fi
+EOF
+    cat >"$WORK/w2.sh" <<EOF
+read -r tok rest
+if [ "\$tok" = "$TOKEN" ]; then /bin/true && echo ok; else echo 'ERR unauthorized'; fi
+EOF
+    # webhook always runs a command: W1 fires /bin/true and answers at once (the command runs
+    # after the reply); W2 waits for /bin/true and answers with its (empty) output.
+    local rule='"trigger-rule": {"match": {"type": "value", "value": "'$TOKEN'",
+        "parameter": {"source": "header", "name": "X-Token"}}}'
+    cat >"$WORK/hooks.json" <<EOF
+[
+  {"id": "w1", "execute-command": "/bin/true", "response-message": "ok\n", $rule},
+  {"id": "w2", "execute-command": "/bin/true", "include-command-output-in-response": true, $rule}
+]
+EOF
+}
+
+PEER_PID=
+PORT=$BASE_PORT
+
+# Starts a peer in a session of its own, so its PID names its whole process group (the netcat
+# loop's current nc, socat's forks); waits until the port is listening.
+start_peer() {
+    PORT=$((PORT + 1))
+    local cmd=${1//@PORT@/$PORT}
+    setsid bash -c "$cmd" </dev/null >"$WORK/peer.out" 2>"$WORK/peer.err" &
+    PEER_PID=$!
+    local hexport
+    hexport=$(printf '%04X' "$PORT")
+    for _ in $(seq 200); do
+        grep -q ":$hexport 0\{8,32\}:0000 0A" /proc/net/tcp /proc/net/tcp6 && return
+        sleep 0.02
+    done
+    echo "peer did not listen on $PORT: $cmd" >&2
+    cat "$WORK/peer.err" >&2
+    exit 1
+}
+
+stop_peer() {
+    kill -TERM -- "-$PEER_PID" 2>/dev/null || true
+    wait "$PEER_PID" 2>/dev/null || true
+    kill -KILL -- "-$PEER_PID" 2>/dev/null || true
+    PEER_PID=
+}
+
+cleanup() {
+    [ -n "$PEER_PID" ] && stop_peer
+    [ -n "${WORK:-}" ] && rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Starts command-trigger in the background and sets CT_PID and CT_ADDR from --print-addr.
+start_ct() {
+    setsid "$CT" serve --listen 127.0.0.1:0 --print-addr --token-file "$WORK/token" "$@" \
+        </dev/null >"$WORK/ct.addr" 2>"$WORK/ct.err" &
+    PEER_PID=$!
+    for _ in $(seq 200); do
+        CT_ADDR=$(head -n1 "$WORK/ct.addr")
+        [ -n "$CT_ADDR" ] && return
+        sleep 0.01
+    done
+    echo "command-trigger did not start:" >&2
+    cat "$WORK/ct.err" >&2
+    exit 1
+}
+
+ROWS=()
+declare -A RESULT
+
+# cell KEY PEER WORKLOAD C MODE NOTE -- GENERATOR-ARGS: runs one cell, keeps its line for the
+# table and its figures in RESULT[KEY.rps] etc. for the ratios.
+cell() {
+    local key=$1 peer=$2 workload=$3 c=$4 mode=$5 note=$6
+    shift 7
+    local line
+    line=$("$GEN" -c "$c" --duration "$DURATION" --mode "$mode" "$@")
+    echo "$key: $line" >&2
+    local kv
+    for kv in $line; do RESULT[$key.${kv%%=*}]=${kv#*=}; done
+    local ok=${RESULT[$key.ok]} errors=${RESULT[$key.errors]}
+    local pct
+    pct=$(awk -v e="$errors" -v o="$ok" 'BEGIN { printf "%.1f", (e + o) ? 100 * e / (e + o) : 0 }')
+    ROWS+=("$(printf '| %s | %s | %s | %s | %s | %s | %s | %s (%s%%) | %s |' "$peer" "$workload" \
+        "$c" "$mode" "${RESULT[$key.rps]}" "$(ms "${RESULT[$key.p50_us]}")" \
+        "$(ms "${RESULT[$key.p99_us]}")" "$errors" "$pct" "$note")")
+}
+
+ms() { awk -v us="$1" 'BEGIN { printf "%.2f", us / 1000 }'; }
+
+LINE_ARGS=(--send "$TOKEN ok\n" --expect 'ok\n')
+
+# The four one-connection-per-request cells of a line-protocol peer started by CMD with @W@
+# standing for the workload's handler.
+line_peer() {
+    local name=$1 cmd=$2 note=${3:-} w
+    for w in w1 w2; do
+        start_peer "${cmd//@W@/$WORK/$w.sh}"
+        for c in 1 32; do
+            cell "$name.$w.c$c" "$name" "${w^^}" "$c" close "$note" -- \
+                --addr "127.0.0.1:$PORT" "${LINE_ARGS[@]}"
+        done
+        stop_peer
+    done
+}
+
+bench_shell_peers() {
+    line_peer "netcat loop" \
+        "while :; do busybox nc -l -p @PORT@ -e sh @W@; done" "listens on 0.0.0.0"
+    line_peer socat "socat TCP-LISTEN:@PORT@,bind=127.0.0.1,reuseaddr,fork SYSTEM:'sh @W@'"
+    line_peer ncat "ncat -l 127.0.0.1 @PORT@ --keep-open --sh-exec 'sh @W@'"
+    line_peer tcpserver "tcpserver -HRl0 127.0.0.1 @PORT@ sh @W@" "-HR: no DNS/ident"
+}
+
+bench_webhook() {
+    local w c
+    for w in w1 w2; do
+        start_peer "webhook -hooks $WORK/hooks.json -ip 127.0.0.1 -port @PORT@"
+        local expect='ok\n'
+        [ "$w" = w2 ] && expect=''
+        for c in 1 32; do
+            cell "webhook.$w.c$c" webhook "${w^^}" "$c" close "HTTP/1.0" -- \
+                --addr "127.0.0.1:$PORT" --http --expect "$expect" \
+                --send "POST /hooks/$w HTTP/1.0\r\nX-Token: $TOKEN\r\nContent-Length: 0\r\n\r\n"
+        done
+        stop_peer
+    done
+}
+
+bench_command_trigger() {
+    local w c workers
+    for w in w1 w2; do
+        workers=$WORKERS_W1
+        [ "$w" = w2 ] && workers=$WORKERS_W2
+        start_ct --script "$WORK/$w.rhai" --workers "$workers"
+        for c in 1 32; do
+            cell "ct.$w.c$c" command-trigger "${w^^}" "$c" close "--workers $workers" -- \
+                --addr "$CT_ADDR" "${LINE_ARGS[@]}"
+        done
+        stop_peer
+        start_ct --script "$WORK/$w.rhai" --workers "$workers" --framing http
+        cell "cthttp.$w.c32" "command-trigger" "${w^^}" 32 close \
+            "--framing http, HTTP/1.0, --workers $workers" -- --addr "$CT_ADDR" --http \
+            --expect 'ok\n' --send "POST /$w HTTP/1.0\r\nX-Token: $TOKEN\r\nContent-Length: 0\r\n\r\n"
+        stop_peer
+    done
+    start_ct --script "$WORK/w1.rhai" --workers "$WORKERS_W1" --keep-alive
+    cell ct.ka.c32 command-trigger W1 32 keep-alive "--keep-alive --workers $WORKERS_W1" -- \
+        --addr "$CT_ADDR" "${LINE_ARGS[@]}"
+    stop_peer
+}
+
+bench_redis() {
+    start_peer "redis-server --bind 127.0.0.1 --port @PORT@ --save '' --appendonly no"
+    local before after
+    before=$(cpu_ticks "$PEER_PID")
+    cell redis.ka.c32 redis-server PING 32 keep-alive "the ceiling" -- \
+        --addr "127.0.0.1:$PORT" --send 'PING\r\n' --expect '+PONG\r\n'
+    after=$(cpu_ticks "$PEER_PID")
+    REDIS_CPU=$(awk -v t=$((after - before)) 'BEGIN { printf "%.2f", t / 100 }')
+    REDIS_BENCHMARK=$(redis-benchmark -p "$PORT" -c 32 -n 300000 -t ping_inline -q 2>/dev/null |
+        tr '\r' '\n' | awk '/requests per second/ { print $2 }' | tail -n1)
+    stop_peer
+}
+
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+
+# Idle RSS just after start, and with 10,000 idle connections open.
+bench_memory() {
+    ulimit -n "$(ulimit -Hn)"
+    start_ct --script "$WORK/w1.rhai" --workers "$WORKERS_W1" --max-connections 20000 \
+        --read-timeout 120s
+    IDLE_RSS=$(rss_kib "$PEER_PID")
+    local held=10000
+    "$GEN" --addr "$CT_ADDR" --mode hold -c "$held" --duration 60s >"$WORK/hold.out" &
+    local hold_pid=$!
+    for _ in $(seq 300); do
+        [ "$(ls "/proc/$PEER_PID/fd" | wc -l)" -ge "$held" ] && break
+        sleep 0.1
+    done
+    sleep 0.5
+    HELD_RSS=$(rss_kib "$PEER_PID")
+    HELD_FDS=$(ls "/proc/$PEER_PID/fd" | wc -l)
+    kill "$hold_pid"
+    wait "$hold_pid" 2>/dev/null || true
+    stop_peer
+    PER_CONN=$(awk -v a="$IDLE_RSS" -v b="$HELD_RSS" -v n="$held" \
+        'BEGIN { printf "%.2f", (b - a) / n }')
+}
+
+bench_binary() {
+    cp "$CT" "$WORK/ct-stripped"
+    strip "$WORK/ct-stripped"
+    BINARY_SIZE=$(stat -c %s "$WORK/ct-stripped")
+    STARTUP=$("$GEN" startup 21 "$CT" serve --listen 127.0.0.1:0 --print-addr \
+        --token-file "$WORK/token" --script "$WORK/w1.rhai" 2>/dev/null)
+    STARTUP_MS=$(echo "$STARTUP" | sed 's/.*median=\([0-9.]*\).*/\1/')
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b ? a / b : 0 }'; }
+verdict() { awk -v v="$1" -v t="$2" -v dir="$3" \
+    'BEGIN { print ((dir == "ge" ? v >= t : v <= t) ? "met" : "**missed**") }'; }
+
+print_tables() {
+    echo "| peer | workload | c | mode | req/s | p50 ms | p99 ms | errors | note |"
+    echo "|---|---|---|---|---:|---:|---:|---:|---|"
+    printf '%s\n' "${ROWS[@]}"
+    echo
+    echo "| command-trigger resource | value |"
+    echo "|---|---:|"
+    echo "| idle RSS after start | $IDLE_RSS KiB |"
+    echo "| RSS with 10,000 idle connections ($HELD_FDS fds) | $HELD_RSS KiB ($PER_CONN KiB each) |"
+    echo "| stripped release binary | $BINARY_SIZE bytes |"
+    echo "| start to listening (${STARTUP#* }) | $STARTUP_MS ms median |"
+    echo
+    echo "Generator check: redis PING keep-alive c=32 driven by ct-bench at" \
+        "${RESULT[redis.ka.c32.rps]} req/s using ${RESULT[redis.ka.c32.cpu_s]} CPU-s in" \
+        "${RESULT[redis.ka.c32.elapsed_s]} s (redis-server used $REDIS_CPU CPU-s);" \
+        "redis-benchmark -c 32 -t ping_inline: $REDIS_BENCHMARK req/s."
+    echo
+    print_targets
+}
+
+print_targets() {
+    local r1 rka r2t r2w e1
+    r1=$(ratio "${RESULT[ct.w1.c32.rps]}" "${RESULT[webhook.w1.c32.rps]}")
+    e1=${RESULT[ct.w1.c32.errors]}
+    rka=$(ratio "${RESULT[ct.ka.c32.rps]}" "${RESULT[redis.ka.c32.rps]}")
+    r2t=$(ratio "${RESULT[ct.w2.c32.rps]}" "${RESULT[tcpserver.w2.c32.rps]}")
+    r2w=$(ratio "${RESULT[ct.w2.c32.rps]}" "${RESULT[webhook.w2.c32.rps]}")
+    local mib=$((3 * 1024))
+    echo "| target (c=32) | measured | verdict |"
+    echo "|---|---:|---|"
+    echo "| W1 per-request ≥ 1× webhook HTTP/1.0, 0 errors | ${r1}×, $e1 errors |" \
+        "$( [ "$e1" = 0 ] && verdict "$r1" 1 ge || echo '**missed**') |"
+    echo "| W1 keep-alive ≥ 0.5× redis PING | ${rka}× | $(verdict "$rka" 0.5 ge) |"
+    echo "| W2 ≥ 2× tcpserver | ${r2t}× | $(verdict "$r2t" 2 ge) |"
+    echo "| W2 ≥ 1.2× webhook (include-command-output-in-response) | ${r2w}× |" \
+        "$(verdict "$r2w" 1.2 ge) |"
+    echo "| idle RSS ≤ 3 MiB | $IDLE_RSS KiB | $(verdict "$IDLE_RSS" "$mib" le) |"
+    echo "| ≤ 4 KiB per idle connection | $PER_CONN KiB | $(verdict "$PER_CONN" 4 le) |"
+    echo "| stripped binary ≤ 4 MB | $BINARY_SIZE B | $(verdict "$BINARY_SIZE" 4000000 le) |"
+    echo "| start to listening ≤ 20 ms | $STARTUP_MS ms | $(verdict "$STARTUP_MS" 20 le) |"
+}
+
+main() {
+    install_peers
+    build
+    write_handlers
+    echo "bench: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)," \
+        "kernel $(uname -r), each cell $DURATION, RUST_LOG=$RUST_LOG, load before:" \
+        "$(cut -d' ' -f1-3 /proc/loadavg)" >&2
+    bench_binary
+    bench_memory
+    bench_command_trigger
+    bench_redis
+    bench_webhook
+    bench_shell_peers
+    echo "bench: load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+    print_tables
+}
+
+main "$@"

@@ -1,0 +1,293 @@
+//! One event loop driving its share of the clients: non-blocking sockets on one mio `Poll`,
+//! so a handful of threads can keep hundreds of connections busy without being the bottleneck.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::args::{Args, Mode};
+use crate::stats::{Failure, Stats};
+
+/// A reply larger than this is wrong for every workload here; stop reading it.
+const MAX_REPLY: usize = 64 * 1024;
+/// How often timeouts and paused clients are looked at.
+const SWEEP: Duration = Duration::from_millis(5);
+
+/// Where one client is in its request.
+#[derive(PartialEq, Eq)]
+enum Phase {
+    /// No connection: waiting for `resume_at` after a failure.
+    Paused,
+    Connecting,
+    Sending,
+    Receiving,
+}
+
+/// One simulated client and its current connection.
+struct Client {
+    stream: Option<TcpStream>,
+    phase: Phase,
+    /// Bytes of the request already written.
+    written: usize,
+    reply: Vec<u8>,
+    /// When the current request began (connect in close mode, first write in keep-alive).
+    started: Instant,
+    /// When a paused client tries again.
+    resume_at: Instant,
+}
+
+/// Drives `clients` clients until `deadline` or until `quota` requests finished.
+pub struct Driver<'a> {
+    args: &'a Args,
+    poll: Poll,
+    clients: Vec<Client>,
+    stats: Stats,
+    start: Instant,
+}
+
+/// What a read told us about the reply.
+enum ReadOutcome {
+    Pending,
+    Eof,
+    Failed,
+}
+
+impl<'a> Driver<'a> {
+    pub fn new(args: &'a Args, clients: usize, start: Instant) -> io::Result<Self> {
+        let new_client = || Client {
+            stream: None,
+            phase: Phase::Paused,
+            written: 0,
+            reply: Vec::with_capacity(256),
+            started: start,
+            resume_at: start,
+        };
+        let clients = (0..clients).map(|_| new_client()).collect();
+        let stats = Stats {
+            latencies: Vec::with_capacity(1 << 20),
+            ..Stats::default()
+        };
+        Ok(Driver {
+            args,
+            poll: Poll::new()?,
+            clients,
+            stats,
+            start,
+        })
+    }
+
+    pub fn run(mut self, deadline: Instant, quota: Option<u64>) -> io::Result<Stats> {
+        let mut events = Events::with_capacity(1024);
+        let mut next_sweep = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= deadline || quota.is_some_and(|q| self.stats.finished() >= q) {
+                break;
+            }
+            if now >= next_sweep {
+                self.sweep(now);
+                next_sweep = now + SWEEP;
+            }
+            let wait = next_sweep.min(deadline).saturating_duration_since(now);
+            match self.poll.poll(&mut events, Some(wait)) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => other?,
+            }
+            for event in events.iter() {
+                self.on_event(event.token().0);
+            }
+        }
+        self.stats.elapsed = Instant::now().saturating_duration_since(self.start);
+        Ok(self.stats)
+    }
+
+    /// Starts paused clients whose pause is over and fails requests that took too long.
+    fn sweep(&mut self, now: Instant) {
+        for id in 0..self.clients.len() {
+            let client = &self.clients[id];
+            if client.phase == Phase::Paused {
+                if now >= client.resume_at {
+                    self.connect(id, now);
+                }
+            } else if now.saturating_duration_since(client.started) > self.args.timeout {
+                self.fail(id, Failure::Timeout, now);
+            }
+        }
+    }
+
+    fn connect(&mut self, id: usize, now: Instant) {
+        let client = &mut self.clients[id];
+        client.started = now;
+        client.written = 0;
+        client.reply.clear();
+        let opened = TcpStream::connect(self.args.addr).and_then(|mut stream| {
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            self.poll
+                .registry()
+                .register(&mut stream, Token(id), interest)?;
+            Ok(stream)
+        });
+        match opened {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                client.stream = Some(stream);
+                client.phase = Phase::Connecting;
+            }
+            Err(_) => self.fail(id, Failure::Connect, now),
+        }
+    }
+
+    fn on_event(&mut self, id: usize) {
+        match self.clients[id].phase {
+            Phase::Paused => {}
+            Phase::Connecting => self.on_connecting(id),
+            Phase::Sending => self.send(id),
+            Phase::Receiving => self.receive(id),
+        }
+    }
+
+    /// mio's recipe: an error from `take_error`, or a `peer_addr` that is not yet known.
+    fn on_connecting(&mut self, id: usize) {
+        let Some(stream) = self.clients[id].stream.as_ref() else {
+            return;
+        };
+        match (stream.take_error(), stream.peer_addr()) {
+            (Ok(None), Ok(_)) => {
+                if self.args.mode == Mode::KeepAlive {
+                    self.clients[id].started = Instant::now();
+                }
+                self.clients[id].phase = Phase::Sending;
+                self.send(id);
+            }
+            (Ok(None), Err(e)) if e.kind() == io::ErrorKind::NotConnected => {}
+            _ => self.fail(id, Failure::Connect, Instant::now()),
+        }
+    }
+
+    fn send(&mut self, id: usize) {
+        let args = self.args;
+        let request = &args.send;
+        let client = &mut self.clients[id];
+        let Some(stream) = client.stream.as_mut() else {
+            return;
+        };
+        while client.written < request.len() {
+            match stream.write(&request[client.written..]) {
+                Ok(n) => client.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.fail(id, Failure::Short, Instant::now()),
+            }
+        }
+        if args.mode == Mode::Close && !args.http {
+            let _ = stream.shutdown(Shutdown::Write);
+        }
+        client.phase = Phase::Receiving;
+    }
+
+    fn receive(&mut self, id: usize) {
+        let outcome = self.read_some(id);
+        let now = Instant::now();
+        match (self.args.mode, outcome) {
+            (_, ReadOutcome::Failed) => self.fail(id, Failure::Short, now),
+            (Mode::KeepAlive, ReadOutcome::Eof) => self.fail(id, Failure::Short, now),
+            (Mode::KeepAlive, ReadOutcome::Pending) => self.check_line(id, now),
+            (_, ReadOutcome::Eof) => self.check_whole(id, now),
+            (_, ReadOutcome::Pending) => {}
+        }
+    }
+
+    /// Reads until the socket would block or closes. In keep-alive mode it stops at the end of
+    /// the reply line: the server sends nothing more before the next request, whose reply then
+    /// raises a new edge, so the extra `read` that would only return `WouldBlock` is saved.
+    fn read_some(&mut self, id: usize) -> ReadOutcome {
+        let keep_alive = self.args.mode == Mode::KeepAlive;
+        let client = &mut self.clients[id];
+        let Some(stream) = client.stream.as_mut() else {
+            return ReadOutcome::Failed;
+        };
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(n) => {
+                    client.reply.extend_from_slice(&buf[..n]);
+                    if client.reply.len() > MAX_REPLY {
+                        return ReadOutcome::Failed;
+                    }
+                    if keep_alive && buf[..n].contains(&b'\n') {
+                        return ReadOutcome::Pending;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Pending,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return ReadOutcome::Failed,
+            }
+        }
+    }
+
+    /// Keep-alive: one reply line answers the request; the next request goes out at once.
+    fn check_line(&mut self, id: usize, now: Instant) {
+        let client = &mut self.clients[id];
+        let Some(end) = client.reply.iter().position(|&b| b == b'\n') else {
+            return;
+        };
+        if end + 1 != client.reply.len() || client.reply != self.args.expect {
+            return self.fail(id, Failure::Wrong, now);
+        }
+        self.stats.ok(now.saturating_duration_since(client.started));
+        client.reply.clear();
+        client.written = 0;
+        client.started = now;
+        client.phase = Phase::Sending;
+        self.send(id);
+    }
+
+    /// Close mode: the whole reply, up to EOF, is checked; then a new connection is opened.
+    fn check_whole(&mut self, id: usize, now: Instant) {
+        let client = &mut self.clients[id];
+        let verdict = if self.args.http {
+            check_http(&client.reply, &self.args.expect)
+        } else if client.reply == self.args.expect {
+            Ok(())
+        } else if self.args.expect.starts_with(&client.reply) {
+            Err(Failure::Short)
+        } else {
+            Err(Failure::Wrong)
+        };
+        match verdict {
+            Ok(()) => {
+                self.stats.ok(now.saturating_duration_since(client.started));
+                client.stream = None;
+                self.connect(id, now);
+            }
+            Err(failure) => self.fail(id, failure, now),
+        }
+    }
+
+    /// Counts the failure, drops the connection and pauses the client.
+    fn fail(&mut self, id: usize, failure: Failure, now: Instant) {
+        self.stats.fail(failure);
+        let client = &mut self.clients[id];
+        client.stream = None;
+        client.phase = Phase::Paused;
+        client.resume_at = now + self.args.error_pause;
+    }
+}
+
+/// An HTTP reply answers the request when its status is 200 and its body is `expect`.
+fn check_http(reply: &[u8], expect: &[u8]) -> Result<(), Failure> {
+    let Some(split) = reply.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Err(Failure::Short);
+    };
+    let head = &reply[..split];
+    let status_ok = head.starts_with(b"HTTP/1.") && head.get(8..13) == Some(b" 200 ");
+    if status_ok && &reply[split + 4..] == expect {
+        Ok(())
+    } else {
+        Err(Failure::Wrong)
+    }
+}
