@@ -10,3 +10,4 @@ mod core;
 mod http;
 mod live;
 mod ops;
+mod scripts;
