@@ -465,3 +465,63 @@ fn the_example_configmap_holds_reload_signal_verbatim() {
          regenerate it (see the comment at its top)"
     );
 }
+
+/// The `ENV` variables and the `ENTRYPOINT` words of the Dockerfile's final stage.
+fn dockerfile_entrypoint() -> (Vec<(String, String)>, Vec<String>) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let text = text.replace("\\\n", " ");
+    let env_line = text
+        .lines()
+        .rfind(|l| l.starts_with("ENV "))
+        .expect("no ENV in the Dockerfile");
+    let env = env_line[4..]
+        .split_whitespace()
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').expect("ENV NAME=VALUE");
+            (name.to_string(), value.to_string())
+        })
+        .collect();
+    let entrypoint = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ENTRYPOINT "))
+        .expect("no ENTRYPOINT in the Dockerfile");
+    (
+        env,
+        serde_json::from_str(entrypoint).expect("ENTRYPOINT in exec form"),
+    )
+}
+
+#[test]
+fn the_image_entrypoint_serves_the_default_script_with_only_a_token_file() {
+    let (env, entrypoint) = dockerfile_entrypoint();
+    assert_eq!(entrypoint, ["command-trigger", "serve"]);
+    let script_path = "/etc/command-trigger/handler.rhai";
+    assert!(
+        env.contains(&("CT_SCRIPT".into(), script_path.into())),
+        "{env:?}"
+    );
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains(&format!("COPY scripts/demo.rhai {script_path}\n")));
+
+    // The image's environment, with the paths of this checkout and a loopback port.
+    let scratch = Scratch::new();
+    let token = scratch.write("token", &format!("{TOKEN}\n"));
+    let mut command = command();
+    command.args(&entrypoint[1..]);
+    for (name, value) in &env {
+        let value = match name.as_str() {
+            "CT_SCRIPT" => script("demo.rhai").to_string_lossy().into_owned(),
+            "CT_LISTEN" => "127.0.0.1:0".to_string(),
+            _ => value.clone(),
+        };
+        command.env(name, value);
+    }
+    command.env("CT_TOKEN_FILE", &token);
+    let server = Server::spawn(command, scratch, &[], &[]);
+    assert_eq!(
+        server.ask("hello"),
+        "hello from command-trigger, request 1\n"
+    );
+}
