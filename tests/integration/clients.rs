@@ -8,10 +8,9 @@ const HELLO: &str = r#"fn handle(req) { "hello from the server: " + req.payload 
 /// Runs `pipeline` (with `$TOKEN` and `$PORT` set) and checks that it printed `want` and exited 0.
 #[track_caller]
 fn client_gets(client: &str, pipeline: &str, want: &str) {
-    assert!(
-        have(client),
-        "{client} is not installed: apt-get install netcat-openbsd busybox ncat socat (.ci/run does)"
-    );
+    if !require(client, "apt-get install netcat-openbsd busybox ncat socat") {
+        return;
+    }
     let server = Server::start(HELLO, &[]);
     let line = format!("TOKEN='{TOKEN}' PORT={}; {pipeline}", server.port());
     let out = shell(&line);

@@ -30,7 +30,10 @@ fn start(args: &[&str]) -> Server {
 
 /// Runs curl with a bounded time; `-sS` plus the given arguments.
 fn curl(args: &str) -> Output {
-    assert!(have("curl"), "curl is missing: install it (CI installs it)");
+    assert!(
+        have("curl"),
+        "curl is missing: apt-get install curl (.ci/run does)"
+    );
     shell(&format!("curl -sS --max-time 10 {args}"))
 }
 
@@ -381,6 +384,15 @@ fn metrics_count_known_traffic_and_parse_as_openmetrics() {
         assert!(body.contains(expected), "missing {expected} in:\n{body}");
     }
     // Validated by the reference parser of the Prometheus Python client.
+    let parser = shell("python3 -c 'import prometheus_client'");
+    if !parser.status.success()
+        && !require(
+            "prometheus-client-for-python3",
+            "pip install prometheus-client",
+        )
+    {
+        return;
+    }
     let file = server.scratch.write("metrics.txt", &body);
     let check = shell(&format!(
         "python3 -c 'import sys; from prometheus_client.openmetrics.parser import text_string_to_metric_families as p; print(len(list(p(open(sys.argv[1]).read()))))' {}",

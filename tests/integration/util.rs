@@ -317,3 +317,19 @@ pub fn open_with(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
     stream.write_all(bytes).expect("sending");
     stream
 }
+
+/// Whether a test may use `program`. In CI (`CI` set) a missing program fails the test, since
+/// CI installs every one; on a developer's machine the test is skipped with the reason printed,
+/// so a plain `cargo test` works on a fresh machine.
+#[track_caller]
+pub fn require(program: &str, install: &str) -> bool {
+    if have(program) {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{program} is missing in CI: {install}"
+    );
+    eprintln!("skipping: {program} is not installed ({install}; .ci/run does it)");
+    false
+}
