@@ -133,9 +133,12 @@ struct TooLarge;
 
 /// The next line of `buf`, or `None` when it is not complete yet.
 fn take_line(buf: &mut Vec<u8>, eof: bool, max_bytes: usize) -> Option<Result<Vec<u8>, TooLarge>> {
+    // A `\r` that may end the line is not counted yet, so a line of exactly `max_bytes` is
+    // accepted whether its `\r\n` arrives in one read or two.
+    let pending_cr = usize::from(buf.last() == Some(&b'\r'));
     let end = match buf.iter().position(|&b| b == b'\n') {
         Some(newline) => newline + 1,
-        None if buf.len() > max_bytes => return Some(Err(TooLarge)),
+        None if buf.len() > max_bytes + pending_cr => return Some(Err(TooLarge)),
         None if eof && !buf.is_empty() => buf.len(),
         None => return None,
     };

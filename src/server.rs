@@ -604,7 +604,8 @@ fn read_request(
 ) -> io::Result<Step> {
     let limit = config.max_request_bytes;
     loop {
-        let filled = connection.fill_input(scratch, limit)?;
+        // One byte of slack: a line of exactly `limit` bytes may still wait for its `\n`.
+        let filled = connection.fill_input(scratch, limit + 1)?;
         let frame = framing::next_frame(
             config.framing,
             &mut connection.input,
@@ -634,11 +635,16 @@ fn read_request(
                 connection.push_output(b"HTTP/1.1 100 Continue\r\n\r\n");
                 connection.flush()?;
             }
-            Frame::Incomplete | Frame::WantsContinue => {
-                if let Filled::Drained = filled {
-                    return Ok(Step::Wait);
+            Frame::Incomplete | Frame::WantsContinue => match filled {
+                Filled::Drained => return Ok(Step::Wait),
+                // Nothing more is read past the limit, so a framer still waiting would wait
+                // forever and this loop would spin (HTTP chunk extensions did that).
+                Filled::LimitReached if connection.input.len() > limit + 1 => {
+                    return refuse_unreadable(connection, ServerError::TooLarge, config, scratch);
                 }
-            }
+                // Empty lines were dropped: there is room to read again.
+                Filled::LimitReached => {}
+            },
         }
     }
 }
