@@ -6,7 +6,9 @@
 //! gigabytes, never reads stdin, or ignores SIGTERM cannot stall or outlive its deadline.
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use rustix::process::{Pid, PidfdFlags, Signal, kill_process_group, pidfd_open};
+use rustix::process::{
+    Pid, PidfdFlags, Signal, kill_process_group, pidfd_open, test_kill_process_group,
+};
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
@@ -292,7 +294,25 @@ fn supervise(
         );
     }
     outcome.code = exit_code(child);
+    if outcome.timed_out {
+        kill_stragglers(pgid, phase);
+    }
     outcome
+}
+
+/// A timed-out group can outlive its leader: the shell dies of SIGTERM while what it started
+/// ignores it. Those get the rest of the grace, then SIGKILL, as the leader would have.
+/// Called after the leader is reaped, so "the group exists" means stragglers are left.
+fn kill_stragglers(pgid: i32, phase: Phase) {
+    let Some(pid) = Pid::from_raw(pgid) else {
+        return;
+    };
+    if let Phase::Terminating { kill_at } = phase {
+        while test_kill_process_group(pid).is_ok() && Instant::now() < kill_at {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    signal_group(pgid, Signal::KILL);
 }
 
 fn exit_code(child: &mut Child) -> i32 {
