@@ -7,6 +7,7 @@ mod util;
 
 mod clients;
 mod core;
+mod hardening;
 mod http;
 mod live;
 mod ops;
