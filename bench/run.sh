@@ -91,7 +91,8 @@ start_peer() {
 }
 
 stop_peer() {
-    kill -TERM -- "-$PEER_PID" 2>/dev/null || true
+    # The group may not exist yet if the peer is stopped right after start (before setsid).
+    kill -TERM -- "-$PEER_PID" 2>/dev/null || kill -TERM "$PEER_PID" 2>/dev/null || true
     wait "$PEER_PID" 2>/dev/null || true
     kill -KILL -- "-$PEER_PID" 2>/dev/null || true
     PEER_PID=
@@ -109,7 +110,7 @@ start_ct() {
         </dev/null >"$WORK/ct.addr" 2>"$WORK/ct.err" &
     PEER_PID=$!
     for _ in $(seq 200); do
-        CT_ADDR=$(head -n1 "$WORK/ct.addr")
+        CT_ADDR=$(head -n1 "$WORK/ct.addr" 2>/dev/null || true)
         [ -n "$CT_ADDR" ] && return
         sleep 0.01
     done
@@ -144,14 +145,15 @@ ms() { awk -v us="$1" 'BEGIN { printf "%.2f", us / 1000 }'; }
 LINE_ARGS=(--send "$TOKEN ok\n" --expect 'ok\n')
 
 # The four one-connection-per-request cells of a line-protocol peer started by CMD with @W@
-# standing for the workload's handler.
+# standing for the workload's handler; further arguments go to the generator.
 line_peer() {
-    local name=$1 cmd=$2 note=${3:-} w
+    local name=$1 cmd=$2 note=$3 w c
+    shift 3
     for w in w1 w2; do
         start_peer "${cmd//@W@/$WORK/$w.sh}"
         for c in 1 32; do
             cell "$name.$w.c$c" "$name" "${w^^}" "$c" close "$note" -- \
-                --addr "127.0.0.1:$PORT" "${LINE_ARGS[@]}"
+                --addr "127.0.0.1:$PORT" "${LINE_ARGS[@]}" "$@"
         done
         stop_peer
     done
@@ -160,9 +162,16 @@ line_peer() {
 bench_shell_peers() {
     line_peer "netcat loop" \
         "while :; do busybox nc -l -p @PORT@ -e sh @W@; done" "listens on 0.0.0.0"
-    line_peer socat "socat TCP-LISTEN:@PORT@,bind=127.0.0.1,reuseaddr,fork SYSTEM:'sh @W@'"
-    line_peer ncat "ncat -l 127.0.0.1 @PORT@ --keep-open --sh-exec 'sh @W@'"
-    line_peer tcpserver "tcpserver -HRl0 127.0.0.1 @PORT@ sh @W@" "-HR: no DNS/ident"
+    line_peer socat "socat TCP-LISTEN:@PORT@,bind=127.0.0.1,reuseaddr,fork SYSTEM:'sh @W@'" ""
+    # ncat closes the connection as soon as the client half-closes, before the handler answers:
+    # its rows are driven without the half-close, plus one cell that shows the loss.
+    line_peer ncat "ncat -l 127.0.0.1 @PORT@ --keep-open --sh-exec 'sh @W@'" \
+        "client does not half-close" --no-half-close
+    start_peer "ncat -l 127.0.0.1 @PORT@ --keep-open --sh-exec 'sh $WORK/w1.sh'"
+    cell ncat.w1.c32.hc ncat W1 32 close "client half-closes (nc -N)" -- \
+        --addr "127.0.0.1:$PORT" "${LINE_ARGS[@]}"
+    stop_peer
+    line_peer tcpserver "tcpserver -HRl0 127.0.0.1 @PORT@ sh @W@" "-HR: no DNS/ident lookups"
 }
 
 bench_webhook() {
@@ -219,28 +228,44 @@ bench_redis() {
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
-# Idle RSS just after start, and with 10,000 idle connections open.
+# Idle RSS just after start, and with 10,000 idle connections open: the growth divided by the
+# connections the server holds (its open descriptors beyond the idle ones).
 bench_memory() {
     ulimit -n "$(ulimit -Hn)"
     start_ct --script "$WORK/w1.rhai" --workers "$WORKERS_W1" --max-connections 20000 \
-        --read-timeout 120s
+        --read-timeout 300s
+    # Read once the start-up work is over (right after the address is printed, pages touched
+    # only by start-up are still counted and fall out within ~0.2 s).
+    sleep 1
     IDLE_RSS=$(rss_kib "$PEER_PID")
-    local held=10000
-    "$GEN" --addr "$CT_ADDR" --mode hold -c "$held" --duration 60s >"$WORK/hold.out" &
+    IDLE_SPLIT=$(awk '/^Rss(Anon|File):/ { printf "%s%s %s KiB", sep, $1, $2; sep = ", " }' \
+        "/proc/$PEER_PID/status")
+    local idle_fds held=10000 fds=0 last=-1
+    idle_fds=$(fd_count "$PEER_PID")
+    "$GEN" --addr "$CT_ADDR" --mode hold -c "$held" --duration 300s >"$WORK/hold.out" &
     local hold_pid=$!
-    for _ in $(seq 300); do
-        [ "$(ls "/proc/$PEER_PID/fd" | wc -l)" -ge "$held" ] && break
+    for _ in $(seq 600); do
+        grep -q held= "$WORK/hold.out" && break
         sleep 0.1
     done
-    sleep 0.5
+    # Settled once two looks a second apart agree.
+    for _ in $(seq 30); do
+        fds=$(fd_count "$PEER_PID")
+        [ "$fds" = "$last" ] && break
+        last=$fds
+        sleep 1
+    done
     HELD_RSS=$(rss_kib "$PEER_PID")
-    HELD_FDS=$(ls "/proc/$PEER_PID/fd" | wc -l)
+    HELD_CONNS=$((fds - idle_fds))
+    echo "hold: $(cat "$WORK/hold.out"), server holds $HELD_CONNS" >&2
     kill "$hold_pid"
     wait "$hold_pid" 2>/dev/null || true
     stop_peer
-    PER_CONN=$(awk -v a="$IDLE_RSS" -v b="$HELD_RSS" -v n="$held" \
-        'BEGIN { printf "%.2f", (b - a) / n }')
+    PER_CONN=$(awk -v a="$IDLE_RSS" -v b="$HELD_RSS" -v n="$HELD_CONNS" \
+        'BEGIN { printf "%.2f", n ? (b - a) / n : 0 }')
 }
+
+fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 | wc -l; }
 
 bench_binary() {
     cp "$CT" "$WORK/ct-stripped"
@@ -262,8 +287,8 @@ print_tables() {
     echo
     echo "| command-trigger resource | value |"
     echo "|---|---:|"
-    echo "| idle RSS after start | $IDLE_RSS KiB |"
-    echo "| RSS with 10,000 idle connections ($HELD_FDS fds) | $HELD_RSS KiB ($PER_CONN KiB each) |"
+    echo "| idle RSS 1 s after start ($IDLE_SPLIT) | $IDLE_RSS KiB |"
+    echo "| RSS with $HELD_CONNS idle connections | $HELD_RSS KiB ($PER_CONN KiB each) |"
     echo "| stripped release binary | $BINARY_SIZE bytes |"
     echo "| start to listening (${STARTUP#* }) | $STARTUP_MS ms median |"
     echo
@@ -292,7 +317,10 @@ print_targets() {
     echo "| W2 ≥ 1.2× webhook (include-command-output-in-response) | ${r2w}× |" \
         "$(verdict "$r2w" 1.2 ge) |"
     echo "| idle RSS ≤ 3 MiB | $IDLE_RSS KiB | $(verdict "$IDLE_RSS" "$mib" le) |"
-    echo "| ≤ 4 KiB per idle connection | $PER_CONN KiB | $(verdict "$PER_CONN" 4 le) |"
+    local held_ok=met
+    [ "$HELD_CONNS" -ge 10000 ] || held_ok="**missed** (held $HELD_CONNS)"
+    echo "| 10,000 idle connections at ≤ 4 KiB each | $HELD_CONNS held, $PER_CONN KiB each |" \
+        "$( [ "$held_ok" = met ] && verdict "$PER_CONN" 4 le || echo "$held_ok") |"
     echo "| stripped binary ≤ 4 MB | $BINARY_SIZE B | $(verdict "$BINARY_SIZE" 4000000 le) |"
     echo "| start to listening ≤ 20 ms | $STARTUP_MS ms | $(verdict "$STARTUP_MS" 20 le) |"
 }

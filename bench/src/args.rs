@@ -18,6 +18,7 @@ usage: ct-bench --addr IP:PORT --send TEXT [options]
   --send TEXT           request bytes; \\n, \\r, \\t and \\\\ are unescaped
   --expect TEXT         the exact reply (close), reply line (keep-alive) or HTTP body (--http)
   --http                the reply is HTTP: status 200 and body == --expect; no half-close
+  --no-half-close       close mode: do not shut down the sending side after the request
   --timeout DUR         a request not answered within DUR is an error [default: 5s]
   --error-pause DUR     a client that failed waits DUR before its next attempt [default: 10ms]
 ";
@@ -42,6 +43,9 @@ pub struct Args {
     pub send: Vec<u8>,
     pub expect: Vec<u8>,
     pub http: bool,
+    /// Close mode: shut down the sending side after the request, as `nc -N` does. Off for
+    /// peers that drop the reply on a half-close (ncat --sh-exec) and for HTTP.
+    pub half_close: bool,
     pub timeout: Duration,
     /// Without a pause, a client refused by a restarting server (the netcat loop) would retry
     /// in a tight loop and take the CPU that the server needs to come back.
@@ -60,12 +64,14 @@ pub fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         send: Vec::new(),
         expect: Vec::new(),
         http: false,
+        half_close: true,
         timeout: Duration::from_secs(5),
         error_pause: Duration::from_millis(10),
     };
     while let Some(flag) = argv.next() {
-        if flag == "--http" {
-            args.http = true;
+        if flag == "--http" || flag == "--no-half-close" {
+            args.http |= flag == "--http";
+            args.half_close = false;
             continue;
         }
         if flag == "-h" || flag == "--help" {

@@ -4,8 +4,13 @@
 use std::io::{self, Write};
 use std::net::TcpStream;
 use std::thread;
+use std::time::Duration;
 
 use crate::args::Args;
+
+/// Connecting back to back outruns a server's accept loop and overflows its listen backlog,
+/// and each dropped SYN costs a one-second retransmit; a short pause keeps the queue short.
+const PACE: Duration = Duration::from_micros(100);
 
 pub fn run(args: &Args) -> io::Result<()> {
     let mut held = Vec::with_capacity(args.clients);
@@ -15,6 +20,7 @@ pub fn run(args: &Args) -> io::Result<()> {
             Ok(stream) => held.push(stream),
             Err(_) => failed += 1,
         }
+        thread::sleep(PACE);
     }
     // The bench script waits for this line, then reads the server's RSS.
     println!("held={} errors={failed}", held.len());

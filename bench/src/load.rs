@@ -182,7 +182,7 @@ impl<'a> Driver<'a> {
                 Err(_) => return self.fail(id, Failure::Short, Instant::now()),
             }
         }
-        if args.mode == Mode::Close && !args.http {
+        if args.mode == Mode::Close && args.half_close {
             let _ = stream.shutdown(Shutdown::Write);
         }
         client.phase = Phase::Receiving;
