@@ -5,7 +5,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Where a connection stands. Each phase but `Handling` has a deadline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +145,12 @@ impl Connection {
         self.output.clear();
         self.written = 0;
         Ok(true)
+    }
+
+    /// Makes dropping the socket send a reset instead of a FIN. For a reply given up half
+    /// written: after a FIN, the part the client got would look like the whole reply.
+    pub fn reset_on_drop(&self) {
+        let _ = rustix::net::sockopt::set_socket_linger(&self.stream, Some(Duration::ZERO));
     }
 
     pub fn shutdown_output(&mut self) {

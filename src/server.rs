@@ -277,6 +277,9 @@ impl Server {
 
     fn close(&mut self, key: usize, why: &str) {
         let mut connection = self.connections.remove(key);
+        if connection.pending_output() > 0 {
+            connection.reset_on_drop(); // a timed-out or too slow reader gets no partial reply
+        }
         metrics().open_connections.dec();
         connection.deregister(self.parts.poll.registry());
         log::debug!("closed connection from {}: {why}", connection.peer);

@@ -645,3 +645,20 @@ fn a_chunked_body_past_the_limit_cannot_wedge_the_loop() {
     assert!(reply.starts_with("HTTP/1.1 200 "), "{reply}");
     assert!(cpu_ticks(pid) - before < 50, "the loop spins");
 }
+
+#[test]
+fn a_reply_given_up_half_written_ends_in_a_reset_not_a_clean_close() {
+    // 9 MB of live output to a client that reads nothing for longer than the read timeout.
+    let script = r#"fn handle(req) { let s = ""; s.pad(3000000, 'r'); write(s); write(s); write(s); "end" }"#;
+    let server = Server::start(script, &["--read-timeout", "1s"]);
+    let mut stream = open_with(server.addr(), format!("{TOKEN} big\n").as_bytes());
+    server.log.wait_for("closed connection");
+    let mut reply = Vec::new();
+    let result = stream.read_to_end(&mut reply);
+    let complete = reply.len() == 9_000_003 && reply.ends_with(b"end");
+    assert!(
+        result.is_err() || complete,
+        "a clean close after {} of 9000003 bytes: the client cannot tell it from a whole reply",
+        reply.len()
+    );
+}
