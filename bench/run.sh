@@ -40,7 +40,16 @@ build() {
     cargo build --release --quiet --manifest-path bench/Cargo.toml
     CT=$CARGO_TARGET_DIR/release/command-trigger
     GEN=$CARGO_TARGET_DIR/release/ct-bench
+    # The container image ships a static musl build: measure its footprint too, when the
+    # target is installed.
+    CT_MUSL=
+    if rustup target list --installed 2>/dev/null | grep -qx "$MUSL"; then
+        cargo build --release --quiet --target "$MUSL"
+        CT_MUSL=$CARGO_TARGET_DIR/$MUSL/release/command-trigger
+    fi
 }
+
+MUSL=x86_64-unknown-linux-musl
 
 # The handlers every peer runs. The shell ones are what people write around a netcat: read the
 # line, compare the token in the shell, answer.
@@ -226,20 +235,25 @@ bench_redis() {
 }
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# "anon N + file N": private memory, and pages of the binary and libraries (shared, page cache).
+rss_split() {
+    awk '/^Rss(Anon|File):/ { printf "%s%s %s", sep, tolower(substr($1, 4, 4)), $2; sep = " + " }' \
+        "/proc/$1/status"
+}
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
 # Idle RSS just after start, and with 10,000 idle connections open: the growth divided by the
 # connections the server holds (its open descriptors beyond the idle ones).
 bench_memory() {
+    local ct=$1 tag=$2
     ulimit -n "$(ulimit -Hn)"
-    start_ct --script "$WORK/w1.rhai" --workers "$WORKERS_W1" --max-connections 20000 \
+    CT=$ct start_ct --script "$WORK/w1.rhai" --workers "$WORKERS_W1" --max-connections 20000 \
         --read-timeout 300s
     # Read once the start-up work is over (right after the address is printed, pages touched
     # only by start-up are still counted and fall out within ~0.2 s).
     sleep 1
-    IDLE_RSS=$(rss_kib "$PEER_PID")
-    IDLE_SPLIT=$(awk '/^Rss(Anon|File):/ { printf "%s%s %s KiB", sep, $1, $2; sep = ", " }' \
-        "/proc/$PEER_PID/status")
+    IDLE_RSS[$tag]=$(rss_kib "$PEER_PID")
+    IDLE_SPLIT[$tag]=$(rss_split "$PEER_PID")
     local idle_fds held=10000 fds=0 last=-1
     idle_fds=$(fd_count "$PEER_PID")
     "$GEN" --addr "$CT_ADDR" --mode hold -c "$held" --duration 300s >"$WORK/hold.out" &
@@ -255,25 +269,51 @@ bench_memory() {
         last=$fds
         sleep 1
     done
-    HELD_RSS=$(rss_kib "$PEER_PID")
-    HELD_CONNS=$((fds - idle_fds))
-    echo "hold: $(cat "$WORK/hold.out"), server holds $HELD_CONNS" >&2
+    HELD_RSS[$tag]=$(rss_kib "$PEER_PID")
+    HELD_CONNS[$tag]=$((fds - idle_fds))
+    echo "hold $tag: $(cat "$WORK/hold.out"), server holds ${HELD_CONNS[$tag]}" >&2
     kill "$hold_pid"
     wait "$hold_pid" 2>/dev/null || true
     stop_peer
-    PER_CONN=$(awk -v a="$IDLE_RSS" -v b="$HELD_RSS" -v n="$HELD_CONNS" \
+    PER_CONN[$tag]=$(awk -v a="${IDLE_RSS[$tag]}" -v b="${HELD_RSS[$tag]}" \
+        -v n="${HELD_CONNS[$tag]}" \
         'BEGIN { printf "%.2f", n ? (b - a) / n : 0 }')
 }
 
 fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 | wc -l; }
 
 bench_binary() {
-    cp "$CT" "$WORK/ct-stripped"
+    local ct=$1 tag=$2
+    cp "$ct" "$WORK/ct-stripped"
     strip "$WORK/ct-stripped"
-    BINARY_SIZE=$(stat -c %s "$WORK/ct-stripped")
-    STARTUP=$("$GEN" startup 21 "$CT" serve --listen 127.0.0.1:0 --print-addr \
+    BINARY_SIZE[$tag]=$(stat -c %s "$WORK/ct-stripped")
+    STARTUP[$tag]=$("$GEN" startup 21 "$ct" serve --listen 127.0.0.1:0 --print-addr \
         --token-file "$WORK/token" --script "$WORK/w1.rhai" 2>/dev/null)
-    STARTUP_MS=$(echo "$STARTUP" | sed 's/.*median=\([0-9.]*\).*/\1/')
+    STARTUP_MS[$tag]=$(echo "${STARTUP[$tag]}" | sed 's/.*median=\([0-9.]*\).*/\1/')
+}
+
+declare -A IDLE_RSS IDLE_SPLIT HELD_RSS HELD_CONNS PER_CONN BINARY_SIZE STARTUP STARTUP_MS
+
+bench_footprint() {
+    bench_binary "$CT" glibc
+    bench_memory "$CT" glibc
+    if [ -n "$CT_MUSL" ]; then
+        bench_binary "$CT_MUSL" musl
+        bench_memory "$CT_MUSL" musl
+    fi
+}
+
+footprint_tags() { echo glibc; [ -n "$CT_MUSL" ] && echo musl; true; }
+footprint_header() {
+    local out="" tag
+    for tag in $(footprint_tags); do out+="${out:+ | }$tag"; done
+    echo "$out"
+}
+footprint_row() {
+    local -n values=$2
+    local out="" tag
+    for tag in $(footprint_tags); do out+="${out:+ | }${values[$tag]}"; done
+    echo "| $1 | $out |"
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b ? a / b : 0 }'; }
@@ -285,12 +325,15 @@ print_tables() {
     echo "|---|---|---|---|---:|---:|---:|---:|---|"
     printf '%s\n' "${ROWS[@]}"
     echo
-    echo "| command-trigger resource | value |"
-    echo "|---|---:|"
-    echo "| idle RSS 1 s after start ($IDLE_SPLIT) | $IDLE_RSS KiB |"
-    echo "| RSS with $HELD_CONNS idle connections | $HELD_RSS KiB ($PER_CONN KiB each) |"
-    echo "| stripped release binary | $BINARY_SIZE bytes |"
-    echo "| start to listening (${STARTUP#* }) | $STARTUP_MS ms median |"
+    echo "| command-trigger footprint | $(footprint_header) |"
+    echo "|---|$(footprint_header | sed 's/[^|]*/---:/g')|"
+    footprint_row "idle RSS 1 s after start (KiB)" IDLE_RSS
+    footprint_row "RSS split (KiB)" IDLE_SPLIT
+    footprint_row "idle connections held" HELD_CONNS
+    footprint_row "RSS with them (KiB)" HELD_RSS
+    footprint_row "KiB per idle connection" PER_CONN
+    footprint_row "stripped binary (bytes)" BINARY_SIZE
+    footprint_row "start to listening, median of 21 (ms)" STARTUP_MS
     echo
     echo "Generator check: redis PING keep-alive c=32 driven by ct-bench at" \
         "${RESULT[redis.ka.c32.rps]} req/s using ${RESULT[redis.ka.c32.cpu_s]} CPU-s in" \
@@ -307,7 +350,7 @@ print_targets() {
     rka=$(ratio "${RESULT[ct.ka.c32.rps]}" "${RESULT[redis.ka.c32.rps]}")
     r2t=$(ratio "${RESULT[ct.w2.c32.rps]}" "${RESULT[tcpserver.w2.c32.rps]}")
     r2w=$(ratio "${RESULT[ct.w2.c32.rps]}" "${RESULT[webhook.w2.c32.rps]}")
-    local mib=$((3 * 1024))
+    local tag
     echo "| target (c=32) | measured | verdict |"
     echo "|---|---:|---|"
     echo "| W1 per-request ≥ 1× webhook HTTP/1.0, 0 errors | ${r1}×, $e1 errors |" \
@@ -316,13 +359,22 @@ print_targets() {
     echo "| W2 ≥ 2× tcpserver | ${r2t}× | $(verdict "$r2t" 2 ge) |"
     echo "| W2 ≥ 1.2× webhook (include-command-output-in-response) | ${r2w}× |" \
         "$(verdict "$r2w" 1.2 ge) |"
-    echo "| idle RSS ≤ 3 MiB | $IDLE_RSS KiB | $(verdict "$IDLE_RSS" "$mib" le) |"
-    local held_ok=met
-    [ "$HELD_CONNS" -ge 10000 ] || held_ok="**missed** (held $HELD_CONNS)"
-    echo "| 10,000 idle connections at ≤ 4 KiB each | $HELD_CONNS held, $PER_CONN KiB each |" \
-        "$( [ "$held_ok" = met ] && verdict "$PER_CONN" 4 le || echo "$held_ok") |"
-    echo "| stripped binary ≤ 4 MB | $BINARY_SIZE B | $(verdict "$BINARY_SIZE" 4000000 le) |"
-    echo "| start to listening ≤ 20 ms | $STARTUP_MS ms | $(verdict "$STARTUP_MS" 20 le) |"
+    for tag in $(footprint_tags); do
+        footprint_targets "$tag"
+    done
+}
+
+footprint_targets() {
+    local tag=$1 mib=$((3 * 1024)) held_ok=met
+    local rss=${IDLE_RSS[$tag]} per=${PER_CONN[$tag]} held=${HELD_CONNS[$tag]}
+    echo "| idle RSS ≤ 3 MiB ($tag) | $rss KiB | $(verdict "$rss" "$mib" le) |"
+    [ "$held" -ge 10000 ] || held_ok="**missed** (held $held)"
+    echo "| 10,000 idle connections at ≤ 4 KiB each ($tag) | $held held, $per KiB each |" \
+        "$( [ "$held_ok" = met ] && verdict "$per" 4 le || echo "$held_ok") |"
+    echo "| stripped binary ≤ 4 MB ($tag) | ${BINARY_SIZE[$tag]} B |" \
+        "$(verdict "${BINARY_SIZE[$tag]}" 4000000 le) |"
+    echo "| start to listening ≤ 20 ms ($tag) | ${STARTUP_MS[$tag]} ms |" \
+        "$(verdict "${STARTUP_MS[$tag]}" 20 le) |"
 }
 
 main() {
@@ -332,8 +384,7 @@ main() {
     echo "bench: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)," \
         "kernel $(uname -r), each cell $DURATION, RUST_LOG=$RUST_LOG, load before:" \
         "$(cut -d' ' -f1-3 /proc/loadavg)" >&2
-    bench_binary
-    bench_memory
+    bench_footprint
     bench_command_trigger
     bench_redis
     bench_webhook
