@@ -2,11 +2,13 @@
 //! so a handful of threads can keep hundreds of connections busy without being the bottleneck.
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use socket2::{Domain, Socket, Type};
 
 use crate::args::{Args, Mode};
 use crate::stats::{Failure, Stats};
@@ -46,6 +48,9 @@ pub struct Driver<'a> {
     clients: Vec<Client>,
     stats: Stats,
     start: Instant,
+    /// Source addresses connections are opened from, in turn; empty: the kernel's choice.
+    sources: Vec<Ipv4Addr>,
+    next_source: usize,
 }
 
 /// What a read told us about the reply.
@@ -70,12 +75,20 @@ impl<'a> Driver<'a> {
             latencies: Vec::with_capacity(1 << 20),
             ..Stats::default()
         };
+        let sources = match args.addr.ip() {
+            IpAddr::V4(ip) if ip.is_loopback() => (0..args.sources)
+                .map(|i| Ipv4Addr::new(127, 0, 0, 2 + i.min(250)))
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(Driver {
             args,
             poll: Poll::new()?,
             clients,
             stats,
             start,
+            sources,
+            next_source: 0,
         })
     }
 
@@ -123,7 +136,9 @@ impl<'a> Driver<'a> {
         client.started = now;
         client.written = 0;
         client.reply.clear();
-        let opened = TcpStream::connect(self.args.addr).and_then(|mut stream| {
+        let source = self.sources.get(self.next_source).copied();
+        self.next_source = (self.next_source + 1) % self.sources.len().max(1);
+        let opened = open(self.args.addr, source).and_then(|mut stream| {
             let interest = Interest::READABLE | Interest::WRITABLE;
             self.poll
                 .registry()
@@ -289,5 +304,43 @@ fn check_http(reply: &[u8], expect: &[u8]) -> Result<(), Failure> {
         Ok(())
     } else {
         Err(Failure::Wrong)
+    }
+}
+
+/// Opens a non-blocking connection, from `source` when given (see `Args::sources`).
+fn open(addr: SocketAddr, source: Option<Ipv4Addr>) -> io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr);
+    };
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    bind_address_no_port(&socket)?;
+    socket.bind(&SocketAddr::from((source, 0)).into())?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(std::net::TcpStream::from(socket)))
+}
+
+/// IP_BIND_ADDRESS_NO_PORT: the port is chosen at `connect`, per destination, not at `bind`,
+/// where it would have to be unique for the source address alone.
+fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, and a pointer to an int of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
