@@ -362,6 +362,10 @@ print_targets() {
     for tag in $(footprint_tags); do
         footprint_targets "$tag"
     done
+    echo
+    echo "Same protocol as webhook (command-trigger --framing http, HTTP/1.0, c=32):" \
+        "W1 $(ratio "${RESULT[cthttp.w1.c32.rps]}" "${RESULT[webhook.w1.c32.rps]}")×," \
+        "W2 $(ratio "${RESULT[cthttp.w2.c32.rps]}" "${RESULT[webhook.w2.c32.rps]}")× webhook."
 }
 
 footprint_targets() {
