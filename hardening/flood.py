@@ -27,10 +27,27 @@ import time
 
 
 SOURCE = (os.environ.get("FLOOD_SOURCE", "127.0.0.2"), 0)
+IP_BIND_ADDRESS_NO_PORT = 24
+
+
+def source_socket():
+    s = socket.socket(socket.AF_INET)
+    # Take a port at connect, per destination, not at bind: 10,000 binds to port 0 would take
+    # 10,000 ports from the range the legitimate client needs too.
+    s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    s.bind(SOURCE)
+    return s
 
 
 def connect(target, timeout):
-    return socket.create_connection(target, timeout=timeout, source_address=SOURCE)
+    s = source_socket()
+    s.settimeout(timeout)
+    try:
+        s.connect(target)
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 def addr(text):
@@ -114,10 +131,9 @@ def storm_client(target, deadline, stats, rng):
     linger = struct.pack("ii", 1, 0)
     while time.monotonic() < deadline:
         try:
-            s = socket.socket(socket.AF_INET6 if ":" in target[0] else socket.AF_INET)
+            s = source_socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
             s.settimeout(5)
-            s.bind(SOURCE)
             s.connect(target)
             if rng.random() < 0.5:
                 s.send(b"half a request without its end")
