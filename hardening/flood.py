@@ -79,8 +79,18 @@ def idle(target, seconds, count, stats):
     if raise_nofile() < count + 64:
         sys.exit(f"RLIMIT_NOFILE hard limit is below {count + 64}")
     held = []
-    for _ in range(count):
-        s = connect(target, 10)
+    port = 20000  # below the ephemeral range: explicit ports, no search for a free one each time
+    while len(held) < count:
+        s = socket.socket(socket.AF_INET)
+        try:
+            s.bind((SOURCE[0], port))
+        except OSError:
+            s.close()
+            port += 1
+            continue
+        port += 1
+        s.settimeout(10)
+        s.connect(target)
         held.append(s)
     stats.add("opened", len(held))
     print("ready", flush=True)

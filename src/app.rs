@@ -91,9 +91,18 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     Ok(code as u8)
 }
 
+/// Asked of `listen(2)`; Linux caps it at `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: i32 = 4096;
+
 fn bind_all(config: &Config) -> Result<Vec<TcpListener>, Fatal> {
     let bind = |addr: &std::net::SocketAddr| {
-        TcpListener::bind(*addr).map_err(|e| Fatal::Runtime(format!("binding {addr}: {e}")))
+        let listener =
+            TcpListener::bind(*addr).map_err(|e| Fatal::Runtime(format!("binding {addr}: {e}")))?;
+        // mio listens with a backlog of 128: a burst of connections (thousands of clients
+        // reconnecting at once) overflows it, and every dropped SYN costs its client a 1 s
+        // retransmission, legitimate clients included. The kernel caps this at somaxconn.
+        let _ = rustix::net::listen(&listener, LISTEN_BACKLOG);
+        Ok(listener)
     };
     config.listen.iter().map(bind).collect()
 }

@@ -677,3 +677,22 @@ fn a_reply_given_up_half_written_ends_in_a_reset_not_a_clean_close() {
         reply.len()
     );
 }
+
+#[test]
+fn the_listen_backlog_takes_a_burst_of_connections() {
+    // With mio's 128, a burst of 10,000 connects overflowed it: dropped SYNs cost their
+    // clients (legitimate ones too) 1 s retransmissions, and the burst took 10 s instead of 1.
+    assert!(have("ss"), "ss is missing: apt-get install iproute2");
+    let server = Server::start(ECHO, &[]);
+    let filter = format!("sport = :{}", server.port());
+    let out = Command::new("ss")
+        .args(["-Hltn", &filter])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // State Recv-Q Send-Q ...: for a listener, Send-Q is the backlog.
+    let backlog: u32 = text.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .map_or(4096, |s| s.trim().parse().unwrap());
+    assert_eq!(backlog, somaxconn.min(4096), "{text}");
+}
