@@ -42,6 +42,9 @@ const FINAL_FLUSH: Duration = Duration::from_secs(3);
 /// Streamed output queued for one slow client beyond which the client is dropped.
 const MAX_PENDING_OUTPUT: usize = 4 << 20;
 const READ_CHUNK: usize = 64 * 1024;
+/// Connections accepted per turn of the loop. Accepting until the queue is empty never ends
+/// while a flood keeps it full, and starves the replies of requests already taken.
+const ACCEPTS_PER_TURN: usize = 64;
 /// Unsent reply bytes beyond which a keep-alive connection's next request is not read yet.
 const MAX_UNREAD_REPLY: usize = 64 * 1024;
 
@@ -77,6 +80,8 @@ pub struct Server {
     /// (deadline, slab key, serial); one live entry per connection, see `Connection::timer`.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     accept_paused_until: Option<Instant>,
+    /// Listeners that may hold more connections than one turn accepts (see `ACCEPTS_PER_TURN`).
+    accept_more: Vec<usize>,
     /// Accepting fails (out of descriptors): warned about once until it works again.
     accept_failing: bool,
     stopping: Option<Stopping>,
@@ -106,6 +111,7 @@ impl Server {
             in_flight: 0,
             timers: BinaryHeap::new(),
             accept_paused_until: None,
+            accept_more: Vec::new(),
             accept_failing: false,
             stopping: None,
             scratch: vec![0; READ_CHUNK],
@@ -116,9 +122,12 @@ impl Server {
     pub fn run(mut self) -> io::Result<i32> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self
-                .next_wake()
-                .map(|at| at.saturating_duration_since(Instant::now()));
+            let timeout = if self.accept_more.is_empty() {
+                self.next_wake()
+                    .map(|at| at.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
             match self.parts.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -140,6 +149,9 @@ impl Server {
             }
             let now = Instant::now();
             self.run_timers(now);
+            for index in std::mem::take(&mut self.accept_more) {
+                self.accept(index);
+            }
             if let Next::Exit = self.check_stop(now) {
                 return Ok(0);
             }
@@ -168,7 +180,7 @@ impl Server {
         if self.accept_paused_until.is_some() || self.stopping.is_some() {
             return;
         }
-        loop {
+        for _ in 0..ACCEPTS_PER_TURN {
             let Some(listener) = self.parts.listeners.get(index) else {
                 return;
             };
@@ -195,6 +207,11 @@ impl Server {
                     return;
                 }
             }
+        }
+        // More may be queued, and with edge triggers no new event will say so: take them next
+        // turn, after the replies and reads this turn's events brought.
+        if !self.accept_more.contains(&index) {
+            self.accept_more.push(index);
         }
     }
 

@@ -195,6 +195,12 @@ fn flood_test(mode: &str, count: usize, server_args: &[&str], max_rss_kb: u64) -
         "only {} requests in {seconds} s",
         legit.served
     );
+    // A starved client waits for the whole flood (the accept loop once never yielded).
+    let slowest = legit.slowest;
+    assert!(
+        slowest.as_secs() * 2 < seconds,
+        "the slowest request took {slowest:?}"
+    );
     assert!(
         peak < max_rss_kb,
         "peak RSS {peak} kB, bound {max_rss_kb} kB"
