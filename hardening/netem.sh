@@ -129,6 +129,11 @@ faults 5 50 10
 started=$SECONDS
 client lossy "$addr" "$token" 40 8 65536 || fail "a reply was cut short without an error"
 echo "   took $((SECONDS - started)) s"
+if [ "$mode" = tunem ]; then
+    kill -USR1 "$tunem_pid"
+    sleep 0.2
+    echo "   tunem.py $(grep stats "$work/tunem.out" | tail -1)"
+fi
 faults off
 
 echo "-- the link cut for 4 s mid-reply, and for 6 s mid-request (read timeout 3 s)"

@@ -8,7 +8,7 @@ sides see real loss, delay and reordering, as with `tc qdisc ... netem`.
 Creates IFACE_A and IFACE_B (the caller moves them into namespaces and sets addresses), prints
 `ready`, then forwards until killed. CONTROL_FILE holds `LOSS DELAY_MS REORDER` (e.g. `5 50 10`
 for 5% loss, 50 ms delay, 10% of packets sent at once, ahead of delayed ones); it is re-read
-every second, so faults can be switched on and off. Prints `stats ...` on SIGTERM.
+every second, so faults can be switched on and off. Prints `stats ...` on SIGUSR1 and SIGTERM.
 """
 
 import fcntl
@@ -46,6 +46,7 @@ def main():
     peer = {a: b, b: a}
     stats = {"forwarded": 0, "dropped": 0, "reordered": 0}
     signal.signal(signal.SIGTERM, lambda *_: finish(stats))
+    signal.signal(signal.SIGUSR1, lambda *_: show(stats))
     rng = random.Random(6)
     queue = []  # (due, seq, fd, packet)
     seq = 0
@@ -84,8 +85,12 @@ def main():
                 stats["dropped"] += 1  # the other side is down
 
 
-def finish(stats):
+def show(stats):
     print("stats " + " ".join(f"{k}={v}" for k, v in stats.items()), flush=True)
+
+
+def finish(stats):
+    show(stats)
     sys.exit(0)
 
 
