@@ -502,7 +502,7 @@ fn every_wrong_length_and_every_prefix_of_the_token_is_refused() {
     ]);
     let mut stream = connect(server.addr());
     for token in &wrong {
-        // Keep-alive is not kept after a refusal: one connection per try.
+        // A refusal closes the connection, keep-alive or not: one connection per try.
         let reply = exchange(server.addr(), format!("{token} ping\n").as_bytes());
         assert_eq!(reply, b"ERR unauthorized\n", "token {token:?} was accepted");
     }
@@ -513,7 +513,8 @@ fn every_wrong_length_and_every_prefix_of_the_token_is_refused() {
     println!("{} wrong tokens refused", wrong.len());
 }
 
-/// Median time of `rounds` batches of `batch` checks of `presented`.
+/// Median times of `rounds` batches of checks of `a` and of `b`, interleaved so that load
+/// from other tests hits both alike.
 fn median_check_time(tokens: &Tokens, a: &[u8], b: &[u8], rounds: usize) -> (f64, f64) {
     const BATCH: usize = 8;
     let mut times = (Vec::new(), Vec::new());
