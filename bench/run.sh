@@ -224,7 +224,8 @@ bench_command_trigger() {
 bench_redis() {
     # Protected mode refuses clients from 127.0.0.2 and up (the generator's source addresses);
     # the server is bound to 127.0.0.1 only.
-    start_peer "redis-server --bind 127.0.0.1 --port @PORT@ --save '' --appendonly no --protected-mode no"
+    start_peer "redis-server --bind 127.0.0.1 --port @PORT@ --save '' --appendonly no \
+        --protected-mode no"
     local before after
     before=$(cpu_ticks "$PEER_PID")
     cell redis.ka.c32 redis-server PING 32 keep-alive "the ceiling" -- \
