@@ -6,7 +6,7 @@ use crate::cli::{CallArgs, Cli, Command};
 use crate::config::{Config, Limits};
 use crate::error::Fatal;
 use crate::framing::Framing;
-use crate::request::Request;
+use crate::request::{Endpoints, Request};
 use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
@@ -15,6 +15,7 @@ use crate::{client, footprint, metrics, reload, workers};
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Runs the subcommand; the `u8` is the exit status.
@@ -169,10 +170,7 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
         token_name: Some(args.token_name.into()),
         payload: payload.into_bytes(),
         body,
-        peer,
-        local: "127.0.0.1:0"
-            .parse()
-            .map_err(|_| Fatal::Usage("local address".into()))?,
+        endpoints: Endpoints::new(peer, SocketAddr::from(([127, 0, 0, 1], 0))),
         framing,
         http: None,
     };

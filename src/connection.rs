@@ -1,10 +1,12 @@
 //! One client connection: its socket, what it has sent that is not a request yet, what we
 //! still have to send, and where it stands between accept and close.
 
+use crate::request::Endpoints;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::Shutdown;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Where a connection stands. Each phase but `Handling` has a deadline.
@@ -24,8 +26,7 @@ pub enum Phase {
 
 pub struct Connection {
     stream: TcpStream,
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
+    pub endpoints: Arc<Endpoints>,
     /// Tells this connection from a later one in the same slab slot.
     pub serial: u64,
     pub phase: Phase,
@@ -51,17 +52,10 @@ pub enum Filled {
 }
 
 impl Connection {
-    pub fn new(
-        stream: TcpStream,
-        peer: SocketAddr,
-        local: SocketAddr,
-        serial: u64,
-        phase: Phase,
-    ) -> Self {
+    pub fn new(stream: TcpStream, endpoints: Arc<Endpoints>, serial: u64, phase: Phase) -> Self {
         Connection {
             stream,
-            peer,
-            local,
+            endpoints,
             serial,
             phase,
             input: Vec::new(),

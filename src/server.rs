@@ -11,7 +11,7 @@ use crate::framing::{self, Frame, Framing, RawRequest};
 use crate::http::HttpHead;
 use crate::metrics::metrics;
 use crate::reload::ReloadTrigger;
-use crate::request::{Reply, Request, ServerError, Verdict};
+use crate::request::{Endpoints, Reply, Request, ServerError, Verdict};
 use crate::script::Runtime;
 use crate::signals::{Signal, SignalSource};
 use crate::wire;
@@ -243,7 +243,8 @@ impl Server {
         let phase = Phase::Reading {
             deadline: Instant::now() + self.config.read_timeout,
         };
-        let connection = Connection::new(stream, peer, local, self.next_serial, phase);
+        let connection =
+            Connection::new(stream, Endpoints::new(peer, local), self.next_serial, phase);
         let key = self.connections.insert(connection);
         metrics().open_connections.inc();
         if let Err(e) = self.connections[key].register(self.parts.poll.registry(), Token(key)) {
@@ -299,7 +300,10 @@ impl Server {
         }
         metrics().open_connections.dec();
         connection.deregister(self.parts.poll.registry());
-        log::debug!("closed connection from {}: {why}", connection.peer);
+        log::debug!(
+            "closed connection from {}: {why}",
+            connection.endpoints.peer
+        );
     }
 
     // ---- requests ----
@@ -310,15 +314,14 @@ impl Server {
         let connection = &mut self.connections[key];
         connection.continue_sent = false;
         // A backed-off client's token is not even checked.
-        let blocked = self.backoff.is_blocked(connection.peer.ip(), now);
+        let blocked = self.backoff.is_blocked(connection.endpoints.peer.ip(), now);
         let (token_name, payload) = authenticate(&self.parts.tokens, &raw, !blocked);
         let request = Request {
             id: self.next_request_id,
             token_name,
             payload,
             body: raw.body,
-            peer: connection.peer,
-            local: connection.local,
+            endpoints: connection.endpoints.clone(),
             framing: self.config.framing,
             http: raw.http,
         };
@@ -353,10 +356,13 @@ impl Server {
             return Some((ServerError::BackedOff, Verdict::Unauthorized));
         }
         if token_required && request.token_name.is_none() {
-            if self.backoff.record_failure(request.peer.ip(), now) {
+            if self
+                .backoff
+                .record_failure(request.endpoints.peer.ip(), now)
+            {
                 log::warn!(
                     "{}: {} wrong tokens within 60 s; refusing this IP for 60 s",
-                    request.peer.ip(),
+                    request.endpoints.peer.ip(),
                     self.config.auth_failures
                 );
             }
@@ -638,7 +644,7 @@ fn read_request(
                 return refuse_unreadable(connection, ServerError::TooLarge, config, scratch);
             }
             Frame::Malformed(reason) => {
-                log::debug!("bad request from {}: {reason}", connection.peer);
+                log::debug!("bad request from {}: {reason}", connection.endpoints.peer);
                 return refuse_unreadable(connection, ServerError::Malformed, config, scratch);
             }
             Frame::Incomplete | Frame::WantsContinue if connection.input_closed => {

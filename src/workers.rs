@@ -260,13 +260,13 @@ pub fn log_request(
     exit_codes: &[i32],
 ) {
     let metrics = crate::metrics::metrics();
-    metrics.record_request(&verdict.to_string(), started.elapsed());
+    metrics.record_request(verdict, started.elapsed());
     if verdict == Verdict::Unauthorized {
         metrics.auth_failures.inc();
     }
     let line = RequestLog {
         id: request.id,
-        peer: request.peer,
+        peer: request.endpoints.peer,
         token_name: request.token_name.as_deref(),
         payload_bytes: request.payload.len() + request.body.len(),
         verdict,

@@ -210,8 +210,14 @@ fn request_map(request: &Request) -> Map {
         Dynamic::from_array(args.into_iter().map(Dynamic::from).collect()),
     );
     map.insert("body".into(), Dynamic::from_blob(request.body.clone()));
-    map.insert("peer".into(), Dynamic::from(request.peer.to_string()));
-    map.insert("local".into(), Dynamic::from(request.local.to_string()));
+    map.insert(
+        "peer".into(),
+        Dynamic::from(request.endpoints.peer_text.clone()),
+    );
+    map.insert(
+        "local".into(),
+        Dynamic::from(request.endpoints.local_text.clone()),
+    );
     map.insert("framing".into(), request.framing.name().into());
     if let Some(head) = &request.http {
         insert_http_fields(&mut map, head);
