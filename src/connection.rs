@@ -103,13 +103,17 @@ impl Connection {
         Ok(Filled::Drained)
     }
 
-    /// Reads and drops whatever the client sends; true once it has closed.
+    /// Reads and drops whatever the client sends; true once it has closed, or once it has
+    /// sent more than a drain is for: a client that keeps sending must not hold the loop.
     pub fn discard_input(&mut self, scratch: &mut [u8]) -> io::Result<bool> {
+        const DRAIN_BUDGET: usize = 1 << 20;
         self.input = Vec::new();
+        let mut drained = 0;
         loop {
             match self.stream.read(scratch) {
                 Ok(0) => return Ok(true),
-                Ok(_) => continue,
+                Ok(n) if drained + n > DRAIN_BUDGET => return Ok(true),
+                Ok(n) => drained += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
