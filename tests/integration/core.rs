@@ -1122,19 +1122,6 @@ fn idle_connections_cost_no_thread_and_delay_no_one() {
     drop(idle);
 }
 
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    // Fields after the command name start at field 3 (state): utime is 14, stime 15.
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 #[test]
 fn running_out_of_descriptors_neither_spins_nor_sticks() {
     assert!(

@@ -57,19 +57,6 @@ fn status_kb(pid: u32, field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    // After the command name, field 3 (state) is index 0: utime is field 14, stime 15.
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 /// One request as a legitimate client makes it; `Err` instead of a panic, so failures count.
 fn try_ask(addr: SocketAddr, payload: &str) -> Result<String, String> {
     // A request that gets no reply within this is a failure (send's default is 30 s).

@@ -333,3 +333,16 @@ pub fn require(program: &str, install: &str) -> bool {
     eprintln!("skipping: {program} is not installed ({install}; .ci/run does it)");
     false
 }
+
+/// utime + stime of `pid`, in clock ticks: how tests see that a server does not spin.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name, field 3 (state) is index 0: utime is field 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
