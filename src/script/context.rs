@@ -11,13 +11,6 @@ pub trait ClientSink: Send {
     fn send(&mut self, bytes: Vec<u8>);
 }
 
-/// A sink for calls with no client (tests, `check`).
-pub struct Discard;
-
-impl ClientSink for Discard {
-    fn send(&mut self, _bytes: Vec<u8>) {}
-}
-
 pub struct HandlerContext {
     request_id: u64,
     deadline: Instant,
