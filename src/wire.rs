@@ -47,13 +47,29 @@ pub fn finish(reply: Reply, head: Option<&HttpHead>, streamed: bool) -> Reply {
 }
 
 /// The response head that live output starts with: `200`, chunked (or until close on 1.0).
-pub fn stream_start(head: &HttpHead) -> Vec<u8> {
+pub fn stream_start(stream: LiveStream) -> Vec<u8> {
     let response = ResponseHead {
         status: 200,
         headers: &[],
         default_content_type: "text/plain; charset=utf-8",
-        keep_alive: head.minor_version == 1 && head.keep_alive(),
-        minor_version: head.minor_version,
+        keep_alive: stream.minor_version == 1 && stream.keep_alive,
+        minor_version: stream.minor_version,
     };
     response.streaming()
+}
+
+/// What live output needs to know of an HTTP request, copied out of its head.
+#[derive(Clone, Copy, Debug)]
+pub struct LiveStream {
+    pub minor_version: u8,
+    pub keep_alive: bool,
+}
+
+impl LiveStream {
+    pub fn of(head: &HttpHead) -> LiveStream {
+        LiveStream {
+            minor_version: head.minor_version,
+            keep_alive: head.keep_alive(),
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The worker pool: threads that run `handle(req)` off the event loop, fed by a queue, and the outbox through which they hand replies (and live output) back to the loop.
 
 use crate::auth::Tokens;
-use crate::http::{self, HttpHead};
+use crate::http;
 use crate::metrics::metrics;
 use crate::request::{Reply, Request, RequestLog, ServerError, Verdict};
 use crate::script::context::ClientSink;
@@ -224,7 +224,7 @@ impl Worker {
         let client = Box::new(ConnectionSink {
             conn,
             outbox: self.outbox.clone(),
-            http: request.http.clone(),
+            http: request.http.as_ref().map(wire::LiveStream::of),
             streamed: streamed.clone(),
         });
         let (result, exit_codes) = self.host.handle(request, client);
@@ -292,7 +292,7 @@ struct ConnectionSink {
     conn: ConnRef,
     outbox: Outbox,
     /// HTTP framing: live output goes out as the chunked body of a `200` response.
-    http: Option<HttpHead>,
+    http: Option<wire::LiveStream>,
     /// Set once live output has started the response, so the final reply only ends it.
     streamed: Arc<AtomicBool>,
 }
@@ -307,7 +307,7 @@ impl ClientSink for ConnectionSink {
             Some(head) => {
                 let mut framed = Vec::new();
                 if !self.streamed.swap(true, Ordering::SeqCst) {
-                    framed = wire::stream_start(head);
+                    framed = wire::stream_start(*head);
                 }
                 framed.extend_from_slice(&http::chunk(&bytes, head.minor_version));
                 framed
