@@ -562,11 +562,13 @@ fn authenticate(tokens: &Tokens, raw: &RawRequest, check: bool) -> (Option<Arc<s
 }
 
 /// Queues a reply and decides whether the connection stays open for another request.
-fn answer(connection: &mut Connection, reply: Reply, config: &Config, stopping: bool) {
+/// `force_close` overrides both the framing's default and the reply's own choice (a stop, or
+/// an answer the server gives itself).
+fn answer(connection: &mut Connection, reply: Reply, config: &Config, force_close: bool) {
     connection.push_output(&reply.bytes);
     let default_close = !config.keep_alive || config.framing == Framing::Stream;
     let now = Instant::now();
-    connection.phase = if stopping || reply.close.unwrap_or(default_close) {
+    connection.phase = if force_close || reply.close.unwrap_or(default_close) {
         Phase::Closing {
             deadline: now + config.read_timeout,
         }
