@@ -1,0 +1,1 @@
+//! `command-trigger test`: placeholder.
