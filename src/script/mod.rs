@@ -144,7 +144,8 @@ pub(crate) fn build_engine(runtime: &Arc<Runtime>) -> Engine {
     engine
 }
 
-fn compile(engine: &Engine, path: &Path) -> Result<AST, String> {
+/// Compiles the handler at `path`: syntax, `handle(req)`, and calls to unknown functions.
+pub(crate) fn compile(engine: &Engine, path: &Path) -> Result<AST, String> {
     let source = read_source(path)?;
     let ast = compile_source(engine, path, &source)?;
     let has_handle = ast

@@ -1,1 +1,0 @@
-//! `command-trigger test`: placeholder.
