@@ -1,5 +1,5 @@
 //! The functions a test file calls besides the handler's own (SPEC §14): `request`, `mock`,
-//! `commands`, `assert`, `assert_eq`, `assert_match` and `advance`. Each validates its
+//! `mock_env`, `commands`, `assert`, `assert_eq`, `assert_match` and `advance`. Each validates its
 //! arguments and throws a clear error; a failed assertion throws its message, which the
 //! harness reports with the line of the call.
 
@@ -12,7 +12,8 @@ use crate::runner::{Pattern, Recorded, Recorder};
 use crate::script::{bytes_of, request_map, script_error};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -27,6 +28,9 @@ pub struct TestState {
     next_request: AtomicU64,
     /// `--command-timeout`: a command's `timeout` shows in `commands()` only when it differs.
     pub default_timeout: Duration,
+    /// The environment `env()` sees in a test: only what `mock_env` set, so a test gives the
+    /// same answer on every machine.
+    env: Mutex<HashMap<String, String>>,
 }
 
 impl TestState {
@@ -36,6 +40,7 @@ impl TestState {
             clock: Arc::new(VirtualClock::new()),
             next_request: AtomicU64::new(1),
             default_timeout,
+            env: Mutex::default(),
         })
     }
 }
@@ -64,6 +69,17 @@ pub fn register(engine: &mut Engine, state: &Arc<TestState>) {
         seen.iter()
             .map(|r| Dynamic::from_map(command_map(r, timeout)))
             .collect()
+    });
+    // Registered after the server's `env`, so it replaces it in tests.
+    let s = state.clone();
+    engine.register_fn("env", move |name: &str| {
+        let env = s.env.lock().unwrap_or_else(|p| p.into_inner());
+        env.get(name).cloned().map_or(Dynamic::UNIT, Dynamic::from)
+    });
+    let s = state.clone();
+    engine.register_fn("mock_env", move |name: &str, value: &str| {
+        let mut env = s.env.lock().unwrap_or_else(|p| p.into_inner());
+        env.insert(name.into(), value.into());
     });
     let s = state.clone();
     engine.register_fn("advance", move |by: Dynamic| -> ScriptResult<()> {

@@ -158,7 +158,7 @@ fn run_one(plan: &TestPlan, suite: &Suite, test: &str) -> Result<(), String> {
     let state = TestState::new(plan.limits.command_timeout);
     let (engine, _runtime) = test_engine(plan.limits, &state);
     let deadline = Instant::now() + plan.limits.handler_timeout;
-    let _guard = context::enter(HandlerContext::new(0, deadline, Box::new(Discard)));
+    let _guard = context::enter(HandlerContext::new(1, deadline, Box::new(Discard)));
     let options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
     engine
         .call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &suite.ast, test, ())
@@ -204,4 +204,71 @@ pub fn dry_run_recorder(limits: Limits) -> Arc<Recorder> {
     Arc::new(Recorder::echoing(move |recorded| {
         command_json(recorded, timeout)
     }))
+}
+
+/// The names of the functions command-trigger registers (not Rhai's standard library):
+/// the server's, and with `testing` also the test helpers.
+pub fn registered_names(testing: bool) -> Vec<String> {
+    let limits = Limits::default();
+    let engine = match testing {
+        true => test_engine(limits, &TestState::new(limits.command_timeout)).0,
+        false => build_engine(&Runtime::new(limits)),
+    };
+    let mut names: Vec<String> = engine.collect_fn_metadata(
+        None,
+        |info| Some(info.metadata.name.to_string()),
+        false,
+    );
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    const REFERENCE: &str = include_str!("../../docs/script-api.md");
+
+    /// The `### \`name\`` entries of one `## ` section of the reference.
+    fn documented(section: &str) -> BTreeSet<String> {
+        let start = REFERENCE
+            .find(&format!("\n## {section}\n"))
+            .unwrap_or_else(|| panic!("docs/script-api.md has no section '{section}'"));
+        let body = &REFERENCE[start + 1..];
+        let body = body[3..].find("\n## ").map_or(body, |end| &body[..end + 3]);
+        body.lines()
+            .filter_map(|l| l.strip_prefix("### `"))
+            .filter_map(|l| l.strip_suffix('`'))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[track_caller]
+    fn compare(section: &str, registered: BTreeSet<String>) {
+        let documented = documented(section);
+        let missing: Vec<_> = registered.difference(&documented).collect();
+        let stale: Vec<_> = documented.difference(&registered).collect();
+        assert!(
+            missing.is_empty() && stale.is_empty(),
+            "docs/script-api.md, section '{section}': missing {missing:?}, stale {stale:?}"
+        );
+    }
+
+    #[test]
+    fn the_reference_documents_every_registered_function_and_no_other() {
+        let server: BTreeSet<String> = registered_names(false).into_iter().collect();
+        let testing: BTreeSet<String> = registered_names(true).into_iter().collect();
+        let helpers = testing.difference(&server).cloned().collect();
+        compare("Functions a handler can call", server);
+        compare("Test helpers", helpers);
+    }
+
+    #[test]
+    fn tests_are_found_in_file_order() {
+        let source = "fn test_b() {}\nfn helper() {}\n  fn test_a() {}\nfn test_c(x) {}\n";
+        let runnable = ["test_a", "test_b"].map(String::from).into_iter().collect();
+        assert_eq!(in_file_order(source, &runnable), ["test_b", "test_a"]);
+    }
 }
