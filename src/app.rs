@@ -2,8 +2,8 @@
 //! maps them to exit statuses in one place.
 
 use crate::auth::Tokens;
-use crate::clock::RealClock;
 use crate::cli::{CallArgs, Cli, Command, TestArgs};
+use crate::clock::RealClock;
 use crate::config::{Config, Limits};
 use crate::error::Fatal;
 use crate::framing::Framing;

@@ -73,13 +73,16 @@ impl Pattern {
     }
 }
 
+/// How a dry run writes one recorded command (one line, no newline).
+type Format = dyn Fn(&Recorded) -> String + Send + Sync;
+
 /// Records every command instead of running it; answers from the latest matching mock, or
 /// with code 0 and empty output.
 #[derive(Default)]
 pub struct Recorder {
     book: Mutex<Book>,
     /// `call --dry-run`: also print each command on stderr as it comes, one line each.
-    echo: Option<Box<dyn Fn(&Recorded) -> String + Send + Sync>>,
+    echo: Option<Box<Format>>,
 }
 
 #[derive(Default)]

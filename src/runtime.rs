@@ -67,7 +67,12 @@ impl Runtime {
     }
 
     /// Real processes' way of running a command (see [`Processes`]).
-    pub(crate) fn run_locked(&self, spec: &CommandSpec, lock: Option<&str>, sink: OutputSink<'_>) -> Outcome {
+    pub(crate) fn run_locked(
+        &self,
+        spec: &CommandSpec,
+        lock: Option<&str>,
+        sink: OutputSink<'_>,
+    ) -> Outcome {
         let Some(name) = lock else {
             return commands::run(spec, sink, &self.groups);
         };

@@ -64,15 +64,19 @@ impl UnknownCall {
 /// hold a function pointer, so they cannot be judged without running the script. So are calls
 /// through a variable of the same name. Functions `also` defines count as known.
 pub fn unknown_calls(engine: &Engine, ast: &AST, also: Option<&AST>) -> Vec<UnknownCall> {
-    let mut known: HashSet<(String, usize)> = engine.collect_fn_metadata(
-        None,
-        |info| Some((info.metadata.name.to_string(), info.metadata.num_params)),
-        true,
-    )
-    .into_iter()
-    .collect();
+    let mut known: HashSet<(String, usize)> = engine
+        .collect_fn_metadata(
+            None,
+            |info| Some((info.metadata.name.to_string(), info.metadata.num_params)),
+            true,
+        )
+        .into_iter()
+        .collect();
     let mut variables: HashSet<String> = HashSet::new();
-    for function in ast.iter_functions().chain(also.into_iter().flat_map(AST::iter_functions)) {
+    for function in ast
+        .iter_functions()
+        .chain(also.into_iter().flat_map(AST::iter_functions))
+    {
         known.insert((function.name.to_owned(), function.params.len()));
         variables.extend(function.params.iter().map(|p| p.to_string()));
     }

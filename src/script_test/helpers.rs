@@ -11,10 +11,10 @@ use crate::request::{Endpoints, Request};
 use crate::runner::{Pattern, Recorded, Recorder};
 use crate::script::{bytes_of, request_map, script_error};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map};
-use std::net::SocketAddr;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 type ScriptResult<T> = Result<T, Box<EvalAltResult>>;
@@ -58,10 +58,13 @@ pub fn register(engine: &mut Engine, state: &Arc<TestState>) {
         request(&s, RequestFields::parse(fields)?)
     });
     let s = state.clone();
-    engine.register_fn("mock", move |pattern: Dynamic, result: Map| -> ScriptResult<()> {
-        s.recorder.mock(pattern_of(pattern)?, outcome_of(result)?);
-        Ok(())
-    });
+    engine.register_fn(
+        "mock",
+        move |pattern: Dynamic, result: Map| -> ScriptResult<()> {
+            s.recorder.mock(pattern_of(pattern)?, outcome_of(result)?);
+            Ok(())
+        },
+    );
     let s = state.clone();
     engine.register_fn("commands", move || -> Array {
         let timeout = s.default_timeout;
@@ -90,7 +93,9 @@ pub fn register(engine: &mut Engine, state: &Arc<TestState>) {
 }
 
 fn register_assertions(engine: &mut Engine) {
-    engine.register_fn("assert", |cond: bool| check(cond, || "assertion failed".into()));
+    engine.register_fn("assert", |cond: bool| {
+        check(cond, || "assertion failed".into())
+    });
     engine.register_fn("assert", |cond: bool, message: Dynamic| {
         check(cond, || message.to_string())
     });
@@ -311,7 +316,11 @@ fn outcome_of(result: Map) -> ScriptResult<Outcome> {
                 outcome.duration = Duration::from_millis(ms.max(0) as u64);
             }
             "success" => return Err(script_error("mock: 'success' follows 'code'; set 'code'")),
-            other => return Err(script_error(format!("mock: unknown result field '{other}'"))),
+            other => {
+                return Err(script_error(format!(
+                    "mock: unknown result field '{other}'"
+                )));
+            }
         }
     }
     Ok(outcome)
@@ -331,7 +340,10 @@ pub fn command_map(recorded: &Recorded, default_timeout: Duration) -> Map {
     };
     let mut opts = Map::new();
     if !spec.env.is_empty() {
-        let env = spec.env.iter().map(|(k, v)| (k.into(), Dynamic::from(v.clone())));
+        let env = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.into(), Dynamic::from(v.clone())));
         opts.insert("env".into(), Dynamic::from_map(env.collect()));
     }
     if spec.clear_env {

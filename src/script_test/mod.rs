@@ -8,8 +8,8 @@ mod helpers;
 pub use helpers::{TestState, command_json, command_map};
 
 use crate::config::Limits;
-use crate::runtime::Runtime;
 use crate::runner::Recorder;
+use crate::runtime::Runtime;
 use crate::script::context::{self, ClientSink, HandlerContext};
 use crate::script::{self, build_engine};
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Scope};
@@ -214,11 +214,8 @@ pub fn registered_names(testing: bool) -> Vec<String> {
         true => test_engine(limits, &TestState::new(limits.command_timeout)).0,
         false => build_engine(&Runtime::new(limits)),
     };
-    let mut names: Vec<String> = engine.collect_fn_metadata(
-        None,
-        |info| Some(info.metadata.name.to_string()),
-        false,
-    );
+    let mut names: Vec<String> =
+        engine.collect_fn_metadata(None, |info| Some(info.metadata.name.to_string()), false);
     names.sort();
     names.dedup();
     names

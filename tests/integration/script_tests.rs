@@ -150,7 +150,10 @@ fn test_fails_with_assert_match() {
 #[test]
 fn an_error_thrown_by_the_handler_points_at_the_handler_line() {
     let handler = "fn handle(req) {\n    if req.payload == \"boom\" {\n        throw \"no such verb\";\n    }\n}\n";
-    let (scratch, _, _) = pair(handler, "fn test_boom() {\n    handle(request(\"boom\"));\n}\n");
+    let (scratch, _, _) = pair(
+        handler,
+        "fn test_boom() {\n    handle(request(\"boom\"));\n}\n",
+    );
     let output = test_run(&scratch, &[]);
     assert_eq!(
         out(&output),
@@ -256,8 +259,16 @@ fn advance_takes_durations_and_refuses_nonsense() {
     let (scratch, _, _) = pair(ECHO, tests);
     let output = test_run(&scratch, &[]);
     let stdout = out(&output);
-    assert!(stdout.starts_with("test test_ok ... ok\ntest test_nonsense ... FAILED: advance: 'soon' is not a duration"), "{stdout}");
-    assert!(stdout.ends_with(" at handler.test.rhai:7\n1 passed, 1 failed\n"), "{stdout}");
+    assert!(
+        stdout.starts_with(
+            "test test_ok ... ok\ntest test_nonsense ... FAILED: advance: 'soon' is not a duration"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with(" at handler.test.rhai:7\n1 passed, 1 failed\n"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -272,7 +283,10 @@ fn scripts_that_do_not_compile_exit_2_with_the_line_and_a_caret() {
         err(&output)
     );
 
-    scratch.write("handler.test.rhai", "fn test_x() {\n    handle(request(\"a\"));\n    nosuch(1, 2);\n}\n");
+    scratch.write(
+        "handler.test.rhai",
+        "fn test_x() {\n    handle(request(\"a\"));\n    nosuch(1, 2);\n}\n",
+    );
     let output = test_run(&scratch, &[]);
     assert_eq!(output.status.code(), Some(2));
     assert_eq!(
@@ -283,7 +297,10 @@ fn scripts_that_do_not_compile_exit_2_with_the_line_and_a_caret() {
     scratch.write("handler.rhai", "fn handler(req) {}\n");
     let output = test_run(&scratch, &[]);
     assert_eq!(output.status.code(), Some(2));
-    assert_eq!(err(&output), "handler.rhai: no function handle(req) with one parameter\n");
+    assert_eq!(
+        err(&output),
+        "handler.rhai: no function handle(req) with one parameter\n"
+    );
 }
 
 #[test]
@@ -318,9 +335,17 @@ fn check_shows_the_line_with_a_caret_and_rejects_unknown_functions() {
         "fn handle(req) { let f = Fn(\"twice\"); let g = |x| x; twice(req.args.len()) + f.call(1) + g(1) + exec([\"true\"]).code }\nfn twice(x) { x * 2 }\n",
     );
     let output = run(&["check", fine.to_str().unwrap()]);
-    assert_eq!((out(&output).as_str(), output.status.code()), ("ok\n", Some(0)), "{}", err(&output));
+    assert_eq!(
+        (out(&output).as_str(), output.status.code()),
+        ("ok\n", Some(0)),
+        "{}",
+        err(&output)
+    );
     let helper = scratch.write("helper.rhai", "fn handle(req) { mock([\"a\"], #{}) }\n");
-    assert_eq!(run(&["check", helper.to_str().unwrap()]).status.code(), Some(1));
+    assert_eq!(
+        run(&["check", helper.to_str().unwrap()]).status.code(),
+        Some(1)
+    );
 }
 
 #[test]
@@ -332,7 +357,10 @@ fn a_failed_reload_logs_the_line_with_a_caret() {
     )
     .unwrap();
     let line = server.log.wait_for("script reload failed");
-    assert!(line.contains("handler.rhai:2:5: unknown function nosuchfn()"), "{line}");
+    assert!(
+        line.contains("handler.rhai:2:5: unknown function nosuchfn()"),
+        "{line}"
+    );
     server.log.wait_for("2 |     nosuchfn(1)");
     server.log.wait_for("  |     ^");
     assert_eq!(server.ask("x"), "v1");
@@ -343,7 +371,14 @@ fn call_dry_run_prints_the_reply_and_each_command_as_json_without_running_it() {
     let scratch = Scratch::new();
     let handler = scratch.write("handler.rhai", TOUCHER);
     let dir = scratch.dir.path().to_str().unwrap();
-    let output = run(&["call", "--dry-run", "--script", handler.to_str().unwrap(), "--", dir]);
+    let output = run(&[
+        "call",
+        "--dry-run",
+        "--script",
+        handler.to_str().unwrap(),
+        "--",
+        dir,
+    ]);
     assert_eq!(output.status.code(), Some(0), "{}", err(&output));
     assert_eq!(out(&output), "0  job 1: 0");
     assert_eq!(
@@ -374,7 +409,10 @@ fn every_shipped_handler_has_tests_and_they_pass() {
     assert!(handlers.len() >= 9, "{handlers:?}");
     for name in handlers {
         let tests = repo(&format!("scripts/tests/{name}.test.rhai"));
-        assert!(tests.exists(), "scripts/{name}.rhai has no scripts/tests/{name}.test.rhai");
+        assert!(
+            tests.exists(),
+            "scripts/{name}.rhai has no scripts/tests/{name}.test.rhai"
+        );
         let handler = repo(&format!("scripts/{name}.rhai"));
         let output = run(&[
             "test",
@@ -383,7 +421,12 @@ fn every_shipped_handler_has_tests_and_they_pass() {
             tests.to_str().unwrap(),
         ]);
         let stdout = out(&output);
-        assert_eq!(output.status.code(), Some(0), "{name}:\n{stdout}{}", err(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{name}:\n{stdout}{}",
+            err(&output)
+        );
         let summary = stdout.lines().last().unwrap_or_default();
         assert!(
             summary.ends_with(" passed, 0 failed") && !summary.starts_with("0 "),
