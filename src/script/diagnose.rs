@@ -128,3 +128,31 @@ fn is_identifier(name: &str) -> bool {
         .is_some_and(|c| c.is_alphabetic() || c == '_')
         && name.chars().all(|c| c.is_alphanumeric() || c == '_')
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_caret_sits_under_the_column_tabs_included() {
+        let source = "fn handle(req) {\n\tlet x = ;\n}\n";
+        let shown = with_excerpt("f:2:10: oops".into(), source, Position::new(2, 10));
+        assert_eq!(shown, "f:2:10: oops\n  |\n2 | \tlet x = ;\n  | \t        ^");
+        let past_the_end = with_excerpt("f: oops".into(), source, Position::new(9, 1));
+        assert_eq!(past_the_end, "f: oops");
+    }
+
+    #[test]
+    fn only_calls_to_functions_that_exist_nowhere_are_reported() {
+        let mut engine = Engine::new_raw();
+        engine.register_fn("known", |x: i64| x);
+        let script = "fn handle(req) {\n  let f = |x| x;\n  known(1) + mine(2) + f(3) + \
+                      !true.to_string().len() + missing(4) + known(1, 2)\n}\nfn mine(x) { x }\n";
+        let ast = engine.compile(script).expect("compiles");
+        let found: Vec<(String, usize)> = unknown_calls(&engine, &ast, None)
+            .into_iter()
+            .map(|c| (c.name, c.arguments))
+            .collect();
+        assert_eq!(found, [("missing".into(), 1), ("known".into(), 2)]);
+    }
+}
