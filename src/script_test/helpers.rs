@@ -84,6 +84,8 @@ pub fn register(engine: &mut Engine, state: &Arc<TestState>) {
         let mut env = s.env.lock().unwrap_or_else(|p| p.into_inner());
         env.insert(name.into(), value.into());
     });
+    // Moves the clock that time-based features read (`runtime.clock`); once debounced jobs
+    // exist, this is where those that became due start.
     let s = state.clone();
     engine.register_fn("advance", move |by: Dynamic| -> ScriptResult<()> {
         s.clock.advance(duration_of(by)?);
