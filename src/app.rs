@@ -2,7 +2,8 @@
 //! maps them to exit statuses in one place.
 
 use crate::auth::Tokens;
-use crate::cli::{CallArgs, Cli, Command};
+use crate::cli::{CallArgs, Cli, Command, TestArgs};
+use crate::clock::RealClock;
 use crate::config::{Config, Limits};
 use crate::error::Fatal;
 use crate::framing::Framing;
@@ -11,7 +12,7 @@ use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
-use crate::{client, footprint, metrics, reload, workers};
+use crate::{client, footprint, metrics, reload, script_test, workers};
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
 use std::io::{Read, Write};
@@ -25,7 +26,22 @@ pub fn run(cli: Cli) -> Result<u8, Fatal> {
         Command::Check(args) => Ok(check(&args.file)),
         Command::Call(args) => call(args),
         Command::Send(args) => client::send(args),
+        Command::Test(args) => Ok(test(args)),
     }
+}
+
+fn test(args: TestArgs) -> u8 {
+    let plan = script_test::TestPlan {
+        handler: args.script,
+        files: args.tests,
+        filter: args.filter,
+        limits: Limits {
+            handler_timeout: args.handler_timeout,
+            command_timeout: args.command_timeout,
+            ..Limits::default()
+        },
+    };
+    script_test::run(&plan)
 }
 
 fn check(path: &std::path::Path) -> u8 {
@@ -151,7 +167,15 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
         command_timeout: args.command_timeout,
         ..Limits::default()
     };
-    let host = ScriptHost::load(&args.script, Runtime::new(limits)).map_err(Fatal::Usage)?;
+    let runtime = match args.dry_run {
+        true => Runtime::with_seams(
+            limits,
+            script_test::dry_run_recorder(limits),
+            Arc::new(RealClock),
+        ),
+        false => Runtime::new(limits),
+    };
+    let host = ScriptHost::load(&args.script, runtime).map_err(Fatal::Usage)?;
     let peer = args
         .peer
         .parse()

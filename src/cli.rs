@@ -26,6 +26,8 @@ pub enum Command {
     Call(CallArgs),
     /// Send one request to a server and print the reply.
     Send(SendArgs),
+    /// Run a handler's tests (`fn test_*()` in Rhai) with every command mocked, none run.
+    Test(TestArgs),
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -215,9 +217,37 @@ pub struct CallArgs {
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = duration)]
     pub handler_timeout: Duration,
 
+    /// Record the commands instead of running them: each goes to stderr as one JSON line,
+    /// answered with code 0 and no output.
+    #[arg(long)]
+    pub dry_run: bool,
+
     /// The payload words; `-` alone reads the body from stdin (stream framing).
     #[arg(last = true, value_name = "PAYLOAD")]
     pub payload: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct TestArgs {
+    /// The Rhai script under test, which defines `fn handle(req)`.
+    #[arg(long, env = "CT_SCRIPT", value_name = "FILE")]
+    pub script: PathBuf,
+
+    /// Test files: every `fn test_*()` in them runs, in file order.
+    #[arg(value_name = "TESTS", required = true)]
+    pub tests: Vec<PathBuf>,
+
+    /// Run only the tests whose names contain TEXT.
+    #[arg(long, value_name = "TEXT")]
+    pub filter: Option<String>,
+
+    /// Default limit of one command (a recorded command's `timeout` shows when it differs).
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = duration)]
+    pub command_timeout: Duration,
+
+    /// Wall-clock limit of one test.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = duration)]
+    pub handler_timeout: Duration,
 }
 
 #[derive(Args, Debug)]

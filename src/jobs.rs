@@ -68,9 +68,10 @@ impl Jobs {
     ) -> Result<i64, String> {
         let id = runtime.jobs.reserve(runtime.limits.max_jobs)?;
         let thread_runtime = runtime.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("job-{id}"))
-            .spawn(move || run_job(&thread_runtime, id, spec, lock, request_id));
+        let spawned = runtime.runner.spawn_job(
+            format!("job-{id}"),
+            Box::new(move || run_job(&thread_runtime, id, spec, lock, request_id)),
+        );
         if let Err(e) = spawned {
             runtime.jobs.table().running.remove(&id);
             metrics().running_jobs.dec();

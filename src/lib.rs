@@ -12,6 +12,9 @@
 //! - [`script`]: the Rhai engine, `handle(req)`, and the functions scripts call.
 //! - [`commands`]: running one command with its process group, deadline and output cap.
 //! - [`runtime`]: what handlers and jobs share; [`jobs`]: `start`/`job`; [`locks`]: `opts.lock`.
+//! - [`runner`]: the seam where commands run (processes, or a recorder with mocks);
+//!   [`clock`]: the seam where time is read (real, or virtual in tests).
+//! - [`script_test`]: `command-trigger test`, the helpers test scripts call, `call --dry-run`.
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as loop events; [`reload`]: hot reload of files.
 //! - [`client`]: the `send` subcommand; [`init`]: the built-in init when running as PID 1.
 //! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
@@ -22,6 +25,7 @@ pub mod auth;
 pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod connection;
@@ -36,8 +40,10 @@ pub mod logging;
 pub mod metrics;
 pub mod reload;
 pub mod request;
+pub mod runner;
 pub mod runtime;
 pub mod script;
+pub mod script_test;
 pub mod server;
 pub mod signals;
 pub mod wire;

@@ -1,10 +1,13 @@
 //! What every handler and background job shares: the limits, the running process groups (so
-//! shutdown can kill them), the named locks, the job table, and the hard-stop flag.
+//! shutdown can kill them), the named locks, the job table, and the hard-stop flag; and the
+//! two seams tests replace: how commands run ([`Runner`]) and what time it is ([`Clock`]).
 
+use crate::clock::{Clock, RealClock};
 use crate::commands::{self, CommandSpec, Outcome, OutputSink, ProcessGroups};
 use crate::config::Limits;
 use crate::jobs::Jobs;
 use crate::locks::NamedLocks;
+use crate::runner::{Processes, Runner};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -16,16 +19,32 @@ pub struct Runtime {
     pub jobs: Jobs,
     /// Set on a hard stop: every running script ends at its next operation.
     pub abort: AtomicBool,
+    /// Carries out commands: real processes, or a recorder in tests and dry runs.
+    pub runner: Arc<dyn Runner>,
+    /// What time-based features read as now: real, or virtual in tests.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Runtime {
+    /// The server's runtime: real processes, real time.
     pub fn new(limits: Limits) -> Arc<Runtime> {
+        Runtime::with_seams(limits, Arc::new(Processes), Arc::new(RealClock))
+    }
+
+    /// A runtime whose commands and time come from `runner` and `clock`.
+    pub fn with_seams(
+        limits: Limits,
+        runner: Arc<dyn Runner>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Runtime> {
         Arc::new(Runtime {
             limits,
             groups: ProcessGroups::default(),
             locks: NamedLocks::default(),
             jobs: Jobs::default(),
             abort: AtomicBool::new(false),
+            runner,
+            clock,
         })
     }
 
@@ -42,12 +61,18 @@ impl Runtime {
         lock: Option<&str>,
         sink: OutputSink<'_>,
     ) -> Outcome {
-        let outcome = self.run_locked(spec, lock, sink);
+        let outcome = self.runner.run(self, spec, lock, sink);
         crate::metrics::metrics().record_command(outcome.success());
         outcome
     }
 
-    fn run_locked(&self, spec: &CommandSpec, lock: Option<&str>, sink: OutputSink<'_>) -> Outcome {
+    /// Real processes' way of running a command (see [`Processes`]).
+    pub(crate) fn run_locked(
+        &self,
+        spec: &CommandSpec,
+        lock: Option<&str>,
+        sink: OutputSink<'_>,
+    ) -> Outcome {
         let Some(name) = lock else {
             return commands::run(spec, sink, &self.groups);
         };

@@ -5,8 +5,9 @@
 //! `Scope`. What a call needs to know about its request (id, deadline, the client to `write`
 //! to) lives in a thread-local [`context`], set for the length of the call.
 
-mod api;
+pub(crate) mod api;
 pub mod context;
+pub(crate) mod diagnose;
 mod webhook;
 
 use crate::http::HttpHead;
@@ -112,7 +113,9 @@ const MIN_STRING_BYTES: usize = 4 << 20;
 /// How many operations pass between two looks at the clock.
 const DEADLINE_CHECK_EVERY: u64 = 256;
 
-fn build_engine(runtime: &Arc<Runtime>) -> Engine {
+/// The engine every script runs in: the standard library, the limits, and the functions of
+/// SPEC §5 and §10 bound to `runtime`. Frozen by the caller once built.
+pub(crate) fn build_engine(runtime: &Arc<Runtime>) -> Engine {
     // `new_raw`: no module resolver, so `import` cannot read files from disk.
     let mut engine = Engine::new_raw();
     engine.register_global_module(StandardPackage::new().as_shared_module());
@@ -141,10 +144,10 @@ fn build_engine(runtime: &Arc<Runtime>) -> Engine {
     engine
 }
 
-fn compile(engine: &Engine, path: &Path) -> Result<AST, String> {
-    let ast = engine
-        .compile_file(path.to_owned())
-        .map_err(|e| describe(path, &e))?;
+/// Compiles the handler at `path`: syntax, `handle(req)`, and calls to unknown functions.
+pub(crate) fn compile(engine: &Engine, path: &Path) -> Result<AST, String> {
+    let source = read_source(path)?;
+    let ast = compile_source(engine, path, &source)?;
     let has_handle = ast
         .iter_functions()
         .any(|f| f.name == "handle" && f.params.len() == 1);
@@ -154,7 +157,51 @@ fn compile(engine: &Engine, path: &Path) -> Result<AST, String> {
             path.display()
         ));
     }
+    check_calls(engine, path, &source, &ast, None)?;
     Ok(ast)
+}
+
+/// The text of a script file; a `#!` first line is blanked (not removed, so lines keep their
+/// numbers), as Rhai does for files.
+pub(crate) fn read_source(path: &Path) -> Result<String, String> {
+    let mut source = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: reading the script: {e}", path.display()))?;
+    if source.starts_with("#!") {
+        let end = source.find('\n').unwrap_or(source.len());
+        source.replace_range(..end, "");
+    }
+    Ok(source)
+}
+
+/// Compiles `source`; a syntax error names `path`, line and column, and shows the line.
+pub(crate) fn compile_source(engine: &Engine, path: &Path, source: &str) -> Result<AST, String> {
+    engine.compile(source).map_err(|e| {
+        let error = EvalAltResult::from(e);
+        diagnose::with_excerpt(describe(path, &error), source, error.position())
+    })
+}
+
+/// Fails on calls in `ast` to functions that neither it, `also` (the handler a test file is
+/// compiled with) nor the engine define, each shown with its line.
+pub(crate) fn check_calls(
+    engine: &Engine,
+    path: &Path,
+    source: &str,
+    ast: &AST,
+    also: Option<&AST>,
+) -> Result<(), String> {
+    let unknown = diagnose::unknown_calls(engine, ast, also);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let reports: Vec<String> = unknown
+        .iter()
+        .map(|call| {
+            let message = located(path, call.position, &call.message());
+            diagnose::with_excerpt(message, source, call.position)
+        })
+        .collect();
+    Err(reports.join("\n"))
 }
 
 /// `FILE:LINE:COL: message`, from the innermost error that has a position.
@@ -164,6 +211,11 @@ pub fn describe(path: &Path, error: &EvalAltResult) -> String {
     for pos in [error.position(), position] {
         message = message.replace(&format!(" ({pos})"), "");
     }
+    located(path, position, &message)
+}
+
+/// `FILE:LINE:COL: message`, with as much of the position as is known.
+pub(crate) fn located(path: &Path, position: Position, message: &str) -> String {
     match (position.line(), position.position()) {
         (Some(line), Some(col)) => format!("{}:{line}:{col}: {message}", path.display()),
         (Some(line), None) => format!("{}:{line}: {message}", path.display()),
@@ -185,7 +237,8 @@ fn innermost_position(error: &EvalAltResult) -> Position {
     best
 }
 
-fn request_map(request: &Request) -> Map {
+/// `req` as the script sees it (SPEC §5, §10).
+pub(crate) fn request_map(request: &Request) -> Map {
     // HTTP carries its payload in the body; the other framings on the first line.
     let payload_bytes = if request.http.is_some() {
         &request.body

@@ -11,4 +11,5 @@ mod hardening;
 mod http;
 mod live;
 mod ops;
+mod script_tests;
 mod scripts;
