@@ -6,7 +6,7 @@ use crate::config::Limits;
 use crate::jobs::Jobs;
 use crate::locks::NamedLocks;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 pub struct Runtime {
@@ -16,6 +16,10 @@ pub struct Runtime {
     pub jobs: Jobs,
     /// Set on a hard stop: every running script ends at its next operation.
     pub abort: AtomicBool,
+    /// Set when a stop begins: the watcher and scheduler queue no new calls.
+    pub stopping: AtomicBool,
+    /// `on_change`/`on_tick` calls queued or running, so a stop waits for them as for requests.
+    pub triggers_running: AtomicUsize,
 }
 
 impl Runtime {
@@ -26,12 +30,16 @@ impl Runtime {
             locks: NamedLocks::default(),
             jobs: Jobs::default(),
             abort: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            triggers_running: AtomicUsize::new(0),
         })
     }
 
-    /// Whether commands (of handlers or jobs) are still running.
+    /// Whether commands (of handlers or jobs) or trigger calls are still running.
     pub fn busy(&self) -> bool {
-        !self.groups.is_empty() || self.jobs.alive() > 0
+        !self.groups.is_empty()
+            || self.jobs.alive() > 0
+            || self.triggers_running.load(Ordering::SeqCst) > 0
     }
 
     /// Runs `spec`, first waiting for `lock` if it names one. Waiting counts against the
