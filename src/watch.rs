@@ -28,8 +28,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Files up to this size are compared by content too, not only by metadata: some volumes
-/// rewrite a file in place with the same size and a coarse or unchanged mtime.
+/// Files up to this size are compared by content, not by metadata: some volumes rewrite a file
+/// in place with the same size and a coarse or unchanged mtime.
 const HASHED_BYTES: u64 = 1 << 20;
 /// A path that never goes quiet still gets an event after this many debounce periods.
 const MAX_WAIT_PERIODS: u32 = 10;
@@ -312,43 +312,50 @@ enum Snapshot {
     Dir(BTreeMap<OsString, Fingerprint>),
 }
 
-/// A version of a file: a swap, a rename over it or a rewrite changes at least one field.
+/// A version of a file. Small files are known by their content, so a ConfigMap swap that
+/// gives every key a new inode reports only the keys whose content changed; anything else by
+/// metadata, which a swap, a rename over it or a rewrite changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Fingerprint {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    modified: Option<SystemTime>,
-    content: Option<u64>,
+enum Fingerprint {
+    Content { len: u64, hash: u64 },
+    Metadata {
+        dev: u64,
+        ino: u64,
+        len: u64,
+        modified: Option<SystemTime>,
+    },
 }
 
 impl Fingerprint {
     fn of(path: &Path) -> Option<Fingerprint> {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(path).ok()?;
-        let content = (meta.is_file() && meta.len() <= HASHED_BYTES)
-            .then(|| content_hash(path))
-            .flatten();
-        Some(Fingerprint {
+        if meta.is_file()
+            && meta.len() <= HASHED_BYTES
+            && let Some((len, hash)) = content_hash(path)
+        {
+            return Some(Fingerprint::Content { len, hash });
+        }
+        Some(Fingerprint::Metadata {
             dev: meta.dev(),
             ino: meta.ino(),
             len: meta.len(),
             modified: meta.modified().ok(),
-            content,
         })
     }
 }
 
-fn content_hash(path: &Path) -> Option<u64> {
+/// Length and hash of what the file holds now (read in full, up to one more than the cap).
+fn content_hash(path: &Path) -> Option<(u64, u64)> {
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .ok()?
-        .take(HASHED_BYTES)
+        .take(HASHED_BYTES + 1)
         .read_to_end(&mut bytes)
         .ok()?;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut hasher);
-    Some(hasher.finish())
+    Some((bytes.len() as u64, hasher.finish()))
 }
 
 impl Snapshot {

@@ -10,5 +10,6 @@ mod core;
 mod hardening;
 mod http;
 mod live;
+mod local_triggers;
 mod ops;
 mod scripts;
