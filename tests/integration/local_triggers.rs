@@ -300,3 +300,47 @@ fn without_streaming_trailers_travel_as_headers() {
     assert!(reply.contains("\r\nx-exit-code: 0\r\n"), "{reply}");
     assert!(reply.ends_with("\r\n\r\ndone\n"), "{reply}");
 }
+
+/// An "application" that writes its config's content to `seen` on every SIGHUP, as a reload.
+fn application(dir: &Path) -> std::process::Child {
+    let line = format!(
+        "trap 'cat {dir}/conf/app.conf > {dir}/seen' HUP; echo $$ > {dir}/pid; while :; do sleep 0.05; done",
+        dir = dir.display()
+    );
+    let child = std::process::Command::new("sh").arg("-c").arg(line).spawn().unwrap();
+    assert!(file_exists_within(&dir.join("pid"), WAIT), "the application did not start");
+    child
+}
+
+#[test]
+fn config_reload_script_validates_signals_and_confirms() {
+    let dir = files();
+    let conf = dir.path().join("conf");
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::write(conf.join("app.conf"), "valid 1").unwrap();
+    let mut app = application(dir.path());
+    let d = dir.path().display().to_string();
+    let mut command = command();
+    command
+        .arg("serve")
+        .args(["--script", "scripts/config-reload.rhai", "--token-env", "TOKEN"])
+        .args(["--watch", &format!("{d}/conf"), "--watch-debounce", "100ms"])
+        .env("CONFIG_VALIDATE", "grep -q '^valid' \"$CHANGED_PATH\"")
+        .env("RELOAD_PIDFILE", format!("{d}/pid"))
+        .env("CONFIRM_COMMAND", format!("cmp -s {d}/seen \"$CHANGED_PATH\""))
+        .env("CONFIRM_ATTEMPTS", "5");
+    let server = Server::spawn(command, Scratch::new(), &["--listen", "127.0.0.1:0"], &[]);
+
+    std::fs::write(conf.join("app.conf"), "valid 2").unwrap();
+    server.log.wait_for("reloaded: sent HUP");
+    assert_eq!(std::fs::read_to_string(dir.path().join("seen")).unwrap(), "valid 2");
+
+    // A config that fails validation is never signalled: the application keeps the old one.
+    std::fs::write(conf.join("app.conf"), "broken").unwrap();
+    let failed = server.log.wait_for("config rejected");
+    assert!(failed.contains("watch 2 failed"), "{failed}");
+    server.log.wait_for("watch 2 path=");
+    assert_eq!(std::fs::read_to_string(dir.path().join("seen")).unwrap(), "valid 2");
+    let _ = app.kill();
+    let _ = app.wait();
+}
