@@ -71,8 +71,11 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         .map_err(|e| runtime_error("starting workers", e))?;
     let reload = reload::spawn(host, config.token_sources.clone(), outbox)
         .map_err(|e| runtime_error("starting the reload thread", e))?;
-    start_triggers(&config, Triggers::new(pool.trigger_queue(), runtime.clone()))
-        .map_err(|e| runtime_error("starting the watch and schedule threads", e))?;
+    start_triggers(
+        &config,
+        Triggers::new(pool.trigger_queue(), runtime.clone()),
+    )
+    .map_err(|e| runtime_error("starting the watch and schedule threads", e))?;
 
     announce(&listeners, config.print_addr)?;
     if let Some(listener) = metrics_listener {

@@ -121,7 +121,9 @@ impl Metrics {
         );
         for kind in crate::trigger::Kind::ALL {
             for outcome in TRIGGER_OUTCOMES {
-                let _ = self.trigger_runs.get_or_create_owned(&trigger_labels(kind, outcome));
+                let _ = self
+                    .trigger_runs
+                    .get_or_create_owned(&trigger_labels(kind, outcome));
             }
         }
         self.requests_by_outcome = Verdict::ALL

@@ -106,7 +106,10 @@ impl Ticker {
             let Some(offset) = period.checked_mul(due_index) else {
                 return;
             };
-            if !sleep_until(|| (origin + offset).checked_duration_since(Instant::now()), &self.triggers) {
+            if !sleep_until(
+                || (origin + offset).checked_duration_since(Instant::now()),
+                &self.triggers,
+            ) {
                 return;
             }
             // Woken long after (the process was stopped): the ticks in between are missed, not
@@ -115,7 +118,10 @@ impl Ticker {
             if behind > due_index {
                 let missed = behind - due_index;
                 self.n += u64::from(missed);
-                log::warn!("schedule {}: skipped {missed} missed tick(s)", self.schedule);
+                log::warn!(
+                    "schedule {}: skipped {missed} missed tick(s)",
+                    self.schedule
+                );
                 crate::metrics::metrics().record_trigger(Kind::Tick, "skipped");
                 due_index = behind;
             }

@@ -140,7 +140,12 @@ const OUTPUT_SHOWN: usize = 512;
 impl ClientSink for LogSink {
     fn send(&mut self, bytes: Vec<u8>) {
         let text = String::from_utf8_lossy(&bytes[..bytes.len().min(OUTPUT_SHOWN)]).into_owned();
-        log::debug!("{} {} output: {}", self.kind.as_str(), self.id, text.trim_end());
+        log::debug!(
+            "{} {} output: {}",
+            self.kind.as_str(),
+            self.id,
+            text.trim_end()
+        );
     }
 }
 

@@ -58,9 +58,15 @@ pub fn spawn(settings: WatchSettings, triggers: Triggers) -> std::io::Result<()>
     let inotify = notify::recommended_watcher(move |event| {
         let _ = events.send(Message::Fs(event));
     })
-    .map_err(|e| log::warn!("--watch: inotify unavailable ({e}); comparing every --watch-poll only"))
+    .map_err(|e| {
+        log::warn!("--watch: inotify unavailable ({e}); comparing every --watch-poll only")
+    })
     .ok();
-    let watches = settings.paths.iter().map(|p| Watch::new(p.clone())).collect();
+    let watches = settings
+        .paths
+        .iter()
+        .map(|p| Watch::new(p.clone()))
+        .collect();
     let mut state = WatchThread {
         settings,
         triggers,
@@ -69,8 +75,11 @@ pub fn spawn(settings: WatchSettings, triggers: Triggers) -> std::io::Result<()>
         watches,
         done: sender,
     };
+    // inotify first, then the baseline: a change in between is then either in the baseline
+    // or reported, never lost.
     state.rearm();
-    for watch in &state.watches {
+    for watch in &mut state.watches {
+        watch.seen = Snapshot::take(&watch.path);
         log::info!("watching {} for on_change", watch.path.display());
     }
     thread::Builder::new()
@@ -96,7 +105,7 @@ struct Watch {
 impl Watch {
     fn new(path: PathBuf) -> Watch {
         Watch {
-            seen: Snapshot::take(&path),
+            seen: Snapshot::Missing,
             dirs: Vec::new(),
             burst: None,
             pending: None,
@@ -129,10 +138,18 @@ impl Watch {
         self.seen = now;
     }
 
-    /// Directories to watch: the nearest existing ancestor (the parent, once it exists), and
-    /// the path itself when it is a directory.
+    /// Directories to watch: the nearest existing ancestor (the parent, once it exists), the
+    /// directory of the file a symlink leads to (an in-place write there), and the path itself
+    /// when it is a directory.
     fn wanted_dirs(&self) -> Vec<PathBuf> {
         let mut dirs = Vec::new();
+        if let Ok(real) = std::fs::canonicalize(&self.path)
+            && real != self.path
+            && let Some(parent) = real.parent()
+            && !real.is_dir()
+        {
+            dirs.push(parent.to_owned());
+        }
         let mut ancestor = self.path.parent();
         while let Some(dir) = ancestor {
             if dir.is_dir() {
@@ -248,8 +265,13 @@ impl WatchThread {
             let on_done = Box::new(move || {
                 let _ = done.send(Message::Done);
             });
-            self.triggers
-                .submit(Kind::Watch, event, what, watch.running.clone(), Some(on_done));
+            self.triggers.submit(
+                Kind::Watch,
+                event,
+                what,
+                watch.running.clone(),
+                Some(on_done),
+            );
         }
     }
 
@@ -317,7 +339,10 @@ enum Snapshot {
 /// metadata, which a swap, a rename over it or a rewrite changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Fingerprint {
-    Content { len: u64, hash: u64 },
+    Content {
+        len: u64,
+        hash: u64,
+    },
     Metadata {
         dev: u64,
         ino: u64,
@@ -458,7 +483,7 @@ mod tests {
             kind_and_path(missing.change_to(&first, &file)),
             Some(("created".into(), path.clone()))
         );
-        assert_eq!(first.change_to(&Snapshot::take(&file), &file), None);
+        assert!(first.change_to(&Snapshot::take(&file), &file).is_none());
         std::fs::write(&file, "b").expect("write");
         let second = Snapshot::take(&file);
         assert_eq!(
@@ -497,6 +522,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let before = Snapshot::take(dir.path());
         std::fs::create_dir(dir.path().join("..2026_12_05")).expect("mkdir");
-        assert_eq!(before.change_to(&Snapshot::take(dir.path()), dir.path()), None);
+        assert!(
+            before
+                .change_to(&Snapshot::take(dir.path()), dir.path())
+                .is_none()
+        );
     }
 }

@@ -17,7 +17,10 @@ fn on_change(event) { log_info(`EVENT ${event.kind} ${event.path} paths=${event.
 /// A watching server over `paths`, with a short debounce so tests are quick.
 fn watch(scratch_paths: &[&Path], debounce: &str) -> Server {
     let mut args = vec!["--watch-debounce", debounce];
-    let paths: Vec<String> = scratch_paths.iter().map(|p| p.display().to_string()).collect();
+    let paths: Vec<String> = scratch_paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     for path in &paths {
         args.extend(["--watch", path]);
     }
@@ -56,7 +59,10 @@ fn a_file_change_runs_on_change_and_nothing_runs_at_start() {
     let server = watch(&[&file, &sentinel], "100ms");
     std::fs::write(&file, "a=2").unwrap();
     let line = server.log.wait_for("EVENT ");
-    assert!(line.contains(&format!("watch 1: EVENT modified {}", file.display())), "{line}");
+    assert!(
+        line.contains(&format!("watch 1: EVENT modified {}", file.display())),
+        "{line}"
+    );
     // The one log line per call, with its trigger.
     server.log.wait_for("watch 1 path=");
     assert_eq!(events_before_sentinel(&server, &sentinel).len(), 1);
@@ -74,7 +80,9 @@ fn a_burst_of_writes_is_one_event() {
         std::fs::write(&file, format!("version {i}")).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(30));
     }
-    server.log.wait_for(&format!("EVENT modified {}", file.display()));
+    server
+        .log
+        .wait_for(&format!("EVENT modified {}", file.display()));
     let events = events_before_sentinel(&server, &sentinel);
     assert_eq!(events.len(), 1, "{events:#?}");
 }
@@ -126,9 +134,13 @@ fn a_missing_path_is_watched_once_it_appears() {
     let server = watch(&[&file, &sentinel], "100ms");
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
     std::fs::write(&file, "a=1").unwrap();
-    server.log.wait_for(&format!("EVENT created {}", file.display()));
+    server
+        .log
+        .wait_for(&format!("EVENT created {}", file.display()));
     std::fs::remove_file(&file).unwrap();
-    server.log.wait_for(&format!("EVENT removed {}", file.display()));
+    server
+        .log
+        .wait_for(&format!("EVENT removed {}", file.display()));
 }
 
 #[test]
@@ -209,7 +221,13 @@ fn cron_is_accepted_and_a_bad_expression_is_exit_2() {
     server.log.wait_for("schedule: on_tick cron */5 * * * *");
     assert_eq!(server.ask("x"), "ok");
 
-    for bad in ["61 * * * *", "* * * * * *", "* * * *", "0 0 31 2 *", "often"] {
+    for bad in [
+        "61 * * * *",
+        "* * * * * *",
+        "* * * *",
+        "0 0 31 2 *",
+        "often",
+    ] {
         let output = refused(script, &["--cron", bad]);
         assert!(output.contains("--cron"), "{bad}: {output}");
     }
@@ -265,7 +283,9 @@ fn without_date(bytes: &[u8]) -> String {
 #[test]
 fn trailers_follow_streamed_output_on_the_wire() {
     let server = Server::start(TRAILERS, &["--framing", "http"]);
-    let request = format!("GET /run HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "GET /run HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    );
     let reply = without_date(&server.exchange(request.as_bytes()));
     assert_eq!(
         reply,
@@ -288,14 +308,18 @@ fn curl_reads_the_trailers() {
     let text = String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n");
     // curl prints the head, the body, then the trailer fields it read after the last chunk.
     assert!(text.contains("trailer: x-exit-code\n"), "{text}");
-    assert!(text.ends_with("hello\nx-exit-code: 3\n\n") || text.ends_with("hello\nx-exit-code: 3\n"), "{text}");
+    assert!(
+        text.ends_with("hello\nx-exit-code: 3\n\n") || text.ends_with("hello\nx-exit-code: 3\n"),
+        "{text}"
+    );
 }
 
 #[test]
 fn without_streaming_trailers_travel_as_headers() {
     let script = r#"fn handle(req) { #{ body: "done\n", trailers: #{ "x-exit-code": "0" } } }"#;
     let server = Server::start(script, &["--framing", "http"]);
-    let request = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Token: {TOKEN}\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("GET / HTTP/1.1\r\nHost: x\r\nX-Token: {TOKEN}\r\nConnection: close\r\n\r\n");
     let reply = without_date(&server.exchange(request.as_bytes()));
     assert!(reply.contains("\r\nx-exit-code: 0\r\n"), "{reply}");
     assert!(reply.ends_with("\r\n\r\ndone\n"), "{reply}");
@@ -307,8 +331,15 @@ fn application(dir: &Path) -> std::process::Child {
         "trap 'cat {dir}/conf/app.conf > {dir}/seen' HUP; echo $$ > {dir}/pid; while :; do sleep 0.05; done",
         dir = dir.display()
     );
-    let child = std::process::Command::new("sh").arg("-c").arg(line).spawn().unwrap();
-    assert!(file_exists_within(&dir.join("pid"), WAIT), "the application did not start");
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(line)
+        .spawn()
+        .unwrap();
+    assert!(
+        file_exists_within(&dir.join("pid"), WAIT),
+        "the application did not start"
+    );
     child
 }
 
@@ -323,24 +354,51 @@ fn config_reload_script_validates_signals_and_confirms() {
     let mut command = command();
     command
         .arg("serve")
-        .args(["--script", "scripts/config-reload.rhai", "--token-env", "TOKEN"])
+        .args([
+            "--script",
+            "scripts/config-reload.rhai",
+            "--token-env",
+            "TOKEN",
+        ])
         .args(["--watch", &format!("{d}/conf"), "--watch-debounce", "100ms"])
         .env("CONFIG_VALIDATE", "grep -q '^valid' \"$CHANGED_PATH\"")
         .env("RELOAD_PIDFILE", format!("{d}/pid"))
-        .env("CONFIRM_COMMAND", format!("cmp -s {d}/seen \"$CHANGED_PATH\""))
+        .env(
+            "CONFIRM_COMMAND",
+            format!("cmp -s {d}/seen \"$CHANGED_PATH\""),
+        )
         .env("CONFIRM_ATTEMPTS", "5");
     let server = Server::spawn(command, Scratch::new(), &["--listen", "127.0.0.1:0"], &[]);
 
     std::fs::write(conf.join("app.conf"), "valid 2").unwrap();
     server.log.wait_for("reloaded: sent HUP");
-    assert_eq!(std::fs::read_to_string(dir.path().join("seen")).unwrap(), "valid 2");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("seen")).unwrap(),
+        "valid 2"
+    );
 
     // A config that fails validation is never signalled: the application keeps the old one.
     std::fs::write(conf.join("app.conf"), "broken").unwrap();
     let failed = server.log.wait_for("config rejected");
     assert!(failed.contains("watch 2 failed"), "{failed}");
     server.log.wait_for("watch 2 path=");
-    assert_eq!(std::fs::read_to_string(dir.path().join("seen")).unwrap(), "valid 2");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("seen")).unwrap(),
+        "valid 2"
+    );
     let _ = app.kill();
     let _ = app.wait();
+}
+
+#[test]
+fn a_reload_that_drops_the_needed_function_keeps_the_old_script() {
+    let script = "fn handle(req) { \"old\" }\nfn on_tick(tick) { }";
+    let server = Server::start(script, &["--every", "1h"]);
+    server
+        .scratch
+        .write("handler.rhai", "fn handle(req) { \"new\" }");
+    server.signal(1);
+    let line = server.log.wait_for("script reload failed");
+    assert!(line.contains("on_tick"), "{line}");
+    assert_eq!(server.ask("x"), "old");
 }
