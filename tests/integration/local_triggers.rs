@@ -14,9 +14,10 @@ fn handle(req) { "ok" }
 fn on_change(event) { log_info(`EVENT ${event.kind} ${event.path} paths=${event.paths.len()}`); }
 "#;
 
-/// A watching server over `paths`, with a short debounce so tests are quick.
+/// A watching server over `paths`, with a short debounce so tests are quick. One worker, so
+/// calls run (and log) in the order the watcher found the changes.
 fn watch(scratch_paths: &[&Path], debounce: &str) -> Server {
-    let mut args = vec!["--watch-debounce", debounce];
+    let mut args = vec!["--watch-debounce", debounce, "--workers", "1"];
     let paths: Vec<String> = scratch_paths
         .iter()
         .map(|p| p.display().to_string())
@@ -203,8 +204,9 @@ fn ticks_never_overlap_and_a_skip_is_logged() {
 fn a_running_tick_finishes_at_shutdown_and_no_new_one_starts() {
     let script = r#"
         fn handle(req) { "ok" }
-        fn on_tick(tick) { log_info("BEGIN " + tick.n); run("sleep 0.5"); log_info("FINISHED " + tick.n); }
+        fn on_tick(tick) { log_info("BEGIN " + tick.n); run("sleep 1"); log_info("FINISHED " + tick.n); }
     "#;
+    // Tick 1 runs from 300 ms to 1300 ms; the stop must come before tick 5 at 1500 ms.
     let mut server = Server::start(script, &["--every", "300ms"]);
     server.log.wait_for("BEGIN 1");
     server.signal(15);
