@@ -213,7 +213,7 @@ fn a_running_tick_finishes_at_shutdown_and_no_new_one_starts() {
     assert_eq!(server.wait_exit().code(), Some(0));
     let log = server.log.text();
     assert!(log.contains("FINISHED 1"), "{log}");
-    assert!(!log.contains("BEGIN 2"), "{log}");
+    assert_eq!(log.matches("BEGIN ").count(), 1, "{log}");
 }
 
 #[test]
