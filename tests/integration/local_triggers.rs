@@ -404,3 +404,21 @@ fn a_reload_that_drops_the_needed_function_keeps_the_old_script() {
     assert!(line.contains("on_tick"), "{line}");
     assert_eq!(server.ask("x"), "old");
 }
+
+#[test]
+fn a_change_inotify_cannot_see_is_found_by_the_periodic_comparison() {
+    // A hard link: a write through `elsewhere/app.conf` is an inotify event of `elsewhere/`
+    // only, never of the watched `conf/` directory, as on volumes that send no events at all.
+    let dir = files();
+    let (conf, elsewhere) = (dir.path().join("conf"), dir.path().join("elsewhere"));
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::create_dir(&elsewhere).unwrap();
+    let file = conf.join("app.conf");
+    std::fs::write(&file, "a=1").unwrap();
+    std::fs::hard_link(&file, elsewhere.join("app.conf")).unwrap();
+    let path = file.display().to_string();
+    let server = Server::start(WATCHER, &["--watch", &path, "--watch-poll", "300ms"]);
+    server.log.wait_for("listening on");
+    std::fs::write(elsewhere.join("app.conf"), "a=2").unwrap();
+    server.log.wait_for(&format!("EVENT modified {path}"));
+}
