@@ -149,7 +149,20 @@ impl Ticker {
                 return;
             }
             self.tick(due);
-            after = next;
+            // Counting on from the due time keeps the schedule exact; but after a stall (the
+            // process was stopped, the clock jumped) the times already past are missed, not
+            // run one after another now.
+            let now: DateTime<Utc> = SystemTime::now().into();
+            after = if cron
+                .find_next_occurrence(&next, false)
+                .is_ok_and(|t| t < now)
+            {
+                log::warn!("schedule {}: skipped missed tick(s)", self.schedule);
+                crate::metrics::metrics().record_trigger(Kind::Tick, "skipped");
+                now
+            } else {
+                next
+            };
         }
     }
 
