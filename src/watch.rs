@@ -182,12 +182,15 @@ impl WatchThread {
         let mut next_poll = Instant::now() + self.settings.poll;
         loop {
             let wake = self.next_wake(next_poll);
-            let message = receiver.recv_timeout(wake.saturating_duration_since(Instant::now()));
-            match message {
-                Ok(Message::Fs(Ok(event))) => self.on_event(&event),
-                Ok(Message::Fs(Err(error))) => self.on_error(&error),
-                Ok(Message::Done) | Err(RecvTimeoutError::Timeout) => {}
+            match receiver.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Ok(message) => self.on_message(message),
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
+            }
+            // Everything already queued, so a comparison never runs ahead of an event that
+            // would have put its path in a burst.
+            while let Ok(message) = receiver.try_recv() {
+                self.on_message(message);
             }
             if self.triggers.stopping() {
                 return;
@@ -199,6 +202,14 @@ impl WatchThread {
             }
             self.compare_due(now, poll_due);
             self.submit_pending();
+        }
+    }
+
+    fn on_message(&mut self, message: Message) {
+        match message {
+            Message::Fs(Ok(event)) => self.on_event(&event),
+            Message::Fs(Err(error)) => self.on_error(&error),
+            Message::Done => {}
         }
     }
 
