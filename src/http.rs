@@ -489,4 +489,22 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn trailers_end_a_chunked_body_and_cannot_smuggle_or_frame() {
+        let pair = |n: &str, v: &str| (n.to_owned(), v.to_owned());
+        let trailers = [
+            pair("X-Exit-Code", "0"),
+            pair("content-length", "5"),
+            pair("x-evil", "1\r\n\r\nHTTP/1.1 200 OK"),
+            pair("bad name", "1"),
+            pair("authorization", "Bearer x"),
+        ];
+        assert_eq!(
+            last_chunk_with_trailers(1, &trailers),
+            b"0\r\nx-exit-code: 0\r\n\r\n".to_vec()
+        );
+        assert_eq!(last_chunk_with_trailers(1, &[]), last_chunk(1).to_vec());
+        assert!(last_chunk_with_trailers(0, &trailers).is_empty());
+    }
 }
