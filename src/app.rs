@@ -12,7 +12,9 @@ use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
-use crate::{client, footprint, metrics, reload, script_test, workers};
+use crate::trigger::{Kind, Triggers};
+use crate::watch::WatchSettings;
+use crate::{client, footprint, metrics, reload, schedule, script_test, watch, workers};
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
 use std::io::{Read, Write};
@@ -71,7 +73,8 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         None => None,
     };
     let runtime = Runtime::new(config.limits);
-    let host = Arc::new(ScriptHost::load(&config.script, runtime.clone()).map_err(Fatal::Usage)?);
+    let host = ScriptHost::load_requiring(&config.script, runtime.clone(), required(&config));
+    let host = Arc::new(host.map_err(Fatal::Usage)?);
     let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
     warnings.iter().for_each(|w| log::warn!("{w}"));
 
@@ -84,6 +87,11 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         .map_err(|e| runtime_error("starting workers", e))?;
     let reload = reload::spawn(host, config.token_sources.clone(), outbox)
         .map_err(|e| runtime_error("starting the reload thread", e))?;
+    start_triggers(
+        &config,
+        Triggers::new(pool.trigger_queue(), runtime.clone()),
+    )
+    .map_err(|e| runtime_error("starting the watch and schedule threads", e))?;
 
     announce(&listeners, config.print_addr)?;
     if let Some(listener) = metrics_listener {
@@ -106,6 +114,30 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         Server::new(config, parts).map_err(|e| runtime_error("registering listeners", e))?;
     let code = server.run().map_err(|e| runtime_error("event loop", e))?;
     Ok(code as u8)
+}
+
+/// The script functions besides `handle` that the trigger flags call.
+fn required(config: &Config) -> Vec<&'static str> {
+    let mut required = Vec::new();
+    if !config.watch.is_empty() {
+        required.push(Kind::Watch.function());
+    }
+    if !config.schedules.is_empty() {
+        required.push(Kind::Tick.function());
+    }
+    required
+}
+
+fn start_triggers(config: &Config, triggers: Triggers) -> std::io::Result<()> {
+    if !config.watch.is_empty() {
+        let settings = WatchSettings {
+            paths: config.watch.clone(),
+            debounce: config.watch_debounce,
+            poll: config.watch_poll,
+        };
+        watch::spawn(settings, triggers.clone())?;
+    }
+    schedule::spawn(&config.schedules, &triggers)
 }
 
 /// Asked of `listen(2)`; Linux caps it at `net.core.somaxconn` (4096 by default).

@@ -16,6 +16,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+// `serve`'s flags make its variant large; the value is built once per run, so boxing it
+// would save nothing worth the indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the server (the container's entrypoint).
@@ -182,6 +185,26 @@ pub struct ServeArgs {
     /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` here (plain HTTP, no token).
     #[arg(long, env = "CT_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+
+    /// Run `fn on_change(event)` when this file or directory changes (repeatable).
+    #[arg(long, env = "CT_WATCH", value_name = "PATH", value_delimiter = ',')]
+    pub watch: Vec<PathBuf>,
+
+    /// Quiet time after a change before `on_change` runs: a burst of writes is one event.
+    #[arg(long, env = "CT_WATCH_DEBOUNCE", value_name = "DUR", default_value = "1s", value_parser = duration)]
+    pub watch_debounce: Duration,
+
+    /// How often watched paths are also compared by content, for volumes that send no inotify events.
+    #[arg(long, env = "CT_WATCH_POLL", value_name = "DUR", default_value = "10s", value_parser = duration)]
+    pub watch_poll: Duration,
+
+    /// Run `fn on_tick(tick)` every DUR, counted from the start (repeatable).
+    #[arg(long, env = "CT_EVERY", value_name = "DUR", value_parser = duration, value_delimiter = ',')]
+    pub every: Vec<Duration>,
+
+    /// Run `fn on_tick(tick)` on this standard 5-field cron schedule, in UTC (repeatable).
+    #[arg(long, env = "CT_CRON", value_name = "EXPR")]
+    pub cron: Vec<String>,
 
     /// Print the bound address(es) to stdout, one per line, once listening.
     #[arg(long, env = "CT_PRINT_ADDR")]

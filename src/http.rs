@@ -344,6 +344,43 @@ pub fn last_chunk(minor_version: u8) -> &'static [u8] {
     }
 }
 
+/// Ends a streamed body with trailer fields (RFC 9112 §7.1.2). HTTP/1.0 has no chunks, so no
+/// trailers either; fields that are not valid, or may not be trailers, are left out.
+pub fn last_chunk_with_trailers(minor_version: u8, trailers: &[(String, String)]) -> Vec<u8> {
+    if minor_version == 0 {
+        return Vec::new();
+    }
+    let mut out = b"0\r\n".to_vec();
+    for (name, value) in trailers {
+        if is_trailer_name(name) && !value.contains(['\r', '\n']) {
+            out.extend_from_slice(format!("{}: {value}\r\n", name.to_ascii_lowercase()).as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Whether `name` may be sent as a trailer: a header name that does not frame, route or
+/// authenticate the message (RFC 9110 §6.5.1), all of which a recipient needs before the body.
+pub fn is_trailer_name(name: &str) -> bool {
+    const FORBIDDEN: [&str; 11] = [
+        "trailer",
+        "te",
+        "host",
+        "authorization",
+        "set-cookie",
+        "cookie",
+        "content-type",
+        "content-encoding",
+        "content-range",
+        "cache-control",
+        "expect",
+    ];
+    is_token(name)
+        && !is_framing_header(name)
+        && !FORBIDDEN.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
 fn is_token(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -451,5 +488,23 @@ mod tests {
             !text.contains("x-evil") && text.ends_with("content-length: 2\r\n\r\nhi"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn trailers_end_a_chunked_body_and_cannot_smuggle_or_frame() {
+        let pair = |n: &str, v: &str| (n.to_owned(), v.to_owned());
+        let trailers = [
+            pair("X-Exit-Code", "0"),
+            pair("content-length", "5"),
+            pair("x-evil", "1\r\n\r\nHTTP/1.1 200 OK"),
+            pair("bad name", "1"),
+            pair("authorization", "Bearer x"),
+        ];
+        assert_eq!(
+            last_chunk_with_trailers(1, &trailers),
+            b"0\r\nx-exit-code: 0\r\n\r\n".to_vec()
+        );
+        assert_eq!(last_chunk_with_trailers(1, &[]), last_chunk(1).to_vec());
+        assert!(last_chunk_with_trailers(0, &trailers).is_empty());
     }
 }

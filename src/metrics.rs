@@ -33,6 +33,8 @@ pub struct Metrics {
     pub running_jobs: Gauge,
     pub auth_failures: Counter,
     script_reloads: Family<Labels, Counter>,
+    /// `on_change`/`on_tick` calls by trigger and outcome (SPEC §13), skipped ticks included.
+    trigger_runs: Family<Labels, Counter>,
     /// Listening with a compiled script: `/readyz` is 200.
     ready: AtomicBool,
     /// Shutdown has begun: `/healthz` is 503.
@@ -62,6 +64,7 @@ impl Metrics {
             running_jobs: Gauge::default(),
             auth_failures: Counter::default(),
             script_reloads: Family::default(),
+            trigger_runs: Family::default(),
             ready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
         };
@@ -111,6 +114,18 @@ impl Metrics {
             "Script reloads by result",
             self.script_reloads.clone(),
         );
+        r.register(
+            "trigger_runs",
+            "Calls of on_change (trigger=watch) and on_tick (trigger=tick) by outcome",
+            self.trigger_runs.clone(),
+        );
+        for kind in crate::trigger::Kind::ALL {
+            for outcome in TRIGGER_OUTCOMES {
+                let _ = self
+                    .trigger_runs
+                    .get_or_create_owned(&trigger_labels(kind, outcome));
+            }
+        }
         self.requests_by_outcome = Verdict::ALL
             .iter()
             .map(|v| {
@@ -142,6 +157,13 @@ impl Metrics {
             .inc();
     }
 
+    /// One `on_change`/`on_tick` call ended with `outcome` (one of [`TRIGGER_OUTCOMES`]).
+    pub fn record_trigger(&self, kind: crate::trigger::Kind, outcome: &'static str) {
+        self.trigger_runs
+            .get_or_create(&trigger_labels(kind, outcome))
+            .inc();
+    }
+
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
     }
@@ -156,6 +178,16 @@ impl Metrics {
         let _ = encode(&mut text, &self.registry);
         text
     }
+}
+
+/// How a trigger call can end; every pair with a trigger kind is a series from the start.
+pub const TRIGGER_OUTCOMES: [&str; 4] = ["ok", "failed", "timed-out", "skipped"];
+
+fn trigger_labels(kind: crate::trigger::Kind, outcome: &'static str) -> Labels {
+    vec![
+        ("trigger", kind.as_str().to_owned()),
+        ("outcome", outcome.to_owned()),
+    ]
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener`, one connection at a time: scrapes

@@ -457,6 +457,7 @@ impl Server {
 
     fn begin_stop(&mut self) {
         metrics().set_stopping();
+        self.parts.runtime.stopping.store(true, Ordering::SeqCst);
         log::info!("shutting down: {} request(s) in progress", self.in_flight);
         let registry = self.parts.poll.registry();
         for listener in &mut self.parts.listeners {

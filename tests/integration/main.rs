@@ -10,6 +10,7 @@ mod core;
 mod hardening;
 mod http;
 mod live;
+mod local_triggers;
 mod ops;
 mod script_tests;
 mod scripts;
