@@ -146,6 +146,7 @@ impl ClientSink for Stdout {
 }
 
 fn call(args: CallArgs) -> Result<u8, Fatal> {
+    let no_wait = args.no_wait;
     let limits = Limits {
         handler_timeout: args.handler_timeout,
         command_timeout: args.command_timeout,
@@ -174,18 +175,35 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
         framing,
         http: None,
     };
-    match host.handle(&request, Box::new(Stdout)).0 {
+    let code = match host.handle(&request, Box::new(Stdout)).0 {
         HandlerResult::Replied(reply) => {
             Stdout.send(reply.bytes);
-            Ok(0)
+            0
         }
         HandlerResult::Failed(message) => {
             eprintln!("handler failed: {message}");
-            Ok(1)
+            1
         }
         HandlerResult::TimedOut => {
             eprintln!("handler timed out");
-            Ok(1)
+            1
         }
+    };
+    settle_jobs(&host.runtime, no_wait);
+    Ok(code)
+}
+
+/// Background jobs are threads of this process: exiting would cut them off unseen. So `call`
+/// waits for them (each end is logged, as `serve` logs it) unless `--no-wait` says not to.
+fn settle_jobs(runtime: &crate::runtime::Runtime, no_wait: bool) {
+    let running = runtime.jobs.alive();
+    if running == 0 {
+        return;
     }
+    if no_wait {
+        eprintln!("--no-wait: left {running} background job(s) running, unwatched");
+        return;
+    }
+    log::info!("waiting for {running} background job(s) to end (--no-wait to not wait)");
+    runtime.jobs.wait_all();
 }

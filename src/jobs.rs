@@ -6,7 +6,7 @@ use crate::commands::{CommandSpec, Outcome, OutputSink};
 use crate::metrics::metrics;
 use crate::runtime::Runtime;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub const KEPT_FINISHED: usize = 100;
@@ -23,6 +23,8 @@ pub struct JobState {
 #[derive(Default)]
 pub struct Jobs {
     table: Mutex<JobTable>,
+    /// Signalled whenever a job leaves the running set, for [`Jobs::wait_all`].
+    ended: Condvar,
 }
 
 #[derive(Default)]
@@ -40,6 +42,15 @@ impl Jobs {
 
     pub fn alive(&self) -> usize {
         self.table().running.len()
+    }
+
+    /// Blocks until no job is running: `call` waits for the jobs its script started, so they
+    /// are not cut off when the process exits.
+    pub fn wait_all(&self) {
+        let mut table = self.table();
+        while !table.running.is_empty() {
+            table = self.ended.wait(table).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     pub fn state(&self, id: i64) -> Option<JobState> {
@@ -73,6 +84,7 @@ impl Jobs {
             .spawn(move || run_job(&thread_runtime, id, spec, lock, request_id));
         if let Err(e) = spawned {
             runtime.jobs.table().running.remove(&id);
+            runtime.jobs.ended.notify_all();
             metrics().running_jobs.dec();
             return Err(format!("starting job thread: {e}"));
         }
@@ -107,13 +119,13 @@ impl Jobs {
         while table.finished.len() > KEPT_FINISHED {
             table.finished.pop_front();
         }
+        self.ended.notify_all();
     }
 }
 
 fn run_job(runtime: &Runtime, id: i64, spec: CommandSpec, lock: Option<String>, request_id: u64) {
     let sink = OutputSink::Capture(runtime.limits.max_output_bytes);
     let outcome = runtime.run_command(&spec, lock.as_deref(), sink);
-    runtime.jobs.finish(id, &outcome);
     log::info!(
         "job {id} (request {request_id}) ended: code={} timed_out={} duration={:.1}ms",
         outcome.code,
@@ -126,4 +138,6 @@ fn run_job(runtime: &Runtime, id: i64, spec: CommandSpec, lock: Option<String>, 
             String::from_utf8_lossy(&outcome.stderr).trim_end()
         );
     }
+    // Last, so whoever waits for the job (`call`) sees its end logged.
+    runtime.jobs.finish(id, &outcome);
 }
