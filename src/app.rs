@@ -22,7 +22,12 @@ use std::sync::Arc;
 pub fn run(cli: Cli) -> Result<u8, Fatal> {
     match cli.command {
         Command::Serve(args) => serve(Config::from_args(args)?),
-        Command::Check(args) => Ok(check(&args.file)),
+        Command::Check(args) => match args.file {
+            Some(file) => Ok(check(&file)),
+            None => Err(Fatal::Usage(
+                "check: no script to compile: give its path (command-trigger check FILE) or set CT_SCRIPT".into(),
+            )),
+        },
         Command::Call(args) => call(args),
         Command::Send(args) => client::send(args),
     }
@@ -58,6 +63,11 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     let host = Arc::new(ScriptHost::load(&config.script, runtime.clone()).map_err(Fatal::Usage)?);
     let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
     warnings.iter().for_each(|w| log::warn!("{w}"));
+    if config.token_sources.is_empty() {
+        log::warn!(
+            "--insecure-no-token: no token source, so anyone who reaches the port runs the script"
+        );
+    }
 
     let runtime_error = |what: &str, e: std::io::Error| Fatal::Runtime(format!("{what}: {e}"));
     let poll = Poll::new().map_err(|e| runtime_error("creating the event loop", e))?;

@@ -21,7 +21,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (the container's entrypoint).
     Serve(ServeArgs),
-    /// Compile a script and report errors; exit 0 if it is usable, 1 if not.
+    /// Compile a script and report errors; exit 0 if it is usable, 1 if not, 2 if no file is given.
     Check(CheckArgs),
     /// Run one request through the script locally and print the reply.
     Call(CallArgs),
@@ -189,9 +189,9 @@ pub struct ServeArgs {
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
-    /// The Rhai script to compile.
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
+    /// The Rhai script to compile (default: `CT_SCRIPT`, as `serve` would load it).
+    #[arg(value_name = "FILE", env = "CT_SCRIPT")]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -283,6 +283,11 @@ impl ResponseHead<'_> {
                 format!("content-type: {}\r\n", self.default_content_type).as_bytes(),
             );
         }
+        // A `GET /deploy` answered from a proxy's cache would never reach the pod, so no reply
+        // may be stored unless the script says otherwise.
+        if !has("cache-control") {
+            out.extend_from_slice(b"cache-control: no-store\r\n");
+        }
         for (name, value) in self.headers {
             // A script's header cannot smuggle a second header or a body in.
             if is_token(name) && !value.contains(['\r', '\n']) && !is_framing_header(name) {
