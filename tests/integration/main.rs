@@ -11,4 +11,5 @@ mod hardening;
 mod http;
 mod live;
 mod ops;
+mod rough_edges;
 mod scripts;
