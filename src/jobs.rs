@@ -23,7 +23,7 @@ pub struct JobState {
 #[derive(Default)]
 pub struct Jobs {
     table: Mutex<JobTable>,
-    /// Signalled whenever a job leaves the running set, for [`Jobs::wait_all`].
+    /// Signalled whenever a job's end has been logged, for [`Jobs::wait_all`].
     ended: Condvar,
 }
 
@@ -33,6 +33,8 @@ struct JobTable {
     /// Start time of each running job.
     running: HashMap<i64, Instant>,
     finished: VecDeque<(i64, JobState)>,
+    /// Jobs started whose end is not logged yet: running, or finished a moment ago.
+    unreported: usize,
 }
 
 impl Jobs {
@@ -44,11 +46,11 @@ impl Jobs {
         self.table().running.len()
     }
 
-    /// Blocks until no job is running: `call` waits for the jobs its script started, so they
-    /// are not cut off when the process exits.
+    /// Blocks until every job has ended and its end is logged: `call` waits for the jobs its
+    /// script started, so they are not cut off when the process exits.
     pub fn wait_all(&self) {
         let mut table = self.table();
-        while !table.running.is_empty() {
+        while table.unreported > 0 {
             table = self.ended.wait(table).unwrap_or_else(|p| p.into_inner());
         }
     }
@@ -84,7 +86,7 @@ impl Jobs {
             .spawn(move || run_job(&thread_runtime, id, spec, lock, request_id));
         if let Err(e) = spawned {
             runtime.jobs.table().running.remove(&id);
-            runtime.jobs.ended.notify_all();
+            runtime.jobs.reported();
             metrics().running_jobs.dec();
             return Err(format!("starting job thread: {e}"));
         }
@@ -101,6 +103,7 @@ impl Jobs {
         table.last_id += 1;
         let id = table.last_id;
         table.running.insert(id, Instant::now());
+        table.unreported += 1;
         metrics().running_jobs.inc();
         Ok(id)
     }
@@ -119,6 +122,12 @@ impl Jobs {
         while table.finished.len() > KEPT_FINISHED {
             table.finished.pop_front();
         }
+    }
+
+    /// A job's end is logged (or it never started): wakes [`Jobs::wait_all`].
+    fn reported(&self) {
+        let mut table = self.table();
+        table.unreported = table.unreported.saturating_sub(1);
         self.ended.notify_all();
     }
 }
@@ -126,6 +135,7 @@ impl Jobs {
 fn run_job(runtime: &Runtime, id: i64, spec: CommandSpec, lock: Option<String>, request_id: u64) {
     let sink = OutputSink::Capture(runtime.limits.max_output_bytes);
     let outcome = runtime.run_command(&spec, lock.as_deref(), sink);
+    runtime.jobs.finish(id, &outcome);
     log::info!(
         "job {id} (request {request_id}) ended: code={} timed_out={} duration={:.1}ms",
         outcome.code,
@@ -139,5 +149,5 @@ fn run_job(runtime: &Runtime, id: i64, spec: CommandSpec, lock: Option<String>, 
         );
     }
     // Last, so whoever waits for the job (`call`) sees its end logged.
-    runtime.jobs.finish(id, &outcome);
+    runtime.jobs.reported();
 }
