@@ -413,3 +413,69 @@ fn readme_names_every_ready_script_and_its_first_example_takes_an_empty_payload(
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "usage: ping | restart\n");
 }
+
+/// REDbot's notes on `url`: (note id, level).
+fn redbot_notes(url: &str) -> Vec<(String, String)> {
+    let out = shell(&format!("timeout 60 redbot -o har '{url}'"));
+    assert!(out.status.success(), "redbot {url}: {}", text(&out.stderr));
+    let har: serde_json::Value = serde_json::from_slice(&out.stdout).expect("redbot's HAR");
+    let notes = har["log"]["entries"][0]["_red_messages"].as_array().cloned();
+    notes
+        .unwrap_or_default()
+        .iter()
+        .map(|n| (n["note_id"].as_str().unwrap_or("").into(), n["level"].as_str().unwrap_or("").into()))
+        .collect()
+}
+
+const CACHED: &str = r#"fn handle(req) {
+    if req.path == "/cached" {
+        #{ status: 200, headers: #{ "cache-control": "max-age=60" }, body: "x" }
+    } else {
+        "ok\n"
+    }
+}"#;
+
+#[test]
+fn http_replies_are_not_stored_by_caches_unless_the_script_says_so() {
+    let listen = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"];
+    let mut command = command();
+    let scratch = Scratch::new();
+    let script = scratch.write("handler.rhai", CACHED);
+    command.arg("serve").arg("--script").arg(script);
+    let args = ["--token-env", "TOKEN", "--framing", "http"];
+    let server = Server::spawn(command, scratch, &listen, &args);
+    let (app, metrics) = (server.addrs[0], server.addrs[1]);
+    let bearer = format!("Authorization: Bearer {TOKEN}\r\n");
+    // Asserted here first, so the point holds where REDbot is not installed.
+    for (addr, path, headers) in [
+        (app, "/", bearer.as_str()),
+        (app, "/", ""),
+        (metrics, "/metrics", ""),
+        (metrics, "/healthz", ""),
+        (metrics, "/readyz", ""),
+    ] {
+        let reply = get(addr, path, headers);
+        assert!(reply.contains("\r\ncache-control: no-store\r\n"), "{path}: {reply}");
+    }
+    let own = get(app, "/cached", &bearer);
+    assert!(own.contains("\r\ncache-control: max-age=60\r\n") && !own.contains("no-store"), "{own}");
+    if !require("redbot", "python3 -m pip install redbot") {
+        return;
+    }
+    // REDbot sends no token: the app answers 401, which must not be cached either.
+    let urls = [
+        format!("http://{app}/deploy"),
+        format!("http://{metrics}/metrics"),
+        format!("http://{metrics}/healthz"),
+        format!("http://{metrics}/readyz"),
+    ];
+    for url in &urls {
+        let notes = redbot_notes(url);
+        let bad: Vec<_> = notes.iter().filter(|(_, level)| level == "WARN" || level == "BAD").collect();
+        assert!(bad.is_empty(), "{url}: REDbot warns: {bad:?}");
+        assert!(
+            notes.iter().any(|(id, _)| id == "STORE_NO_STORE"),
+            "{url}: REDbot does not see no-store: {notes:?}"
+        );
+    }
+}
