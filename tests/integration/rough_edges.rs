@@ -479,3 +479,35 @@ fn http_replies_are_not_stored_by_caches_unless_the_script_says_so() {
         );
     }
 }
+
+/// The instructions of a Containerfile's last stage that shape the running container: `COPY`
+/// destinations, `ENV` (with continuations joined), `EXPOSE`, `USER`, `ENTRYPOINT`.
+fn runtime_facts(containerfile: &str) -> Vec<String> {
+    let joined = containerfile.replace("\\\n", " ");
+    let last_stage = joined.rsplit("\nFROM ").next().unwrap_or(&joined);
+    last_stage
+        .lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.first().copied()? {
+                // Where a file lands matters; where it came from differs by design.
+                "COPY" => Some(format!("COPY {}", words.last()?)),
+                "ENV" if !line.contains("PATH=") => Some(words.join(" ")),
+                "EXPOSE" | "USER" | "ENTRYPOINT" => Some(words.join(" ")),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn ci_image_has_the_dockerfiles_user_paths_env_and_entrypoint() {
+    let dockerfile = runtime_facts(&repo_file("Dockerfile"));
+    let ci = runtime_facts(&repo_file(".ci/container.d/Containerfile"));
+    assert!(dockerfile.len() >= 7, "{dockerfile:?}");
+    let ci_only: Vec<_> = ci.iter().filter(|f| !dockerfile.contains(f)).collect();
+    let docker_only: Vec<_> = dockerfile.iter().filter(|f| !ci.contains(f)).collect();
+    assert!(docker_only.is_empty(), "the CI image lacks the Dockerfile's {docker_only:?}");
+    // The CI image adds busybox (Alpine's comes with the base) and nothing else.
+    assert_eq!(ci_only, [&"COPY /bin/busybox".to_string()], "{ci:?}");
+}
