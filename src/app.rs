@@ -156,35 +156,13 @@ impl ClientSink for Stdout {
 }
 
 fn call(args: CallArgs) -> Result<u8, Fatal> {
-    let no_wait = args.no_wait;
     let limits = Limits {
         handler_timeout: args.handler_timeout,
         command_timeout: args.command_timeout,
         ..Limits::default()
     };
     let host = ScriptHost::load(&args.script, Runtime::new(limits)).map_err(Fatal::Usage)?;
-    let peer = args
-        .peer
-        .parse()
-        .map_err(|_| Fatal::Usage(format!("--peer '{}': expected IP:PORT", args.peer)))?;
-    let (framing, payload, body) = if args.payload == ["-"] {
-        let mut body = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut body)
-            .map_err(|e| Fatal::Runtime(format!("reading stdin: {e}")))?;
-        (Framing::Stream, String::new(), body)
-    } else {
-        (Framing::Line, args.payload.join(" "), Vec::new())
-    };
-    let request = Request {
-        id: 1,
-        token_name: Some(args.token_name.into()),
-        payload: payload.into_bytes(),
-        body,
-        endpoints: Endpoints::new(peer, SocketAddr::from(([127, 0, 0, 1], 0))),
-        framing,
-        http: None,
-    };
+    let request = local_request(&args)?;
     let code = match host.handle(&request, Box::new(Stdout)).0 {
         HandlerResult::Replied(reply) => {
             Stdout.send(reply.bytes);
@@ -199,8 +177,34 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
             1
         }
     };
-    settle_jobs(&host.runtime, no_wait);
+    settle_jobs(&host.runtime, args.no_wait);
     Ok(code)
+}
+
+/// The request `call` runs: the payload words, or (`-` alone) stdin as a stream-framing body.
+fn local_request(args: &CallArgs) -> Result<Request, Fatal> {
+    let peer = args
+        .peer
+        .parse()
+        .map_err(|_| Fatal::Usage(format!("--peer '{}': expected IP:PORT", args.peer)))?;
+    let (framing, payload, body) = if args.payload == ["-"] {
+        let mut body = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut body)
+            .map_err(|e| Fatal::Runtime(format!("reading stdin: {e}")))?;
+        (Framing::Stream, String::new(), body)
+    } else {
+        (Framing::Line, args.payload.join(" "), Vec::new())
+    };
+    Ok(Request {
+        id: 1,
+        token_name: Some(args.token_name.as_str().into()),
+        payload: payload.into_bytes(),
+        body,
+        endpoints: Endpoints::new(peer, SocketAddr::from(([127, 0, 0, 1], 0))),
+        framing,
+        http: None,
+    })
 }
 
 /// Background jobs are threads of this process: exiting would cut them off unseen. So `call`

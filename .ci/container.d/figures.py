@@ -7,11 +7,11 @@ import sys
 BEGIN = "<!-- figures: measured by .ci/container, which fails when they drift; `.ci/container --write-figures` rewrites them -->\n"
 END = "<!-- /figures -->"
 TEMPLATE = (
-    "Measured in CI: the release binary built the way the Dockerfile builds it (`cargo build "
-    "--release --locked --target x86_64-unknown-linux-musl`, static-pie, stripped, LTO) is "
-    "{binary} bytes, {gzipped} bytes gzipped; the scripts add {scripts} bytes; the image "
-    "`.ci/container` builds from them (`scratch`, busybox-static, the binary and the scripts) "
-    "is {image} bytes.\n"
+    "Measured in CI: the release binary built the way the Dockerfile builds it (`cargo build\n"
+    "--release --locked --target x86_64-unknown-linux-musl`, static-pie, stripped, LTO) is\n"
+    "{binary} bytes, {gzipped} bytes gzipped; the scripts add {scripts} bytes; the image\n"
+    "`.ci/container` builds from them (`scratch`, busybox-static, the binary and the scripts) is\n"
+    "{image} bytes.\n"
 )
 TOLERANCE = 0.05
 

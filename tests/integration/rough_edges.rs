@@ -419,11 +419,18 @@ fn redbot_notes(url: &str) -> Vec<(String, String)> {
     let out = shell(&format!("timeout 60 redbot -o har '{url}'"));
     assert!(out.status.success(), "redbot {url}: {}", text(&out.stderr));
     let har: serde_json::Value = serde_json::from_slice(&out.stdout).expect("redbot's HAR");
-    let notes = har["log"]["entries"][0]["_red_messages"].as_array().cloned();
+    let notes = har["log"]["entries"][0]["_red_messages"]
+        .as_array()
+        .cloned();
     notes
         .unwrap_or_default()
         .iter()
-        .map(|n| (n["note_id"].as_str().unwrap_or("").into(), n["level"].as_str().unwrap_or("").into()))
+        .map(|n| {
+            (
+                n["note_id"].as_str().unwrap_or("").into(),
+                n["level"].as_str().unwrap_or("").into(),
+            )
+        })
         .collect()
 }
 
@@ -455,10 +462,16 @@ fn http_replies_are_not_stored_by_caches_unless_the_script_says_so() {
         (metrics, "/readyz", ""),
     ] {
         let reply = get(addr, path, headers);
-        assert!(reply.contains("\r\ncache-control: no-store\r\n"), "{path}: {reply}");
+        assert!(
+            reply.contains("\r\ncache-control: no-store\r\n"),
+            "{path}: {reply}"
+        );
     }
     let own = get(app, "/cached", &bearer);
-    assert!(own.contains("\r\ncache-control: max-age=60\r\n") && !own.contains("no-store"), "{own}");
+    assert!(
+        own.contains("\r\ncache-control: max-age=60\r\n") && !own.contains("no-store"),
+        "{own}"
+    );
     if !require("redbot", "python3 -m pip install redbot") {
         return;
     }
@@ -471,7 +484,10 @@ fn http_replies_are_not_stored_by_caches_unless_the_script_says_so() {
     ];
     for url in &urls {
         let notes = redbot_notes(url);
-        let bad: Vec<_> = notes.iter().filter(|(_, level)| level == "WARN" || level == "BAD").collect();
+        let bad: Vec<_> = notes
+            .iter()
+            .filter(|(_, level)| level == "WARN" || level == "BAD")
+            .collect();
         assert!(bad.is_empty(), "{url}: REDbot warns: {bad:?}");
         assert!(
             notes.iter().any(|(id, _)| id == "STORE_NO_STORE"),
@@ -507,7 +523,10 @@ fn ci_image_has_the_dockerfiles_user_paths_env_and_entrypoint() {
     assert!(dockerfile.len() >= 7, "{dockerfile:?}");
     let ci_only: Vec<_> = ci.iter().filter(|f| !dockerfile.contains(f)).collect();
     let docker_only: Vec<_> = dockerfile.iter().filter(|f| !ci.contains(f)).collect();
-    assert!(docker_only.is_empty(), "the CI image lacks the Dockerfile's {docker_only:?}");
+    assert!(
+        docker_only.is_empty(),
+        "the CI image lacks the Dockerfile's {docker_only:?}"
+    );
     // The CI image adds busybox (Alpine's comes with the base) and nothing else.
     assert_eq!(ci_only, [&"COPY /bin/busybox".to_string()], "{ci:?}");
 }
