@@ -273,11 +273,12 @@ impl ResponseHead<'_> {
             )
             .as_bytes(),
         );
-        let has = |name: &str| {
-            self.headers
-                .iter()
-                .any(|(n, _)| n.eq_ignore_ascii_case(name))
-        };
+        // A script's header cannot smuggle a second header or a body in: only these are sent,
+        // and only these stand in for a default.
+        let kept = self.headers.iter().filter(|(name, value)| {
+            is_token(name) && !value.contains(['\r', '\n']) && !is_framing_header(name)
+        });
+        let has = |name: &str| kept.clone().any(|(n, _)| n.eq_ignore_ascii_case(name));
         if !has("content-type") && self.status != 204 {
             out.extend_from_slice(
                 format!("content-type: {}\r\n", self.default_content_type).as_bytes(),
@@ -288,11 +289,8 @@ impl ResponseHead<'_> {
         if !has("cache-control") {
             out.extend_from_slice(b"cache-control: no-store\r\n");
         }
-        for (name, value) in self.headers {
-            // A script's header cannot smuggle a second header or a body in.
-            if is_token(name) && !value.contains(['\r', '\n']) && !is_framing_header(name) {
-                out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
-            }
+        for (name, value) in kept {
+            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
         }
         let connection = match (self.keep_alive, self.minor_version) {
             (true, 0) => "connection: keep-alive\r\n",
@@ -456,5 +454,26 @@ mod tests {
             !text.contains("x-evil") && text.ends_with("content-length: 2\r\n\r\nhi"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn no_store_unless_the_script_sends_a_cache_control_of_its_own() {
+        let head = |headers: &[(String, String)]| {
+            let head = ResponseHead {
+                status: 200,
+                headers,
+                default_content_type: "text/plain",
+                keep_alive: false,
+                minor_version: 1,
+            };
+            String::from_utf8(head.complete(b"", false)).unwrap()
+        };
+        let own = [("Cache-Control".to_string(), "max-age=60".to_string())];
+        assert!(head(&own).contains("Cache-Control: max-age=60\r\n"));
+        assert!(!head(&own).contains("no-store"));
+        // A value the server drops does not count as the script's own.
+        let dropped = [("cache-control".to_string(), "public\r\nx: 1".to_string())];
+        assert!(head(&dropped).contains("cache-control: no-store\r\n"));
+        assert!(head(&[]).contains("cache-control: no-store\r\n"));
     }
 }
