@@ -25,7 +25,12 @@ use std::sync::Arc;
 pub fn run(cli: Cli) -> Result<u8, Fatal> {
     match cli.command {
         Command::Serve(args) => serve(Config::from_args(args)?),
-        Command::Check(args) => Ok(check(&args.file)),
+        Command::Check(args) => match args.file {
+            Some(file) => Ok(check(&file)),
+            None => Err(Fatal::Usage(
+                "check: no script to compile: give its path (command-trigger check FILE) or set CT_SCRIPT".into(),
+            )),
+        },
         Command::Call(args) => call(args),
         Command::Send(args) => client::send(args),
         Command::Test(args) => Ok(test(args)),
@@ -77,6 +82,11 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     let host = Arc::new(host.map_err(Fatal::Usage)?);
     let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
     warnings.iter().for_each(|w| log::warn!("{w}"));
+    if config.token_sources.is_empty() {
+        log::warn!(
+            "--insecure-no-token: no token source, so anyone who reaches the port runs the script"
+        );
+    }
 
     let runtime_error = |what: &str, e: std::io::Error| Fatal::Runtime(format!("{what}: {e}"));
     let poll = Poll::new().map_err(|e| runtime_error("creating the event loop", e))?;
@@ -208,6 +218,27 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
         false => Runtime::new(limits),
     };
     let host = ScriptHost::load(&args.script, runtime).map_err(Fatal::Usage)?;
+    let request = local_request(&args)?;
+    let code = match host.handle(&request, Box::new(Stdout)).0 {
+        HandlerResult::Replied(reply) => {
+            Stdout.send(reply.bytes);
+            0
+        }
+        HandlerResult::Failed(message) => {
+            eprintln!("handler failed: {message}");
+            1
+        }
+        HandlerResult::TimedOut => {
+            eprintln!("handler timed out");
+            1
+        }
+    };
+    settle_jobs(&host.runtime, args.no_wait);
+    Ok(code)
+}
+
+/// The request `call` runs: the payload words, or (`-` alone) stdin as a stream-framing body.
+fn local_request(args: &CallArgs) -> Result<Request, Fatal> {
     let peer = args
         .peer
         .parse()
@@ -221,27 +252,28 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
     } else {
         (Framing::Line, args.payload.join(" "), Vec::new())
     };
-    let request = Request {
+    Ok(Request {
         id: 1,
-        token_name: Some(args.token_name.into()),
+        token_name: Some(args.token_name.as_str().into()),
         payload: payload.into_bytes(),
         body,
         endpoints: Endpoints::new(peer, SocketAddr::from(([127, 0, 0, 1], 0))),
         framing,
         http: None,
-    };
-    match host.handle(&request, Box::new(Stdout)).0 {
-        HandlerResult::Replied(reply) => {
-            Stdout.send(reply.bytes);
-            Ok(0)
-        }
-        HandlerResult::Failed(message) => {
-            eprintln!("handler failed: {message}");
-            Ok(1)
-        }
-        HandlerResult::TimedOut => {
-            eprintln!("handler timed out");
-            Ok(1)
-        }
+    })
+}
+
+/// Background jobs are threads of this process: exiting would cut them off unseen. So `call`
+/// waits for them (each end is logged, as `serve` logs it) unless `--no-wait` says not to.
+fn settle_jobs(runtime: &crate::runtime::Runtime, no_wait: bool) {
+    let running = runtime.jobs.alive();
+    if running == 0 {
+        return;
     }
+    if no_wait {
+        eprintln!("--no-wait: left {running} background job(s) running, unwatched");
+        return;
+    }
+    log::info!("waiting for {running} background job(s) to end (--no-wait to not wait)");
+    runtime.jobs.wait_all();
 }

@@ -273,21 +273,24 @@ impl ResponseHead<'_> {
             )
             .as_bytes(),
         );
-        let has = |name: &str| {
-            self.headers
-                .iter()
-                .any(|(n, _)| n.eq_ignore_ascii_case(name))
-        };
+        // A script's header cannot smuggle a second header or a body in: only these are sent,
+        // and only these stand in for a default.
+        let kept = self.headers.iter().filter(|(name, value)| {
+            is_token(name) && !value.contains(['\r', '\n']) && !is_framing_header(name)
+        });
+        let has = |name: &str| kept.clone().any(|(n, _)| n.eq_ignore_ascii_case(name));
         if !has("content-type") && self.status != 204 {
             out.extend_from_slice(
                 format!("content-type: {}\r\n", self.default_content_type).as_bytes(),
             );
         }
-        for (name, value) in self.headers {
-            // A script's header cannot smuggle a second header or a body in.
-            if is_token(name) && !value.contains(['\r', '\n']) && !is_framing_header(name) {
-                out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
-            }
+        // A `GET /deploy` answered from a proxy's cache would never reach the pod, so no reply
+        // may be stored unless the script says otherwise.
+        if !has("cache-control") {
+            out.extend_from_slice(b"cache-control: no-store\r\n");
+        }
+        for (name, value) in kept {
+            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
         }
         let connection = match (self.keep_alive, self.minor_version) {
             (true, 0) => "connection: keep-alive\r\n",
@@ -506,5 +509,26 @@ mod tests {
         );
         assert_eq!(last_chunk_with_trailers(1, &[]), last_chunk(1).to_vec());
         assert!(last_chunk_with_trailers(0, &trailers).is_empty());
+    }
+
+    #[test]
+    fn no_store_unless_the_script_sends_a_cache_control_of_its_own() {
+        let head = |headers: &[(String, String)]| {
+            let head = ResponseHead {
+                status: 200,
+                headers,
+                default_content_type: "text/plain",
+                keep_alive: false,
+                minor_version: 1,
+            };
+            String::from_utf8(head.complete(b"", false)).unwrap()
+        };
+        let own = [("Cache-Control".to_string(), "max-age=60".to_string())];
+        assert!(head(&own).contains("Cache-Control: max-age=60\r\n"));
+        assert!(!head(&own).contains("no-store"));
+        // A value the server drops does not count as the script's own.
+        let dropped = [("cache-control".to_string(), "public\r\nx: 1".to_string())];
+        assert!(head(&dropped).contains("cache-control: no-store\r\n"));
+        assert!(head(&[]).contains("cache-control: no-store\r\n"));
     }
 }

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub busy_workers: Gauge,
     pub running_jobs: Gauge,
     pub auth_failures: Counter,
+    /// Connections closed at accept because the client is outside `--allow`.
+    pub allow_refusals: Counter,
     script_reloads: Family<Labels, Counter>,
     /// `on_change`/`on_tick` calls by trigger and outcome (SPEC §13), skipped ticks included.
     trigger_runs: Family<Labels, Counter>,
@@ -63,6 +65,7 @@ impl Metrics {
             busy_workers: Gauge::default(),
             running_jobs: Gauge::default(),
             auth_failures: Counter::default(),
+            allow_refusals: Counter::default(),
             script_reloads: Family::default(),
             trigger_runs: Family::default(),
             ready: AtomicBool::new(false),
@@ -126,6 +129,12 @@ impl Metrics {
                     .get_or_create_owned(&trigger_labels(kind, outcome));
             }
         }
+        r.register(
+            "allow_refusals",
+            "Connections closed at accept: client not in --allow",
+            self.allow_refusals.clone(),
+        );
+        self.touch_labelled_series();
         self.requests_by_outcome = Verdict::ALL
             .iter()
             .map(|v| {
@@ -134,6 +143,21 @@ impl Metrics {
             })
             .collect();
         self
+    }
+
+    /// Creates every documented labelled series at 0, so a dashboard or an alert on
+    /// `commands_total{success="false"}` sees a series before the first failure.
+    fn touch_labelled_series(&self) {
+        for success in ["true", "false"] {
+            let _ = self
+                .commands
+                .get_or_create_owned(&vec![("success", success.to_owned())]);
+        }
+        for result in ["success", "failure"] {
+            let _ = self
+                .script_reloads
+                .get_or_create_owned(&vec![("result", result.to_owned())]);
+        }
     }
 
     pub fn record_request(&self, verdict: Verdict, duration: Duration) {

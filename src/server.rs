@@ -225,6 +225,7 @@ impl Server {
     fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
         if !self.config.allows(peer.ip()) {
             log::debug!("refusing {peer}: not in --allow");
+            metrics().allow_refusals.inc();
             return; // dropping the stream closes it, without a reply
         }
         if self.connections.len() >= self.config.max_connections {

@@ -332,12 +332,12 @@ pub fn log_request(
     log::info!(
         request_id = line.id,
         peer:% = line.peer,
-        token_name = line.token_name.unwrap_or("-"),
+        token_name:serde = line.token_name,
         payload_bytes = line.payload_bytes,
         outcome:% = line.verdict,
         duration_ms = line.duration.as_secs_f64() * 1000.0,
         reply_bytes = line.reply_bytes,
-        exit_codes:? = line.exit_codes;
+        exit_codes:serde = line.exit_codes;
         "{line}"
     );
 }

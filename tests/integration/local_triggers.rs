@@ -291,8 +291,8 @@ fn trailers_follow_streamed_output_on_the_wire() {
     let reply = without_date(&server.exchange(request.as_bytes()));
     assert_eq!(
         reply,
-        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\ntrailer: x-exit-code\r\n\
-         connection: close\r\ntransfer-encoding: chunked\r\n\r\n\
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n\
+         trailer: x-exit-code\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n\
          6\r\nhello\n\r\n0\r\nx-exit-code: 3\r\n\r\n"
     );
 }

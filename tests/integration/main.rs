@@ -12,5 +12,6 @@ mod http;
 mod live;
 mod local_triggers;
 mod ops;
+mod rough_edges;
 mod script_tests;
 mod scripts;
