@@ -3,7 +3,7 @@
 
 use crate::auth::Tokens;
 use crate::cli::{CallArgs, Cli, Command};
-use crate::config::{Config, Limits};
+use crate::config::{self, Config, Limits};
 use crate::error::Fatal;
 use crate::framing::Framing;
 use crate::request::{Endpoints, Request};
@@ -42,7 +42,11 @@ fn check(path: &std::path::Path) -> u8 {
     }
 }
 
+/// Runs the server. Must be called before the process starts any thread (see
+/// [`forget_token_variables`]); `main` does.
 fn serve(config: Config) -> Result<u8, Fatal> {
+    let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
+    forget_token_variables(&config);
     // Before any thread starts, so every thread inherits the handlers' view.
     let signals = SignalSource::install()
         .map_err(|e| Fatal::Runtime(format!("installing signal handlers: {e}")))?;
@@ -56,8 +60,8 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     };
     let runtime = Runtime::new(config.limits);
     let host = Arc::new(ScriptHost::load(&config.script, runtime.clone()).map_err(Fatal::Usage)?);
-    let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
     warnings.iter().for_each(|w| log::warn!("{w}"));
+    let tokens = Arc::new(tokens);
 
     let runtime_error = |what: &str, e: std::io::Error| Fatal::Runtime(format!("{what}: {e}"));
     let poll = Poll::new().map_err(|e| runtime_error("creating the event loop", e))?;
@@ -66,7 +70,7 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     let (outbox, inbox) = workers::outbox(Arc::new(waker));
     let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())
         .map_err(|e| runtime_error("starting workers", e))?;
-    let reload = reload::spawn(host, config.token_sources.clone(), outbox)
+    let reload = reload::spawn(host, config.token_sources.clone(), tokens.clone(), outbox)
         .map_err(|e| runtime_error("starting the reload thread", e))?;
 
     announce(&listeners, config.print_addr)?;
@@ -82,7 +86,7 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         signals,
         pool,
         inbox,
-        tokens: Arc::new(tokens),
+        tokens,
         runtime,
         reload,
     };
@@ -90,6 +94,20 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         Server::new(config, parts).map_err(|e| runtime_error("registering listeners", e))?;
     let code = server.run().map_err(|e| runtime_error("event loop", e))?;
     Ok(code as u8)
+}
+
+/// Removes the `--token-env` variables from the process environment once their tokens are
+/// read, so that neither `env()` in a script nor any command it runs (which inherit the
+/// environment) can see a token (SPEC §4). Reloads keep the tokens read here.
+fn forget_token_variables(config: &Config) {
+    for var in crate::auth::token_variables(&config.token_sources) {
+        // SAFETY: `remove_var` races with any other thread reading or writing the environment.
+        // There is none: `serve` runs on the main thread straight after parsing the command
+        // line and setting up the logger (which starts no thread), and the signal handlers,
+        // workers, reload and metrics threads are all started after this returns. (The PID 1
+        // init, when there is one, is another process: it runs the server as its child.)
+        unsafe { std::env::remove_var(var) };
+    }
 }
 
 /// Asked of `listen(2)`; Linux caps it at `net.core.somaxconn` (4096 by default).
@@ -146,6 +164,8 @@ impl ClientSink for Stdout {
 }
 
 fn call(args: CallArgs) -> Result<u8, Fatal> {
+    config::check_duration(args.handler_timeout, "--handler-timeout", false)?;
+    config::check_duration(args.command_timeout, "--command-timeout", false)?;
     let limits = Limits {
         handler_timeout: args.handler_timeout,
         command_timeout: args.command_timeout,

@@ -33,10 +33,47 @@ pub struct Metrics {
     pub running_jobs: Gauge,
     pub auth_failures: Counter,
     script_reloads: Family<Labels, Counter>,
+    /// Connections and requests the server turned away itself, by [`Refusal`], made at start.
+    refusals: Vec<Counter>,
     /// Listening with a compiled script: `/readyz` is 200.
     ready: AtomicBool,
     /// Shutdown has begun: `/healthz` is 503.
     stopping: AtomicBool,
+}
+
+/// Why the server turned a connection or a request away without running the script.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--max-connections` reached: answered `ERR busy` (HTTP: 503) at accept.
+    MaxConnections,
+    /// `--max-connections-per-ip` reached for the client's IP: the same answer.
+    MaxConnectionsPerIp,
+    /// Not in `--allow`: closed at accept without a reply.
+    NotAllowed,
+    /// `--workers` + `--queue` full: the request is answered `ERR busy`.
+    QueueFull,
+    /// `--auth-failures` tripped: the request is answered without checking its token.
+    AuthBackoff,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 5] = [
+        Refusal::MaxConnections,
+        Refusal::MaxConnectionsPerIp,
+        Refusal::NotAllowed,
+        Refusal::QueueFull,
+        Refusal::AuthBackoff,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max-connections",
+            Refusal::MaxConnectionsPerIp => "max-connections-per-ip",
+            Refusal::NotAllowed => "allow",
+            Refusal::QueueFull => "queue-full",
+            Refusal::AuthBackoff => "auth-backoff",
+        }
+    }
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -62,6 +99,7 @@ impl Metrics {
             running_jobs: Gauge::default(),
             auth_failures: Counter::default(),
             script_reloads: Family::default(),
+            refusals: Vec::new(),
             ready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
         };
@@ -111,6 +149,16 @@ impl Metrics {
             "Script reloads by result",
             self.script_reloads.clone(),
         );
+        let refusals = Family::<Labels, Counter>::default();
+        r.register(
+            "refusals",
+            "Connections and requests refused by the server itself, by reason",
+            refusals.clone(),
+        );
+        self.refusals = Refusal::ALL
+            .iter()
+            .map(|why| refusals.get_or_create_owned(&vec![("reason", why.as_str().to_owned())]))
+            .collect();
         self.requests_by_outcome = Verdict::ALL
             .iter()
             .map(|v| {
@@ -127,6 +175,12 @@ impl Metrics {
             counter.inc();
         }
         self.request_seconds.observe(duration.as_secs_f64());
+    }
+
+    pub fn record_refusal(&self, why: Refusal) {
+        if let Some(counter) = self.refusals.get(why as usize) {
+            counter.inc();
+        }
     }
 
     pub fn record_command(&self, success: bool) {
