@@ -11,7 +11,7 @@ use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
-use crate::{client, footprint, metrics, reload, workers};
+use crate::{client, footprint, metrics, metrics_server, reload, workers};
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
 use std::io::{Read, Write};
@@ -76,7 +76,8 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     announce(&listeners, config.print_addr)?;
     if let Some(listener) = metrics_listener {
         announce_metrics(&listener, config.print_addr)?;
-        metrics::serve(listener).map_err(|e| runtime_error("starting the metrics thread", e))?;
+        metrics_server::spawn(listener)
+            .map_err(|e| runtime_error("starting the metrics thread", e))?;
     }
     metrics::metrics().set_ready();
     footprint::release_startup_code();

@@ -15,7 +15,8 @@
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as loop events; [`reload`]: hot reload of files.
 //! - [`client`]: the `send` subcommand; [`init`]: the built-in init when running as PID 1.
 //! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
-//! - [`footprint`]: keeping idle memory small; [`logging`]: text or JSON log lines on stderr; [`metrics`]: Prometheus and health endpoints.
+//! - [`footprint`]: keeping idle memory small; [`logging`]: text or JSON log lines on stderr; [`metrics`]: Prometheus and health state;
+//!   [`metrics_server`]: the `--metrics-listen` port.
 
 pub mod app;
 pub mod auth;
@@ -34,6 +35,7 @@ pub mod jobs;
 pub mod locks;
 pub mod logging;
 pub mod metrics;
+pub mod metrics_server;
 pub mod reload;
 pub mod request;
 pub mod runtime;

@@ -1,10 +1,9 @@
-//! Prometheus metrics and the health endpoints (SPEC §10), served on `--metrics-listen` by a
-//! thread of their own, in the OpenMetrics text format of the `prometheus-client` library.
+//! Prometheus metrics and the health state (SPEC §10), in the OpenMetrics text format of the
+//! `prometheus-client` library; [`metrics_server`](crate::metrics_server) serves them.
 //!
 //! The metrics are process-wide, like the counters of any Prometheus client: every part of the
 //! server records into [`metrics()`] without having a handle passed down to it.
 
-use crate::http::{self, ResponseHead};
 use crate::request::Verdict;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -12,8 +11,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -204,90 +201,21 @@ impl Metrics {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
-    fn render(&self) -> String {
+    /// Listening with a compiled script.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// The registry in the OpenMetrics text format.
+    pub fn render(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         text
-    }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener`, one connection at a time: scrapes
-/// and probes are rare and small, and each connection gets a short time limit.
-pub fn serve(listener: TcpListener) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => answer(stream),
-                    Err(e) => {
-                        log::warn!("accepting a metrics connection: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-        })?;
-    Ok(())
-}
-
-const METRICS_REQUEST_LIMIT: usize = 8192;
-
-fn answer(mut stream: TcpStream) {
-    let limit = Some(Duration::from_secs(2));
-    if stream
-        .set_read_timeout(limit)
-        .and_then(|_| stream.set_write_timeout(limit))
-        .is_err()
-    {
-        return;
-    }
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 2048];
-    let head = loop {
-        match http::parse(&buf, METRICS_REQUEST_LIMIT) {
-            http::Parsed::Request { head, .. } => break head,
-            http::Parsed::Incomplete { .. } => {}
-            _ => return,
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let (status, content_type, body) = route(&head.method, head.path());
-    let response = ResponseHead {
-        status,
-        headers: &[],
-        default_content_type: content_type,
-        keep_alive: false,
-        minor_version: 1,
-    };
-    let _ = stream.write_all(&response.complete(body.as_bytes(), head.method == "HEAD"));
-}
-
-fn route(method: &str, path: &str) -> (u16, &'static str, String) {
-    const TEXT: &str = "text/plain; charset=utf-8";
-    let m = metrics();
-    if method != "GET" && method != "HEAD" {
-        return (405, TEXT, "GET only\n".into());
-    }
-    match path {
-        "/metrics" => (
-            200,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            m.render(),
-        ),
-        "/healthz" if m.stopping.load(Ordering::SeqCst) => (503, TEXT, "shutting down\n".into()),
-        "/healthz" => (200, TEXT, "ok\n".into()),
-        "/readyz" if m.ready.load(Ordering::SeqCst) && !m.stopping.load(Ordering::SeqCst) => {
-            (200, TEXT, "ready\n".into())
-        }
-        "/readyz" => (503, TEXT, "not ready\n".into()),
-        _ => (
-            404,
-            TEXT,
-            "not found: try /metrics, /healthz or /readyz\n".into(),
-        ),
     }
 }

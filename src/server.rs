@@ -8,7 +8,7 @@ use crate::cli::AuthMode;
 use crate::config::Config;
 use crate::connection::{Connection, Filled, Phase};
 use crate::framing::{self, Frame, Framing, RawRequest};
-use crate::http::HttpHead;
+use crate::http::{self, HttpHead};
 use crate::metrics::{Refusal, metrics};
 use crate::reload::ReloadTrigger;
 use crate::request::{Endpoints, Reply, Request, ServerError, Verdict};
@@ -307,9 +307,40 @@ impl Server {
                 self.dispatch(key, raw);
                 self.drive(key);
             }
+            Ok(Step::WantsContinue) => self.on_expect_continue(key),
             Ok(Step::Close(why)) => self.close(key, why),
             Err(e) => self.close(key, &format!("I/O error: {e}")),
         }
+    }
+
+    /// The client waits for `100 Continue` before sending its body. It is said only once the
+    /// token passed (SPEC §10): a wrong token is answered 401 (429 when backed off) at once,
+    /// from the head alone, and the body is never asked for.
+    fn on_expect_continue(&mut self, key: usize) {
+        let connection = &self.connections[key];
+        let head = http::parse_head(&connection.input);
+        let ip = connection.endpoints.peer.ip();
+        let token_ok = |head: &HttpHead| {
+            let token = head.token().map(str::as_bytes);
+            token.and_then(|t| self.parts.tokens.check(t)).is_some()
+        };
+        let refused = self.token_required()
+            && (self.backoff.is_blocked(ip, Instant::now()) || !head.as_ref().is_some_and(token_ok));
+        let connection = &mut self.connections[key];
+        if refused {
+            connection.input.clear();
+            let raw = RawRequest {
+                http: head,
+                ..RawRequest::default()
+            };
+            // Answered by `refusal` and closed: the unsent body is drained, never read as
+            // another request.
+            self.dispatch(key, raw);
+        } else {
+            connection.continue_sent = true;
+            connection.push_output(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        self.drive(key);
     }
 
     fn after_step(&mut self, key: usize) {
@@ -671,6 +702,8 @@ enum Step {
     Wait,
     /// A complete request to hand on.
     Dispatch(RawRequest),
+    /// HTTP: a complete head whose client waits for `100 Continue` before sending the body.
+    WantsContinue,
     Close(&'static str),
 }
 
@@ -731,6 +764,9 @@ fn read_request(
             Frame::TooLarge => {
                 return refuse_unreadable(connection, ServerError::TooLarge, config, scratch);
             }
+            Frame::HeadTooLarge => {
+                return refuse_unreadable(connection, ServerError::HeadTooLarge, config, scratch);
+            }
             Frame::Malformed(reason) => {
                 log::debug!("bad request from {}: {reason}", connection.endpoints.peer);
                 return refuse_unreadable(connection, ServerError::Malformed, config, scratch);
@@ -744,11 +780,8 @@ fn read_request(
                 };
                 return step(connection, config, scratch);
             }
-            Frame::WantsContinue if !connection.continue_sent => {
-                connection.continue_sent = true;
-                connection.push_output(b"HTTP/1.1 100 Continue\r\n\r\n");
-                connection.flush()?;
-            }
+            // The loop checks the token first (`Server::on_expect_continue`).
+            Frame::WantsContinue if !connection.continue_sent => return Ok(Step::WantsContinue),
             Frame::Incomplete | Frame::WantsContinue => match filled {
                 Filled::Drained => return Ok(Step::Wait),
                 // Nothing more is read past the limit, so a framer still waiting would wait

@@ -12,3 +12,4 @@ mod http;
 mod live;
 mod ops;
 mod scripts;
+mod defects_server;
