@@ -118,7 +118,13 @@ impl Tokens {
         (tokens, notes)
     }
 
-    fn add(&mut self, index: usize, source: &TokenSource, values: &[String], warnings: &mut Vec<String>) {
+    fn add(
+        &mut self,
+        index: usize,
+        source: &TokenSource,
+        values: &[String],
+        warnings: &mut Vec<String>,
+    ) {
         for value in values {
             if value.len() < SHORT_TOKEN_BYTES {
                 warnings.push(format!(
@@ -173,7 +179,9 @@ fn read_source(source: &TokenSource) -> Result<Vec<String>, ReadError> {
                 .map_err(|_| ReadError::Unreadable(format!("{source}: not set or not UTF-8")))?;
             let value = value.trim();
             if value.is_empty() {
-                return Err(ReadError::Unreadable(format!("{source}: the token is empty")));
+                return Err(ReadError::Unreadable(format!(
+                    "{source}: the token is empty"
+                )));
             }
             Ok(vec![value.to_owned()])
         }
@@ -224,6 +232,33 @@ mod tests {
         assert_eq!(t.check(b"first-token-value").as_deref(), Some("a"));
         assert_eq!(t.check(b"first-token-valu"), None);
         assert_eq!(t.check(b""), None);
+    }
+
+    #[test]
+    fn a_reload_revokes_an_emptied_file_and_keeps_an_unreadable_one() {
+        let dir = std::env::temp_dir().join(format!("ct-auth-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, "token-a-0123456789abcdef\n").unwrap();
+        std::fs::write(&b, "token-b-0123456789abcdef\n").unwrap();
+        let file = |name: &str, path: &std::path::Path| TokenSource {
+            name: name.into(),
+            origin: TokenOrigin::File(path.into()),
+        };
+        let sources = [file("a", &a), file("b", &b)];
+        let (before, _) = Tokens::load(&sources).unwrap();
+        std::fs::write(&a, "\n  \n").unwrap();
+        std::fs::remove_file(&b).unwrap();
+        let (after, notes) = Tokens::reload(&sources, &before);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(after.check(b"token-a-0123456789abcdef"), None);
+        assert_eq!(
+            after.check(b"token-b-0123456789abcdef").as_deref(),
+            Some("b")
+        );
+        let levels: Vec<log::Level> = notes.iter().map(|(level, _)| *level).collect();
+        assert_eq!(levels, [log::Level::Warn, log::Level::Error]);
+        assert!(notes.iter().all(|(_, note)| !note.contains("token-")));
     }
 
     #[test]

@@ -96,7 +96,8 @@ impl Config {
 
 /// The longest duration any flag takes. Far beyond any sensible timeout, and far below what
 /// makes `Instant + duration` overflow (which panicked the loop on the first connection).
-const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// One year as humantime counts it (365.25 days), so the message reads `at most 1year`.
+const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 /// The largest count (connections, queue, jobs): beyond it the value is a typo, not a plan.
 const MAX_COUNT: usize = 1_000_000;
 /// The largest byte size: a request or a captured output is held in memory whole.
@@ -124,11 +125,26 @@ fn validate(args: &ServeArgs) -> Result<(), Fatal> {
         (args.workers, "--workers", false, MAX_WORKERS),
         (args.queue, "--queue", true, MAX_COUNT),
         (args.max_connections, "--max-connections", false, MAX_COUNT),
-        (args.max_connections_per_ip, "--max-connections-per-ip", true, MAX_COUNT),
-        (args.max_request_bytes, "--max-request-bytes", false, MAX_BYTES),
+        (
+            args.max_connections_per_ip,
+            "--max-connections-per-ip",
+            true,
+            MAX_COUNT,
+        ),
+        (
+            args.max_request_bytes,
+            "--max-request-bytes",
+            false,
+            MAX_BYTES,
+        ),
         (args.max_output_bytes, "--max-output-bytes", true, MAX_BYTES),
         (args.max_jobs, "--max-jobs", true, MAX_COUNT),
-        (args.auth_failures as usize, "--auth-failures", true, MAX_COUNT),
+        (
+            args.auth_failures as usize,
+            "--auth-failures",
+            true,
+            MAX_COUNT,
+        ),
     ];
     for (value, flag, zero_ok, max) in sizes {
         check_range(value, flag, zero_ok, max, |n| n.to_string())?;

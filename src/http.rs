@@ -470,7 +470,9 @@ mod tests {
         assert!(bad(
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"
         ));
-        assert!(!bad(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n0\r\n\r\n"));
+        assert!(!bad(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n0\r\n\r\n"
+        ));
         let big = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(2000));
         assert_eq!(parse(big.as_bytes(), 1024), Parsed::HeadTooLarge);
         assert_eq!(parse(&big.as_bytes()[..1500], 1024), Parsed::HeadTooLarge);

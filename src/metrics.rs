@@ -219,3 +219,16 @@ impl Metrics {
         text
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_index_their_own_place() {
+        // `record_refusal` indexes the counters made at start by `why as usize`.
+        for (index, why) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, index);
+        }
+    }
+}

@@ -76,7 +76,9 @@ impl Probes {
         loop {
             let timeout = match self.accept_more {
                 true => Some(Duration::ZERO),
-                false => self.next_wake().map(|at| at.saturating_duration_since(Instant::now())),
+                false => self
+                    .next_wake()
+                    .map(|at| at.saturating_duration_since(Instant::now())),
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {

@@ -274,7 +274,12 @@ impl Server {
     /// a full server as a success. The connection never enters the slab, so a flood of them
     /// costs no memory: what the client sent already is read and dropped (unread input would
     /// turn the close into a reset); input arriving later does get a reset, after the reply.
-    fn refuse_connection(&mut self, mut stream: mio::net::TcpStream, peer: SocketAddr, why: Refusal) {
+    fn refuse_connection(
+        &mut self,
+        mut stream: mio::net::TcpStream,
+        peer: SocketAddr,
+        why: Refusal,
+    ) {
         metrics().record_refusal(why);
         log::debug!("refusing {peer}: --{} reached", why.as_str());
         let head = (self.config.framing == Framing::Http).then(|| HttpHead {
@@ -325,7 +330,8 @@ impl Server {
             token.and_then(|t| self.parts.tokens.check(t)).is_some()
         };
         let refused = self.token_required()
-            && (self.backoff.is_blocked(ip, Instant::now()) || !head.as_ref().is_some_and(token_ok));
+            && (self.backoff.is_blocked(ip, Instant::now())
+                || !head.as_ref().is_some_and(token_ok));
         let connection = &mut self.connections[key];
         if refused {
             connection.input.clear();

@@ -44,7 +44,10 @@ fn ask_until(server: &Server, expected: &str) {
         if reply == expected {
             return;
         }
-        assert!(Instant::now() < deadline, "still {reply:?}, not {expected:?}");
+        assert!(
+            Instant::now() < deadline,
+            "still {reply:?}, not {expected:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -164,7 +167,11 @@ fn idle_and_slow_metrics_clients_never_delay_a_probe() {
 
 #[test]
 fn a_connection_over_max_connections_is_answered_busy_and_counted() {
-    let server = start(r#"fn handle(req) { "ok\n" }"#, &["--max-connections", "2"], true);
+    let server = start(
+        r#"fn handle(req) { "ok\n" }"#,
+        &["--max-connections", "2"],
+        true,
+    );
     let held: Vec<TcpStream> = (0..2).map(|_| connect(server.addr())).collect();
     let deadline = Instant::now() + WAIT;
     while server.log.text().matches("connection from").count() < 2 {
@@ -301,7 +308,10 @@ fn continue_is_sent_only_after_the_token_passed() {
     stream.write_all(b"abc").unwrap();
     stream.shutdown(Shutdown::Write).unwrap();
     let reply = String::from_utf8_lossy(&reply_until_closed(&mut stream)).into_owned();
-    assert!(reply.starts_with("HTTP/1.1 200") && reply.ends_with("got 3"), "{reply}");
+    assert!(
+        reply.starts_with("HTTP/1.1 200") && reply.ends_with("got 3"),
+        "{reply}"
+    );
 }
 
 #[test]
@@ -310,7 +320,11 @@ fn the_head_counts_against_max_request_bytes() {
     let big = "a".repeat(100_000);
     let request = format!("GET / HTTP/1.1\r\nX-Token: {TOKEN}\r\nX-Big: {big}\r\n\r\n");
     let reply = ask_raw(server.addr(), request.as_bytes());
-    assert!(reply.starts_with("HTTP/1.1 431"), "{}", &reply[..reply.len().min(200)]);
+    assert!(
+        reply.starts_with("HTTP/1.1 431"),
+        "{}",
+        &reply[..reply.len().min(200)]
+    );
 }
 
 // ---- item 9: every duration and size flag is validated at start ----
@@ -368,7 +382,13 @@ fn absurd_or_zero_durations_and_sizes_exit_2_naming_the_flag() {
     let (code, _, err) = run(&["send", "127.0.0.1:1", "--timeout", absurd_duration], WAIT);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--timeout"), "{err}");
-    let call = ["call", "--script", script, "--handler-timeout", absurd_duration];
+    let call = [
+        "call",
+        "--script",
+        script,
+        "--handler-timeout",
+        absurd_duration,
+    ];
     let (code, _, err) = run(&call, WAIT);
     assert_eq!(code, Some(2), "{err}");
 }

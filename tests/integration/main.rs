@@ -7,9 +7,9 @@ mod util;
 
 mod clients;
 mod core;
+mod defects_server;
 mod hardening;
 mod http;
 mod live;
 mod ops;
 mod scripts;
-mod defects_server;
