@@ -80,11 +80,11 @@ impl Probes {
                     .next_wake()
                     .map(|at| at.saturating_duration_since(Instant::now())),
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    log::error!("metrics loop: polling: {e}; metrics are no longer served");
-                    return;
-                }
+            if let Err(e) = self.poll.poll(&mut events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                log::error!("metrics loop: polling: {e}; metrics are no longer served");
+                return;
             }
             for event in events.iter() {
                 match event.token() {
