@@ -4,7 +4,7 @@
 use crate::auth::Tokens;
 use crate::cli::{CallArgs, Cli, Command, TestArgs};
 use crate::clock::RealClock;
-use crate::config::{Config, Limits};
+use crate::config::{self, Config, Limits};
 use crate::error::Fatal;
 use crate::framing::Framing;
 use crate::request::{Endpoints, Request};
@@ -14,7 +14,9 @@ use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
 use crate::trigger::{Kind, Triggers};
 use crate::watch::WatchSettings;
-use crate::{client, footprint, metrics, reload, schedule, script_test, watch, workers};
+use crate::{
+    client, footprint, metrics, metrics_server, reload, schedule, script_test, watch, workers,
+};
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
 use std::io::{Read, Write};
@@ -65,7 +67,11 @@ fn check(path: &std::path::Path) -> u8 {
     }
 }
 
+/// Runs the server. Must be called before the process starts any thread (see
+/// [`forget_token_variables`]); `main` does.
 fn serve(config: Config) -> Result<u8, Fatal> {
+    let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
+    forget_token_variables(&config);
     // Before any thread starts, so every thread inherits the handlers' view.
     let signals = SignalSource::install()
         .map_err(|e| Fatal::Runtime(format!("installing signal handlers: {e}")))?;
@@ -80,13 +86,13 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     let runtime = Runtime::new(config.limits);
     let host = ScriptHost::load_requiring(&config.script, runtime.clone(), required(&config));
     let host = Arc::new(host.map_err(Fatal::Usage)?);
-    let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
     warnings.iter().for_each(|w| log::warn!("{w}"));
     if config.token_sources.is_empty() {
         log::warn!(
             "--insecure-no-token: no token source, so anyone who reaches the port runs the script"
         );
     }
+    let tokens = Arc::new(tokens);
 
     let runtime_error = |what: &str, e: std::io::Error| Fatal::Runtime(format!("{what}: {e}"));
     let poll = Poll::new().map_err(|e| runtime_error("creating the event loop", e))?;
@@ -95,7 +101,7 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     let (outbox, inbox) = workers::outbox(Arc::new(waker));
     let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())
         .map_err(|e| runtime_error("starting workers", e))?;
-    let reload = reload::spawn(host, config.token_sources.clone(), outbox)
+    let reload = reload::spawn(host, config.token_sources.clone(), tokens.clone(), outbox)
         .map_err(|e| runtime_error("starting the reload thread", e))?;
     start_triggers(
         &config,
@@ -106,7 +112,8 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     announce(&listeners, config.print_addr)?;
     if let Some(listener) = metrics_listener {
         announce_metrics(&listener, config.print_addr)?;
-        metrics::serve(listener).map_err(|e| runtime_error("starting the metrics thread", e))?;
+        metrics_server::spawn(listener)
+            .map_err(|e| runtime_error("starting the metrics thread", e))?;
     }
     metrics::metrics().set_ready();
     footprint::release_startup_code();
@@ -116,7 +123,7 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         signals,
         pool,
         inbox,
-        tokens: Arc::new(tokens),
+        tokens,
         runtime,
         reload,
     };
@@ -148,6 +155,20 @@ fn start_triggers(config: &Config, triggers: Triggers) -> std::io::Result<()> {
         watch::spawn(settings, triggers.clone())?;
     }
     schedule::spawn(&config.schedules, &triggers)
+}
+
+/// Removes the `--token-env` variables from the process environment once their tokens are
+/// read, so that neither `env()` in a script nor any command it runs (which inherit the
+/// environment) can see a token (SPEC §4). Reloads keep the tokens read here.
+fn forget_token_variables(config: &Config) {
+    for var in crate::auth::token_variables(&config.token_sources) {
+        // SAFETY: `remove_var` races with any other thread reading or writing the environment.
+        // There is none: `serve` runs on the main thread straight after parsing the command
+        // line and setting up the logger (which starts no thread), and the signal handlers,
+        // workers, reload and metrics threads are all started after this returns. (The PID 1
+        // init, when there is one, is another process: it runs the server as its child.)
+        unsafe { std::env::remove_var(var) };
+    }
 }
 
 /// Asked of `listen(2)`; Linux caps it at `net.core.somaxconn` (4096 by default).
@@ -204,6 +225,8 @@ impl ClientSink for Stdout {
 }
 
 fn call(args: CallArgs) -> Result<u8, Fatal> {
+    config::check_duration(args.handler_timeout, "--handler-timeout", false)?;
+    config::check_duration(args.command_timeout, "--command-timeout", false)?;
     let limits = Limits {
         handler_timeout: args.handler_timeout,
         command_timeout: args.command_timeout,

@@ -124,7 +124,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CT_QUEUE", value_name = "N", default_value = "256")]
     pub queue: usize,
 
-    /// Open client connections; beyond it new connections are closed at once.
+    /// Open client connections; beyond it a new connection is answered `ERR busy` (HTTP: 503) and closed.
     #[arg(
         long,
         env = "CT_MAX_CONNECTIONS",
@@ -132,6 +132,15 @@ pub struct ServeArgs {
         default_value = "1024"
     )]
     pub max_connections: usize,
+
+    /// Open connections from one client IP; beyond it the same refusal as --max-connections; 0 turns this off.
+    #[arg(
+        long,
+        env = "CT_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value = "0"
+    )]
+    pub max_connections_per_ip: usize,
 
     /// Largest request: one line (line framing) or the whole request (stream framing).
     #[arg(

@@ -9,6 +9,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 pub fn send(args: SendArgs) -> Result<u8, Fatal> {
+    crate::config::check_duration(args.timeout, "--timeout", false)?;
     let token = read_token(&args)?;
     let request = build_request(&token, &args)?;
     let addrs: Vec<SocketAddr> = match args.addr.to_socket_addrs() {
@@ -27,7 +28,7 @@ pub fn send(args: SendArgs) -> Result<u8, Fatal> {
         match exchange(*addr, &request, deadline) {
             Ok(reply) => {
                 print_bytes(&reply);
-                return Ok(if reply.starts_with(b"ERR ") { 1 } else { 0 });
+                return Ok(u8::from(is_failure(&reply)));
             }
             Err(e) => last_error = e,
         }
@@ -123,7 +124,7 @@ fn send_to_all(addrs: &[SocketAddr], request: &[u8], deadline: Instant) -> u8 {
     for (addr, result) in results {
         match result {
             Ok(reply) => {
-                failed |= reply.starts_with(b"ERR ");
+                failed |= is_failure(&reply);
                 for line in String::from_utf8_lossy(&reply).lines() {
                     println!("{addr} {line}");
                 }
@@ -165,9 +166,25 @@ fn exchange(addr: SocketAddr, request: &[u8], deadline: Instant) -> Result<Vec<u
             Ok(0) => return Ok(reply),
             Ok(n) => reply.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // A refusal (`ERR busy` at accept) is followed by a reset when our request arrives
+            // after the server closed: the server's answer is whole, show it.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionReset
+                    && reply.starts_with(b"ERR ")
+                    && reply.ends_with(b"\n") =>
+            {
+                return Ok(reply);
+            }
             Err(e) => return Err(format!("reading from {addr}: {e}")),
         }
     }
+}
+
+/// An `ERR` reply is a failure, and so is an empty one: a server that closes without a word
+/// cannot be told from one that refused the connection, and `send --all` must not count a
+/// refused pod as a success. A handler that means success says so in its reply.
+fn is_failure(reply: &[u8]) -> bool {
+    reply.is_empty() || reply.starts_with(b"ERR ")
 }
 
 fn print_bytes(bytes: &[u8]) {

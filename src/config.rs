@@ -21,6 +21,8 @@ pub struct Config {
     pub workers: usize,
     pub queue: usize,
     pub max_connections: usize,
+    /// Open connections from one client IP; 0 means no limit.
+    pub max_connections_per_ip: usize,
     pub max_request_bytes: usize,
     pub read_timeout: Duration,
     pub limits: Limits,
@@ -66,17 +68,7 @@ impl Config {
                 "no token source: give --token-file or --token-env (or --insecure-no-token to accept anyone)".into(),
             ));
         }
-        for (value, flag) in [
-            (args.workers, "--workers"),
-            (args.max_request_bytes, "--max-request-bytes"),
-        ] {
-            if value == 0 {
-                return Err(Fatal::Usage(format!("{flag} must be at least 1")));
-            }
-        }
-        if args.watch_poll.is_zero() {
-            return Err(Fatal::Usage("--watch-poll must be longer than 0s".into()));
-        }
+        validate(&args)?;
         let watch = args
             .watch
             .iter()
@@ -110,6 +102,7 @@ impl Config {
             workers: args.workers,
             queue: args.queue,
             max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
             max_request_bytes: args.max_request_bytes,
             read_timeout: args.read_timeout,
             limits: Limits {
@@ -125,6 +118,97 @@ impl Config {
             metrics_listen: args.metrics_listen,
         })
     }
+}
+
+/// The longest duration any flag takes. Far beyond any sensible timeout, and far below what
+/// makes `Instant + duration` overflow (which panicked the loop on the first connection).
+/// One year as humantime counts it (365.25 days), so the message reads `at most 1year`.
+const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+/// The largest count (connections, queue, jobs): beyond it the value is a typo, not a plan.
+const MAX_COUNT: usize = 1_000_000;
+/// The largest byte size: a request or a captured output is held in memory whole.
+const MAX_BYTES: usize = 1 << 30;
+/// Handler threads: each one is a thread with its own stack.
+const MAX_WORKERS: usize = 4096;
+
+/// Checks every duration and size flag of `serve` against what the server can honour, so an
+/// absurd value is an error at start (exit 2, naming the flag), never a panic or a hang later.
+fn validate(args: &ServeArgs) -> Result<(), Fatal> {
+    // (value, flag, whether zero means something)
+    let durations = [
+        (args.read_timeout, "--read-timeout", false),
+        (args.handler_timeout, "--handler-timeout", false),
+        (args.command_timeout, "--command-timeout", false),
+        // Zero: kill what is still running at once.
+        (args.shutdown_timeout, "--shutdown-timeout", true),
+        // Zero: no debounce, each change is its own event.
+        (args.watch_debounce, "--watch-debounce", true),
+        (args.watch_poll, "--watch-poll", false),
+    ];
+    for (value, flag, zero_ok) in durations {
+        check_duration(value, flag, zero_ok)?;
+    }
+    for period in &args.every {
+        check_duration(*period, "--every", false)?;
+    }
+    // Zero means: workers/max-connections/max-request-bytes none (nothing could be served);
+    // queue none waiting; per-IP off; output captured none; no background jobs.
+    let sizes = [
+        (args.workers, "--workers", false, MAX_WORKERS),
+        (args.queue, "--queue", true, MAX_COUNT),
+        (args.max_connections, "--max-connections", false, MAX_COUNT),
+        (
+            args.max_connections_per_ip,
+            "--max-connections-per-ip",
+            true,
+            MAX_COUNT,
+        ),
+        (
+            args.max_request_bytes,
+            "--max-request-bytes",
+            false,
+            MAX_BYTES,
+        ),
+        (args.max_output_bytes, "--max-output-bytes", true, MAX_BYTES),
+        (args.max_jobs, "--max-jobs", true, MAX_COUNT),
+        (
+            args.auth_failures as usize,
+            "--auth-failures",
+            true,
+            MAX_COUNT,
+        ),
+    ];
+    for (value, flag, zero_ok, max) in sizes {
+        check_range(value, flag, zero_ok, max, |n| n.to_string())?;
+    }
+    Ok(())
+}
+
+/// A duration flag (of any subcommand) within what the server can honour.
+pub fn check_duration(value: Duration, flag: &str, zero_ok: bool) -> Result<(), Fatal> {
+    check_range(value, flag, zero_ok, MAX_DURATION, |d| {
+        humantime::format_duration(d).to_string()
+    })
+}
+
+fn check_range<T: PartialOrd + Default + Copy>(
+    value: T,
+    flag: &str,
+    zero_ok: bool,
+    max: T,
+    show: impl Fn(T) -> String,
+) -> Result<(), Fatal> {
+    if !zero_ok && value == T::default() {
+        return Err(Fatal::Usage(format!("{flag} must be more than 0")));
+    }
+    if value > max {
+        return Err(Fatal::Usage(format!(
+            "{flag} {} is too large (at most {})",
+            show(value),
+            show(max)
+        )));
+    }
+    Ok(())
 }
 
 fn parse_listen(text: &str) -> Result<SocketAddr, Fatal> {

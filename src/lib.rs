@@ -20,7 +20,8 @@
 //! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
 //! - Local triggers: [`watch`] (`--watch`, `on_change`) and [`schedule`] (`--every`, `--cron`,
 //!   `on_tick`) queue calls on the worker pool through [`trigger`].
-//! - [`footprint`]: keeping idle memory small; [`logging`]: text or JSON log lines on stderr; [`metrics`]: Prometheus and health endpoints.
+//! - [`footprint`]: keeping idle memory small; [`logging`]: text or JSON log lines on stderr; [`metrics`]: Prometheus and health state;
+//!   [`metrics_server`]: the `--metrics-listen` port.
 
 pub mod app;
 pub mod auth;
@@ -40,6 +41,7 @@ pub mod jobs;
 pub mod locks;
 pub mod logging;
 pub mod metrics;
+pub mod metrics_server;
 pub mod reload;
 pub mod request;
 pub mod runner;

@@ -8,8 +8,8 @@ use crate::cli::AuthMode;
 use crate::config::Config;
 use crate::connection::{Connection, Filled, Phase};
 use crate::framing::{self, Frame, Framing, RawRequest};
-use crate::http::HttpHead;
-use crate::metrics::metrics;
+use crate::http::{self, HttpHead};
+use crate::metrics::{Refusal, metrics};
 use crate::reload::ReloadTrigger;
 use crate::request::{Endpoints, Reply, Request, ServerError, Verdict};
 use crate::script::Runtime;
@@ -20,9 +20,9 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-use std::io;
-use std::net::SocketAddr;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -86,6 +86,8 @@ pub struct Server {
     accept_failing: bool,
     stopping: Option<Stopping>,
     backoff: AuthBackoff,
+    /// Open connections per client IP, for `--max-connections-per-ip`.
+    per_ip: PerIp,
     scratch: Vec<u8>,
 }
 
@@ -103,6 +105,7 @@ impl Server {
         parts.signals.register(registry, SIGNALS)?;
         Ok(Server {
             backoff: AuthBackoff::new(config.auth_failures),
+            per_ip: PerIp::new(config.max_connections_per_ip > 0),
             config,
             parts,
             connections: Slab::new(),
@@ -224,21 +227,18 @@ impl Server {
 
     fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
         if !self.config.allows(peer.ip()) {
+            metrics().record_refusal(Refusal::NotAllowed);
             log::debug!("refusing {peer}: not in --allow");
-            metrics().allow_refusals.inc();
             return; // dropping the stream closes it, without a reply
         }
-        if self.connections.len() >= self.config.max_connections {
-            log::debug!(
-                "refusing {peer}: --max-connections {} reached",
-                self.config.max_connections
-            );
-            return; // dropping the stream closes it
+        if let Some(why) = self.over_capacity(peer.ip()) {
+            return self.refuse_connection(stream, peer, why);
         }
         let local = match stream.local_addr() {
             Ok(local) => local,
             Err(e) => return log::debug!("dropping {peer}: {e}"),
         };
+        self.per_ip.opened(peer.ip());
         let _ = stream.set_nodelay(true);
         self.next_serial += 1;
         let phase = Phase::Reading {
@@ -252,11 +252,50 @@ impl Server {
             log::warn!("registering connection from {peer}: {e}");
             self.connections.remove(key);
             metrics().open_connections.dec();
+            self.per_ip.closed(peer.ip());
             return;
         }
         log::debug!("connection from {peer}");
         // Data may already be there; with edge triggers we will not hear of it again.
         self.drive(key);
+    }
+
+    /// Which connection limit a new connection from `ip` would pass, if any.
+    fn over_capacity(&self, ip: IpAddr) -> Option<Refusal> {
+        if self.connections.len() >= self.config.max_connections {
+            return Some(Refusal::MaxConnections);
+        }
+        let per_ip = self.config.max_connections_per_ip;
+        (per_ip > 0 && self.per_ip.count(ip) >= per_ip).then_some(Refusal::MaxConnectionsPerIp)
+    }
+
+    /// Answers a connection there is no room for with `ERR busy` (HTTP: 503), then closes it.
+    /// A silent close would read as a handler that replied nothing, and `send --all` would count
+    /// a full server as a success. The connection never enters the slab, so a flood of them
+    /// costs no memory: what the client sent already is read and dropped (unread input would
+    /// turn the close into a reset); input arriving later does get a reset, after the reply.
+    fn refuse_connection(
+        &mut self,
+        mut stream: mio::net::TcpStream,
+        peer: SocketAddr,
+        why: Refusal,
+    ) {
+        metrics().record_refusal(why);
+        log::debug!("refusing {peer}: --{} reached", why.as_str());
+        let head = (self.config.framing == Framing::Http).then(|| HttpHead {
+            minor_version: 1,
+            ..HttpHead::default()
+        });
+        let reply = wire::finish(Reply::error(ServerError::Busy), head.as_ref(), false);
+        // A fresh socket's send buffer takes these few bytes whole.
+        let _ = stream.write(&reply.bytes);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        for _ in 0..4 {
+            match stream.read(&mut self.scratch) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
     }
 
     // ---- driving one connection ----
@@ -273,9 +312,41 @@ impl Server {
                 self.dispatch(key, raw);
                 self.drive(key);
             }
+            Ok(Step::WantsContinue) => self.on_expect_continue(key),
             Ok(Step::Close(why)) => self.close(key, why),
             Err(e) => self.close(key, &format!("I/O error: {e}")),
         }
+    }
+
+    /// The client waits for `100 Continue` before sending its body. It is said only once the
+    /// token passed (SPEC §10): a wrong token is answered 401 (429 when backed off) at once,
+    /// from the head alone, and the body is never asked for.
+    fn on_expect_continue(&mut self, key: usize) {
+        let connection = &self.connections[key];
+        let head = http::parse_head(&connection.input);
+        let ip = connection.endpoints.peer.ip();
+        let token_ok = |head: &HttpHead| {
+            let token = head.token().map(str::as_bytes);
+            token.and_then(|t| self.parts.tokens.check(t)).is_some()
+        };
+        let refused = self.token_required()
+            && (self.backoff.is_blocked(ip, Instant::now())
+                || !head.as_ref().is_some_and(token_ok));
+        let connection = &mut self.connections[key];
+        if refused {
+            connection.input.clear();
+            let raw = RawRequest {
+                http: head,
+                ..RawRequest::default()
+            };
+            // Answered by `refusal` and closed: the unsent body is drained, never read as
+            // another request.
+            self.dispatch(key, raw);
+        } else {
+            connection.continue_sent = true;
+            connection.push_output(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        self.drive(key);
     }
 
     fn after_step(&mut self, key: usize) {
@@ -300,6 +371,7 @@ impl Server {
             connection.reset_on_drop(); // a timed-out or too slow reader gets no partial reply
         }
         metrics().open_connections.dec();
+        self.per_ip.closed(connection.endpoints.peer.ip());
         connection.deregister(self.parts.poll.registry());
         log::debug!(
             "closed connection from {}: {why}",
@@ -316,7 +388,8 @@ impl Server {
         connection.continue_sent = false;
         // A backed-off client's token is not even checked.
         let blocked = self.backoff.is_blocked(connection.endpoints.peer.ip(), now);
-        let (token_name, payload) = authenticate(&self.parts.tokens, &raw, !blocked);
+        let insecure = self.config.token_sources.is_empty();
+        let (token_name, payload) = authenticate(&self.parts.tokens, &raw, !blocked, insecure);
         let request = Request {
             id: self.next_request_id,
             token_name,
@@ -341,6 +414,12 @@ impl Server {
         self.parts.pool.submit(Job { request, conn });
     }
 
+    /// Whether the server rejects a wrong token itself. Decided by the configuration, never by
+    /// how many tokens are valid now: an emptied token file must lock everyone out, not in.
+    fn token_required(&self) -> bool {
+        self.config.auth == AuthMode::Required && !self.config.token_sources.is_empty()
+    }
+
     /// Why the server answers a request itself instead of running the script, if it does.
     fn refusal(
         &mut self,
@@ -351,9 +430,9 @@ impl Server {
         if self.stopping.is_some() {
             return Some((ServerError::ShuttingDown, Verdict::ShuttingDown));
         }
-        let token_required =
-            self.config.auth == AuthMode::Required && !self.parts.tokens.is_empty();
+        let token_required = self.token_required();
         if token_required && blocked {
+            metrics().record_refusal(Refusal::AuthBackoff);
             return Some((ServerError::BackedOff, Verdict::Unauthorized));
         }
         if token_required && request.token_name.is_none() {
@@ -370,6 +449,7 @@ impl Server {
             return Some((ServerError::Unauthorized, Verdict::Unauthorized));
         }
         if self.in_flight >= self.config.workers + self.config.queue {
+            metrics().record_refusal(Refusal::QueueFull);
             return Some((ServerError::Busy, Verdict::Busy));
         }
         None
@@ -532,6 +612,42 @@ impl Server {
     }
 }
 
+/// Open connections per client IP (IPv4-mapped IPv6 counted as IPv4). Tracked only while
+/// `--max-connections-per-ip` is on; an IP leaves the map with its last connection.
+struct PerIp {
+    enabled: bool,
+    open: HashMap<IpAddr, usize>,
+}
+
+impl PerIp {
+    fn new(enabled: bool) -> PerIp {
+        PerIp {
+            enabled,
+            open: HashMap::new(),
+        }
+    }
+
+    fn count(&self, ip: IpAddr) -> usize {
+        self.open.get(&ip.to_canonical()).copied().unwrap_or(0)
+    }
+
+    fn opened(&mut self, ip: IpAddr) {
+        if self.enabled {
+            *self.open.entry(ip.to_canonical()).or_default() += 1;
+        }
+    }
+
+    fn closed(&mut self, ip: IpAddr) {
+        let ip = ip.to_canonical();
+        if let Some(count) = self.open.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.open.remove(&ip);
+            }
+        }
+    }
+}
+
 /// The connection a worker message is for, unless it has closed since.
 fn find(connections: &mut Slab<Connection>, conn: ConnRef) -> Option<&mut Connection> {
     connections
@@ -548,15 +664,21 @@ fn is_per_connection_error(e: &io::Error) -> bool {
     )
 }
 
-/// The token's name and the payload of a request line (SPEC §3).
 /// The token's name and the payload of a request (SPEC §3, §10). With `check` false the token
-/// is split off but not compared (a backed-off client).
-fn authenticate(tokens: &Tokens, raw: &RawRequest, check: bool) -> (Option<Arc<str>>, Vec<u8>) {
+/// is split off but not compared (a backed-off client). `insecure`: no token source is
+/// configured (`--insecure-no-token`). Not "no valid token": token files emptied to revoke
+/// every token leave none, and then nothing may pass.
+fn authenticate(
+    tokens: &Tokens,
+    raw: &RawRequest,
+    check: bool,
+    insecure: bool,
+) -> (Option<Arc<str>>, Vec<u8>) {
     let matched = |token: &[u8]| if check { tokens.check(token) } else { None };
     if let Some(head) = &raw.http {
         return (head.token().and_then(|t| matched(t.as_bytes())), Vec::new());
     }
-    if tokens.is_empty() {
+    if insecure {
         return (None, raw.line.clone()); // --insecure-no-token: the whole line is the payload
     }
     let (token, payload) = framing::split_token(&raw.line);
@@ -587,6 +709,8 @@ enum Step {
     Wait,
     /// A complete request to hand on.
     Dispatch(RawRequest),
+    /// HTTP: a complete head whose client waits for `100 Continue` before sending the body.
+    WantsContinue,
     Close(&'static str),
 }
 
@@ -647,6 +771,9 @@ fn read_request(
             Frame::TooLarge => {
                 return refuse_unreadable(connection, ServerError::TooLarge, config, scratch);
             }
+            Frame::HeadTooLarge => {
+                return refuse_unreadable(connection, ServerError::HeadTooLarge, config, scratch);
+            }
             Frame::Malformed(reason) => {
                 log::debug!("bad request from {}: {reason}", connection.endpoints.peer);
                 return refuse_unreadable(connection, ServerError::Malformed, config, scratch);
@@ -660,11 +787,8 @@ fn read_request(
                 };
                 return step(connection, config, scratch);
             }
-            Frame::WantsContinue if !connection.continue_sent => {
-                connection.continue_sent = true;
-                connection.push_output(b"HTTP/1.1 100 Continue\r\n\r\n");
-                connection.flush()?;
-            }
+            // The loop checks the token first (`Server::on_expect_continue`).
+            Frame::WantsContinue if !connection.continue_sent => return Ok(Step::WantsContinue),
             Frame::Incomplete | Frame::WantsContinue => match filled {
                 Filled::Drained => return Ok(Step::Wait),
                 // Nothing more is read past the limit, so a framer still waiting would wait
