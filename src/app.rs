@@ -8,7 +8,7 @@ use crate::error::Fatal;
 use crate::framing::Framing;
 use crate::request::{Endpoints, Request};
 use crate::script::context::ClientSink;
-use crate::script::{HandlerResult, Runtime, ScriptHost};
+use crate::script::{self, HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
 use crate::{client, footprint, metrics, reload, workers};
@@ -146,12 +146,6 @@ impl ClientSink for Stdout {
 }
 
 fn call(args: CallArgs) -> Result<u8, Fatal> {
-    let limits = Limits {
-        handler_timeout: args.handler_timeout,
-        command_timeout: args.command_timeout,
-        ..Limits::default()
-    };
-    let host = ScriptHost::load(&args.script, Runtime::new(limits)).map_err(Fatal::Usage)?;
     let peer = args
         .peer
         .parse()
@@ -165,6 +159,14 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
     } else {
         (Framing::Line, args.payload.join(" "), Vec::new())
     };
+    // Whatever was read is what the script must be able to use whole.
+    let limits = Limits {
+        handler_timeout: args.handler_timeout,
+        command_timeout: args.command_timeout,
+        max_request_bytes: (payload.len() + body.len()).max(Limits::default().max_request_bytes),
+        ..Limits::default()
+    };
+    let host = ScriptHost::load(&args.script, Runtime::new(limits)).map_err(Fatal::Usage)?;
     let request = Request {
         id: 1,
         token_name: Some(args.token_name.into()),
@@ -174,7 +176,9 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
         framing,
         http: None,
     };
-    match host.handle(&request, Box::new(Stdout)).0 {
+    let handled = script::on_script_stack(|| host.handle(&request, Box::new(Stdout)).0)
+        .map_err(|e| Fatal::Runtime(format!("running the script: {e}")))?;
+    match handled {
         HandlerResult::Replied(reply) => {
             Stdout.send(reply.bytes);
             Ok(0)

@@ -7,6 +7,7 @@
 
 mod api;
 pub mod context;
+pub mod limits;
 mod webhook;
 
 use crate::http::HttpHead;
@@ -102,28 +103,67 @@ impl ScriptHost {
     }
 }
 
-/// Script limits. Memory is bounded by sizes; time by the handler deadline (checked in
-/// `on_progress`), with the operation count as a backstop for a huge `--handler-timeout`.
+/// Script limits. Memory is bounded by sizes (see [`limits`]); time by the handler deadline
+/// (checked in `on_progress`), with the operation count as a backstop for a huge
+/// `--handler-timeout`.
 const MAX_OPERATIONS: u64 = 2_000_000_000;
 const MAX_CALL_LEVELS: usize = 64;
 const MAX_EXPR_DEPTH: usize = 64;
-const MAX_COLLECTION_ITEMS: usize = 100_000;
-const MIN_STRING_BYTES: usize = 4 << 20;
 /// How many operations pass between two looks at the clock.
 const DEADLINE_CHECK_EVERY: u64 = 256;
+
+/// The stack of every thread that runs a script (workers, `call`).
+///
+/// What recurses, and how deep it can go: script function calls (at most [`MAX_CALL_LEVELS`]),
+/// expressions (at most [`MAX_EXPR_DEPTH`] per function), and walks over one value (clone,
+/// drop, size checks, printing, JSON), at most [`limits::MAX_NESTING`] plus the levels one
+/// expression can add after its variables were read, [`MAX_EXPR_DEPTH`]. The test
+/// `defects_script::deepest_value_at_deepest_call_fits` runs all three at their limits at once
+/// in a debug build (whose frames are several times larger than release ones) within half of
+/// this; the default 2 MiB was what a 3,000-deep array overflowed.
+pub const SCRIPT_STACK_BYTES: usize = 32 << 20;
+
+/// Runs `f` on a thread with [`SCRIPT_STACK_BYTES`] of stack, for callers (`call`) whose own
+/// thread's stack is whatever `ulimit -s` says.
+pub fn on_script_stack<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("script".into())
+            .stack_size(SCRIPT_STACK_BYTES)
+            .spawn_scoped(scope, f)?;
+        thread
+            .join()
+            .map_err(|_| std::io::Error::other("the script thread panicked"))
+    })
+}
 
 fn build_engine(runtime: &Arc<Runtime>) -> Engine {
     // `new_raw`: no module resolver, so `import` cannot read files from disk.
     let mut engine = Engine::new_raw();
     engine.register_global_module(StandardPackage::new().as_shared_module());
     engine.disable_symbol("eval");
+    // `this` is the one way to reach a value again and again without reading a variable, so
+    // without it every value that grows passes through the depth check in `on_var`.
+    engine.disable_symbol("this");
+    let sizes = limits::SizeLimits::of(&runtime.limits);
     engine
         .set_max_operations(MAX_OPERATIONS)
         .set_max_call_levels(MAX_CALL_LEVELS)
         .set_max_expr_depths(MAX_EXPR_DEPTH, MAX_EXPR_DEPTH)
-        .set_max_string_size(MIN_STRING_BYTES.max(runtime.limits.max_output_bytes * 2))
-        .set_max_array_size(MAX_COLLECTION_ITEMS)
-        .set_max_map_size(MAX_COLLECTION_ITEMS);
+        .set_max_string_size(sizes.string_bytes)
+        .set_max_array_size(sizes.array_items)
+        .set_max_map_size(limits::MAX_COLLECTION_ITEMS);
+    // Every value that can grow deeper is read from a variable on each step, so checking the
+    // depth of what a variable holds when it is read bounds the depth of every value.
+    // (`on_var` is marked volatile, not deprecated: its signature may change in a later Rhai.)
+    #[allow(deprecated)]
+    engine.on_var(|name, _index, context| match context.scope().get(name) {
+        Some(value) => limits::check_value(value)
+            .map(|()| None)
+            .map_err(|e| script_error(format!("variable '{name}': {e}"))),
+        None => Ok(None),
+    });
+    limits::register_checked_builtins(&mut engine);
     let progress_runtime = runtime.clone();
     engine.on_progress(move |operations| {
         if operations % DEADLINE_CHECK_EVERY != 0 {
@@ -137,7 +177,7 @@ fn build_engine(runtime: &Arc<Runtime>) -> Engine {
         context::log(log::Level::Debug, &format!("{position:?}: {text}"))
     });
     api::register(&mut engine, runtime.clone());
-    webhook::register(&mut engine);
+    webhook::register(&mut engine, sizes.string_bytes);
     engine
 }
 
