@@ -6,6 +6,7 @@
 //! to) lives in a thread-local [`context`], set for the length of the call.
 
 mod api;
+pub mod budget;
 pub mod context;
 pub mod limits;
 mod webhook;
@@ -37,6 +38,8 @@ pub struct ScriptHost {
     /// Replaced whole on reload; a running call keeps the `Arc` it started with.
     ast: RwLock<Arc<AST>>,
     pub runtime: Arc<Runtime>,
+    /// Bytes one handler may hold at once (see [`budget::handler_budget`]).
+    memory_budget: usize,
 }
 
 impl ScriptHost {
@@ -44,11 +47,14 @@ impl ScriptHost {
     pub fn load(path: &Path, runtime: Arc<Runtime>) -> Result<ScriptHost, String> {
         let engine = build_engine(&runtime);
         let ast = compile(&engine, path)?;
+        let limits = &runtime.limits;
+        let memory_budget = budget::handler_budget(limits.max_request_bytes, limits.max_output_bytes);
         Ok(ScriptHost {
             engine,
             path: path.to_owned(),
             ast: RwLock::new(Arc::new(ast)),
             runtime,
+            memory_budget,
         })
     }
 
@@ -76,7 +82,9 @@ impl ScriptHost {
     ) -> (HandlerResult, Vec<i32>) {
         let ast = self.current();
         let deadline = Instant::now() + self.runtime.limits.handler_timeout;
-        let _guard = context::enter(HandlerContext::new(request.id, deadline, client));
+        let handler = HandlerContext::new(request.id, deadline, client)
+            .with_memory_budget(self.memory_budget);
+        let _guard = context::enter(handler);
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
         let req = Dynamic::from_map(request_map(request));
         let result = self.engine.call_fn_with_options::<Dynamic>(
@@ -94,6 +102,11 @@ impl ScriptHost {
                     HandlerResult::Failed(format!("{}: {message}", self.path.display()))
                 }
             },
+            Err(error) if stopped_for_memory(&error) => HandlerResult::Failed(format!(
+                "{}: {OVER_BUDGET} ({} MiB)",
+                self.path.display(),
+                self.memory_budget >> 20
+            )),
             Err(error) if matches!(*error, EvalAltResult::ErrorTerminated(..)) => {
                 HandlerResult::TimedOut
             }
@@ -111,6 +124,9 @@ const MAX_CALL_LEVELS: usize = 64;
 const MAX_EXPR_DEPTH: usize = 64;
 /// How many operations pass between two looks at the clock.
 const DEADLINE_CHECK_EVERY: u64 = 256;
+/// How many operations pass between two looks at the memory count (a thread-local read).
+const MEMORY_CHECK_EVERY: u64 = 16;
+const OVER_BUDGET: &str = "handler went over its memory budget";
 
 /// The stack of every thread that runs a script (workers, `call`).
 ///
@@ -166,6 +182,9 @@ fn build_engine(runtime: &Arc<Runtime>) -> Engine {
     limits::register_checked_builtins(&mut engine);
     let progress_runtime = runtime.clone();
     engine.on_progress(move |operations| {
+        if operations % MEMORY_CHECK_EVERY == 0 && context::over_budget() {
+            return Some(OVER_BUDGET.into());
+        }
         if operations % DEADLINE_CHECK_EVERY != 0 {
             return None;
         }
@@ -195,6 +214,16 @@ fn compile(engine: &Engine, path: &Path) -> Result<AST, String> {
         ));
     }
     Ok(ast)
+}
+
+/// Whether `on_progress` stopped the handler for its memory budget (not its deadline).
+fn stopped_for_memory(error: &EvalAltResult) -> bool {
+    match error {
+        EvalAltResult::ErrorTerminated(token, _) => token
+            .read_lock::<rhai::ImmutableString>()
+            .is_some_and(|t| t.as_str() == OVER_BUDGET),
+        _ => false,
+    }
 }
 
 /// `FILE:LINE:COL: message`, from the innermost error that has a position.

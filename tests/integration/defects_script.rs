@@ -217,3 +217,28 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+const HOARD: &str = r#"
+fn hold(big, n) {
+    let mine = big + n;
+    if n == 0 { mine.len() } else { hold(big, n - 1) + mine.len() }
+}
+fn handle(req) {
+    let big = "";
+    big.pad(3000000, "x");
+    switch req.args[0] {
+        "hoard" => `${hold(big, 30)}`,
+        _ => `${hold(big, 3)}`,
+    }
+}
+"#;
+
+/// Each value is within the size limits, but 31 of them at 3 MB each are more than the
+/// handler's budget (about 40 MiB with the default flags): the request fails, not the server.
+#[test]
+fn a_handler_holding_more_than_its_memory_budget_fails_alone() {
+    let server = Server::start(HOARD, &[]);
+    assert_eq!(server.ask("hoard"), failed(1));
+    server.log.wait_for("handler went over its memory budget");
+    assert_eq!(server.ask("few"), "12000004");
+}
