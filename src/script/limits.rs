@@ -54,6 +54,9 @@ impl SizeLimits {
 /// Fails when `value` nests deeper than [`MAX_NESTING`] or curries too much. Cost: one look at
 /// every item of the collections inside `value`; scalars cost nothing.
 pub fn check_value(value: &Dynamic) -> Result<(), String> {
+    if !(value.is_array() || value.is_map() || value.is_fnptr()) {
+        return Ok(());
+    }
     let mut curried = 0;
     match too_deep(value, MAX_NESTING, &mut curried) {
         false => Ok(()),
@@ -177,30 +180,40 @@ fn register_limited_splits(engine: &mut Engine) {
         if whole(s, n, d.is_empty() || s.contains(d)) {
             return Ok(vec![s.clone().into()]);
         }
-        counted("split", || s.splitn(usize::try_from(n).unwrap_or(usize::MAX), d))
+        counted("split", || {
+            s.splitn(usize::try_from(n).unwrap_or(usize::MAX), d)
+        })
     });
     engine.register_fn("split", move |s: &mut ImmutableString, d: char, n: i64| {
         if whole(s, n, s.contains(d)) {
             return Ok(vec![s.clone().into()]);
         }
-        counted("split", || s.splitn(usize::try_from(n).unwrap_or(usize::MAX), d))
-    });
-    engine.register_fn("split_rev", move |s: &mut ImmutableString, d: &str, n: i64| {
-        if whole(s, n, d.is_empty() || s.contains(d)) {
-            return Ok(vec![s.clone().into()]);
-        }
-        counted("split_rev", || {
-            s.rsplitn(usize::try_from(n).unwrap_or(usize::MAX), d)
+        counted("split", || {
+            s.splitn(usize::try_from(n).unwrap_or(usize::MAX), d)
         })
     });
-    engine.register_fn("split_rev", move |s: &mut ImmutableString, d: char, n: i64| {
-        if whole(s, n, s.contains(d)) {
-            return Ok(vec![s.clone().into()]);
-        }
-        counted("split_rev", || {
-            s.rsplitn(usize::try_from(n).unwrap_or(usize::MAX), d)
-        })
-    });
+    engine.register_fn(
+        "split_rev",
+        move |s: &mut ImmutableString, d: &str, n: i64| {
+            if whole(s, n, d.is_empty() || s.contains(d)) {
+                return Ok(vec![s.clone().into()]);
+            }
+            counted("split_rev", || {
+                s.rsplitn(usize::try_from(n).unwrap_or(usize::MAX), d)
+            })
+        },
+    );
+    engine.register_fn(
+        "split_rev",
+        move |s: &mut ImmutableString, d: char, n: i64| {
+            if whole(s, n, s.contains(d)) {
+                return Ok(vec![s.clone().into()]);
+            }
+            counted("split_rev", || {
+                s.rsplitn(usize::try_from(n).unwrap_or(usize::MAX), d)
+            })
+        },
+    );
 }
 
 /// An `io::Write` that refuses to grow past `max` bytes, so `to_json` stops before it

@@ -48,7 +48,8 @@ impl ScriptHost {
         let engine = build_engine(&runtime);
         let ast = compile(&engine, path)?;
         let limits = &runtime.limits;
-        let memory_budget = budget::handler_budget(limits.max_request_bytes, limits.max_output_bytes);
+        let memory_budget =
+            budget::handler_budget(limits.max_request_bytes, limits.max_output_bytes);
         Ok(ScriptHost {
             engine,
             path: path.to_owned(),
@@ -173,11 +174,11 @@ fn build_engine(runtime: &Arc<Runtime>) -> Engine {
     // depth of what a variable holds when it is read bounds the depth of every value.
     // (`on_var` is marked volatile, not deprecated: its signature may change in a later Rhai.)
     #[allow(deprecated)]
-    engine.on_var(|name, _index, context| match context.scope().get(name) {
-        Some(value) => limits::check_value(value)
-            .map(|()| None)
-            .map_err(|e| script_error(format!("variable '{name}': {e}"))),
-        None => Ok(None),
+    engine.on_var(|name, _index, context| {
+        match context.scope().get(name).map(limits::check_value) {
+            Some(Err(e)) => Err(script_error(format!("variable '{name}': {e}"))),
+            _ => Ok(None),
+        }
     });
     limits::register_checked_builtins(&mut engine);
     let progress_runtime = runtime.clone();

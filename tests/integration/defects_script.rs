@@ -70,7 +70,11 @@ fn a_200000_deep_json_bomb_fails_its_request_only() {
 fn deepest_value_at_deepest_call_fits() {
     let server = Server::start(SCRIPT, &[]);
     let reply = server.ask("deepest");
-    assert!(reply.ends_with(" true\n"), "{reply:?}; log:\n{}", server.log.text());
+    assert!(
+        reply.ends_with(" true\n"),
+        "{reply:?}; log:\n{}",
+        server.log.text()
+    );
     assert_alive(&server);
 }
 
@@ -187,7 +191,10 @@ fn eight_concurrent_2_mb_splits_peak_under_256_mib() {
     }
     server.log.wait_for("split would make 2000001 items");
     let peak_kb = status_kb(server.child.id(), "VmHWM");
-    println!("peak RSS after 8 concurrent 2 MB splits: {} MiB", peak_kb >> 10);
+    println!(
+        "peak RSS after 8 concurrent 2 MB splits: {} MiB",
+        peak_kb >> 10
+    );
     assert!(peak_kb < 256 << 10, "peak RSS {peak_kb} kB");
     let small = http_post(server.addr(), b"a\nb\nc");
     assert!(small.ends_with("\r\n\r\n3"), "{small:?}");
