@@ -104,7 +104,8 @@ pub fn send_to_client(bytes: Vec<u8>) {
 /// Whether the handler holds more than its memory budget.
 pub fn over_budget() -> bool {
     with(false, |c| {
-        budget::net().saturating_sub(c.memory_start) > c.memory_budget as isize
+        let budget = isize::try_from(c.memory_budget).unwrap_or(isize::MAX);
+        budget::net().saturating_sub(c.memory_start) > budget
     })
 }
 
