@@ -133,11 +133,12 @@ const OVER_BUDGET: &str = "handler went over its memory budget";
 ///
 /// What recurses, and how deep it can go: script function calls (at most [`MAX_CALL_LEVELS`]),
 /// expressions (at most [`MAX_EXPR_DEPTH`] per function), and walks over one value (clone,
-/// drop, size checks, printing, JSON), at most [`limits::MAX_NESTING`] plus the levels one
-/// expression can add after its variables were read, [`MAX_EXPR_DEPTH`]. The test
-/// `defects_script::deepest_value_at_deepest_call_fits` runs all three at their limits at once
-/// in a debug build (whose frames are several times larger than release ones) within half of
-/// this; the default 2 MiB was what a 3,000-deep array overflowed.
+/// drop, size checks, printing, comparing, JSON), at most [`limits::MAX_NESTING`] plus the
+/// levels one expression can add after its variables were read (about 20 under
+/// [`MAX_EXPR_DEPTH`]). The test `defects_script::deepest_value_at_deepest_call_fits` runs all
+/// three at their limits at once; in a debug build (frames several times larger than release
+/// ones) it needs more than 2 MiB and fits in 4 MiB. 32 MiB leaves 8x room for paths it does
+/// not take; only the pages a script touches become resident.
 pub const SCRIPT_STACK_BYTES: usize = 32 << 20;
 
 /// Runs `f` on a thread with [`SCRIPT_STACK_BYTES`] of stack, for callers (`call`) whose own
