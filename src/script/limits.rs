@@ -122,12 +122,14 @@ where
     Ok(pieces().map(Into::into).collect())
 }
 
-/// Rhai's `split`, `split_rev`, `to_chars` and blob `to_array`, with the same results, but
-/// checked before they allocate. Registered on the engine, they take precedence over the
-/// standard package's versions of the same signatures.
-pub fn register_checked_builtins(engine: &mut Engine) {
+/// Rhai's `split`, `split_rev`, `to_chars`, `replace` and blob `to_array`, with the same
+/// results, but checked before they allocate. Registered on the engine, they take precedence
+/// over the standard package's versions of the same signatures. `max_string` is the engine's
+/// string limit.
+pub fn register_checked_builtins(engine: &mut Engine, max_string: usize) {
     register_splits(engine);
     register_limited_splits(engine);
+    register_replaces(engine, max_string);
     engine.register_fn("to_chars", |s: &str| -> ScriptResult<Array> {
         check_items("to_chars", s.chars().count())?;
         Ok(s.chars().map(Dynamic::from).collect())
@@ -212,6 +214,55 @@ fn register_limited_splits(engine: &mut Engine) {
             counted("split_rev", || {
                 s.rsplitn(usize::try_from(n).unwrap_or(usize::MAX), d)
             })
+        },
+    );
+}
+
+/// `replace` in place, as Rhai's: the result's length is computed from the number of matches
+/// first, since one call can multiply its input (`s.replace("a", four_megabytes)` on 100,000
+/// `a`s would ask for 400 GB).
+fn replace(s: &mut ImmutableString, find: &str, with: &str, max: usize) -> ScriptResult<()> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let matches = s.matches(find).count();
+    let length =
+        (s.len() - matches * find.len()).saturating_add(matches.saturating_mul(with.len()));
+    if length > max {
+        return Err(script_error(format!(
+            "replace would make a string of {length} bytes, more than the {max} a string may hold"
+        )));
+    }
+    *s = s.replace(find, with).into();
+    Ok(())
+}
+
+fn register_replaces(engine: &mut Engine, max: usize) {
+    engine.register_fn(
+        "replace",
+        move |s: &mut ImmutableString, f: &str, w: &str| replace(s, f, w, max),
+    );
+    engine.register_fn(
+        "replace",
+        move |s: &mut ImmutableString, f: &str, w: char| {
+            replace(s, f, w.encode_utf8(&mut [0; 4]), max)
+        },
+    );
+    engine.register_fn(
+        "replace",
+        move |s: &mut ImmutableString, f: char, w: &str| {
+            replace(s, f.encode_utf8(&mut [0; 4]), w, max)
+        },
+    );
+    engine.register_fn(
+        "replace",
+        move |s: &mut ImmutableString, f: char, w: char| {
+            replace(
+                s,
+                f.encode_utf8(&mut [0; 4]),
+                w.encode_utf8(&mut [0; 4]),
+                max,
+            )
         },
     );
 }

@@ -181,7 +181,7 @@ fn build_engine(runtime: &Arc<Runtime>) -> Engine {
             _ => Ok(None),
         }
     });
-    limits::register_checked_builtins(&mut engine);
+    limits::register_checked_builtins(&mut engine, sizes.string_bytes);
     let progress_runtime = runtime.clone();
     engine.on_progress(move |operations| {
         if operations % MEMORY_CHECK_EVERY == 0 && context::over_budget() {

@@ -249,3 +249,27 @@ fn a_handler_holding_more_than_its_memory_budget_fails_alone() {
     server.log.wait_for("handler went over its memory budget");
     assert_eq!(server.ask("few"), "12000004");
 }
+
+const REPLACE: &str = r#"
+fn handle(req) {
+    let s = "";
+    s.pad(100, "a");
+    let big = "";
+    big.pad(4000000, "b");
+    s.replace("a", big);
+    s.len()
+}
+"#;
+
+/// 100 `a`s each replaced by 4 MB is 400 MB: the length is computed first, so the call throws
+/// without allocating it (before: 400 MB built, then refused by the string limit).
+#[test]
+fn a_replace_that_would_multiply_its_input_throws_first() {
+    let server = Server::start(REPLACE, &[]);
+    assert_eq!(server.ask("x"), failed(1));
+    server
+        .log
+        .wait_for("replace would make a string of 400000000 bytes");
+    let peak_kb = status_kb(server.child.id(), "VmHWM");
+    assert!(peak_kb < 64 << 10, "peak RSS {peak_kb} kB");
+}
