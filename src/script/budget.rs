@@ -70,11 +70,11 @@ pub fn handed_off(bytes: isize) {
     add(-bytes);
 }
 
-/// The budget of one handler: room for its own copy of the request (payload as text up to 3x
-/// its bytes, the body blob, `req.args`), for the output of its commands (stdout and stderr
-/// captured, then as text), and a fixed 32 MiB for the values the script makes.
+/// The budget of one handler, counted from after `req` is built: a fixed 32 MiB for the values
+/// the script makes, room for a copy of the payload as text (up to 3x its bytes) and of the body,
+/// and for the output of its commands (stdout and stderr captured, then as text, 4x each).
 pub fn handler_budget(max_request_bytes: usize, max_output_bytes: usize) -> usize {
     (32usize << 20)
-        .saturating_add(max_request_bytes.saturating_mul(5))
+        .saturating_add(max_request_bytes.saturating_mul(4))
         .saturating_add(max_output_bytes.saturating_mul(8))
 }

@@ -83,11 +83,12 @@ impl ScriptHost {
     ) -> (HandlerResult, Vec<i32>) {
         let ast = self.current();
         let deadline = Instant::now() + self.runtime.limits.handler_timeout;
+        // Built before the budget starts counting: the budget is for what the script makes.
+        let req = Dynamic::from_map(request_map(request));
         let handler = HandlerContext::new(request.id, deadline, client)
             .with_memory_budget(self.memory_budget);
         let _guard = context::enter(handler);
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
-        let req = Dynamic::from_map(request_map(request));
         let result = self.engine.call_fn_with_options::<Dynamic>(
             options,
             &mut Scope::new(),
