@@ -109,11 +109,6 @@ pub fn over_budget() -> bool {
     })
 }
 
-/// The handler's memory budget in bytes (for messages).
-pub fn memory_budget() -> usize {
-    with(usize::MAX, |c| c.memory_budget)
-}
-
 /// Logs a script message tagged with its request id.
 pub fn log(level: log::Level, message: &str) {
     log::log!(target: "script", level, "request {}: {message}", request_id());

@@ -51,6 +51,20 @@ impl SizeLimits {
     }
 }
 
+/// Checks the depth of what a variable holds each time it is read. Every value that grows
+/// deeper is read from a variable on each step (with `this` disabled and no closures), so this
+/// bounds the depth of every value.
+pub fn register_depth_check(engine: &mut Engine) {
+    // `on_var` is marked volatile, not deprecated: its signature may change in a later Rhai.
+    #[allow(deprecated)]
+    engine.on_var(
+        |name, _index, context| match context.scope().get(name).map(check_value) {
+            Some(Err(e)) => Err(script_error(format!("variable '{name}': {e}"))),
+            _ => Ok(None),
+        },
+    );
+}
+
 /// Fails when `value` nests deeper than [`MAX_NESTING`] or curries too much. Cost: one look at
 /// every item of the collections inside `value`; scalars cost nothing.
 pub fn check_value(value: &Dynamic) -> Result<(), String> {

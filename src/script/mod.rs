@@ -38,7 +38,7 @@ pub struct ScriptHost {
     /// Replaced whole on reload; a running call keeps the `Arc` it started with.
     ast: RwLock<Arc<AST>>,
     pub runtime: Arc<Runtime>,
-    /// Bytes one handler may hold at once (see [`budget::handler_budget`]).
+    /// Bytes one handler may add once its `req` is built (see [`budget::handler_budget`]).
     memory_budget: usize,
 }
 
@@ -172,16 +172,7 @@ fn build_engine(runtime: &Arc<Runtime>) -> Engine {
         .set_max_string_size(sizes.string_bytes)
         .set_max_array_size(sizes.array_items)
         .set_max_map_size(limits::MAX_COLLECTION_ITEMS);
-    // Every value that can grow deeper is read from a variable on each step, so checking the
-    // depth of what a variable holds when it is read bounds the depth of every value.
-    // (`on_var` is marked volatile, not deprecated: its signature may change in a later Rhai.)
-    #[allow(deprecated)]
-    engine.on_var(|name, _index, context| {
-        match context.scope().get(name).map(limits::check_value) {
-            Some(Err(e)) => Err(script_error(format!("variable '{name}': {e}"))),
-            _ => Ok(None),
-        }
-    });
+    limits::register_depth_check(&mut engine);
     limits::register_checked_builtins(&mut engine, sizes.string_bytes);
     let progress_runtime = runtime.clone();
     engine.on_progress(move |operations| {
