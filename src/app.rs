@@ -9,7 +9,7 @@ use crate::error::Fatal;
 use crate::framing::Framing;
 use crate::request::{Endpoints, Request};
 use crate::script::context::ClientSink;
-use crate::script::{HandlerResult, Runtime, ScriptHost};
+use crate::script::{self, HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
 use crate::trigger::{Kind, Triggers};
@@ -50,7 +50,11 @@ fn test(args: TestArgs) -> u8 {
             ..Limits::default()
         },
     };
-    script_test::run(&plan)
+    // Tests run handlers as workers do, so they need the stack the script limits fit in.
+    script::on_script_stack(|| script_test::run(&plan)).unwrap_or_else(|e| {
+        eprintln!("running the tests: {e}");
+        2
+    })
 }
 
 fn check(path: &std::path::Path) -> u8 {
@@ -227,9 +231,13 @@ impl ClientSink for Stdout {
 fn call(args: CallArgs) -> Result<u8, Fatal> {
     config::check_duration(args.handler_timeout, "--handler-timeout", false)?;
     config::check_duration(args.command_timeout, "--command-timeout", false)?;
+    let request = local_request(&args)?;
+    // Whatever was read is what the script must be able to use whole.
     let limits = Limits {
         handler_timeout: args.handler_timeout,
         command_timeout: args.command_timeout,
+        max_request_bytes: (request.payload.len() + request.body.len())
+            .max(Limits::default().max_request_bytes),
         ..Limits::default()
     };
     let runtime = match args.dry_run {
@@ -241,8 +249,9 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
         false => Runtime::new(limits),
     };
     let host = ScriptHost::load(&args.script, runtime).map_err(Fatal::Usage)?;
-    let request = local_request(&args)?;
-    let code = match host.handle(&request, Box::new(Stdout)).0 {
+    let handled = script::on_script_stack(|| host.handle(&request, Box::new(Stdout)).0)
+        .map_err(|e| Fatal::Runtime(format!("running the script: {e}")))?;
+    let code = match handled {
         HandlerResult::Replied(reply) => {
             Stdout.send(reply.bytes);
             0

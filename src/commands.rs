@@ -171,6 +171,26 @@ fn display_name(program: &Program) -> String {
     }
 }
 
+/// Checks one extra environment variable. A name that is empty or holds `=` or NUL cannot be
+/// passed as itself (the child would see a different variable, or none); a value with NUL
+/// cannot be passed at all.
+pub fn check_env(name: &str, value: &str) -> Result<(), String> {
+    let shown = name.escape_debug();
+    if name.is_empty() {
+        return Err("env: a variable name is empty".into());
+    }
+    if name.contains('=') {
+        return Err(format!("env: variable name \"{shown}\" holds '='"));
+    }
+    if name.contains('\0') {
+        return Err(format!("env: variable name \"{shown}\" holds a NUL byte"));
+    }
+    if value.contains('\0') {
+        return Err(format!("env: the value of {shown} holds a NUL byte"));
+    }
+    Ok(())
+}
+
 fn build(spec: &CommandSpec) -> io::Result<Command> {
     let mut command = match &spec.program {
         Program::Argv(argv) => {
@@ -187,6 +207,9 @@ fn build(spec: &CommandSpec) -> io::Result<Command> {
             command
         }
     };
+    if let Some(reason) = spec.env.iter().find_map(|(k, v)| check_env(k, v).err()) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, reason));
+    }
     if spec.clear_env {
         command.env_clear();
     }

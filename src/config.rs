@@ -47,6 +47,8 @@ pub struct Limits {
     pub command_timeout: Duration,
     pub max_output_bytes: usize,
     pub max_jobs: usize,
+    /// The largest request the script may be handed: its blob and string limits derive from it.
+    pub max_request_bytes: usize,
 }
 
 impl Config {
@@ -110,6 +112,7 @@ impl Config {
                 command_timeout: args.command_timeout,
                 max_output_bytes: args.max_output_bytes,
                 max_jobs: args.max_jobs,
+                max_request_bytes: args.max_request_bytes,
             },
             shutdown_timeout: args.shutdown_timeout,
             print_addr: args.print_addr,
@@ -239,6 +242,7 @@ impl Default for Limits {
             command_timeout: Duration::from_secs(30),
             max_output_bytes: 1 << 20,
             max_jobs: 16,
+            max_request_bytes: 65536,
         }
     }
 }

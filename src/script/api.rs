@@ -138,14 +138,19 @@ fn typed<T, E: std::fmt::Display>(key: &str, value: Result<T, E>) -> ScriptResul
     value.map_err(|found| script_error(format!("option '{key}' has the wrong type ({found})")))
 }
 
+/// The `env` option, each name and value checked: the OS would silently split `A=B` at the
+/// first `=` (a name `PATH=/x:` sets `PATH`), and cannot carry a NUL.
 fn env_pairs(value: Dynamic) -> ScriptResult<Vec<(String, String)>> {
     let map = value
         .try_cast::<Map>()
         .ok_or_else(|| script_error("option 'env' must be a map"))?;
-    Ok(map
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect())
+    map.into_iter()
+        .map(|(k, v)| {
+            let (name, value) = (k.to_string(), v.to_string());
+            commands::check_env(&name, &value).map_err(script_error)?;
+            Ok((name, value))
+        })
+        .collect()
 }
 
 fn stdin_bytes(value: Dynamic) -> ScriptResult<Vec<u8>> {

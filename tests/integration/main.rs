@@ -7,6 +7,7 @@ mod util;
 
 mod clients;
 mod core;
+mod defects_script;
 mod defects_server;
 mod hardening;
 mod http;
