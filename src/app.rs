@@ -11,6 +11,7 @@ use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
+use crate::state::State;
 use crate::{client, footprint, metrics, reload, workers};
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
@@ -54,7 +55,13 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         ),
         None => None,
     };
-    let runtime = Runtime::new(config.limits);
+    let runtime = match &config.state_file {
+        Some(path) => Runtime::with_state(
+            config.limits,
+            State::open(path, config.limits.state_max_keys).map_err(Fatal::Usage)?,
+        ),
+        None => Runtime::new(config.limits),
+    };
     let host = Arc::new(ScriptHost::load(&config.script, runtime.clone()).map_err(Fatal::Usage)?);
     let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
     warnings.iter().for_each(|w| log::warn!("{w}"));

@@ -14,7 +14,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// After SIGTERM, how long a command gets before SIGKILL.
@@ -34,6 +35,15 @@ pub struct CommandSpec {
     pub cwd: Option<String>,
     pub stdin: Vec<u8>,
     pub timeout: Duration,
+    /// Set by someone else to stop the command now, as at its timeout (SIGTERM, then SIGKILL
+    /// after the grace): `cancel()` and `if_running: "replace"` of background jobs.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl CommandSpec {
+    fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -262,11 +272,14 @@ fn supervise(
         stderr: child.stderr.take(),
     };
     let mut outcome = Outcome::default();
-    let term_at = started + spec.timeout;
+    let mut term_at = started + spec.timeout;
     let mut phase = Phase::Running;
     let mut exited_at = None;
     loop {
         let now = Instant::now();
+        if spec.stop_requested() {
+            term_at = term_at.min(now);
+        }
         if exited_at.is_none() {
             phase = advance(phase, pgid, term_at, now, &mut outcome);
             if matches!(child.try_wait(), Ok(Some(_))) {
@@ -348,8 +361,8 @@ fn pump(
     if let Some(pidfd) = pidfd {
         fds.push(PollFd::new(pidfd, PollFlags::IN));
     }
-    // Poll wakes at least every 50ms so a missing pidfd only costs latency.
-    let wait = if pidfd.is_some() {
+    // Poll wakes at least every 50ms so a missing pidfd, or a stop request, only costs latency.
+    let wait = if pidfd.is_some() && spec.stop.is_none() {
         wait
     } else {
         wait.min(Duration::from_millis(50))

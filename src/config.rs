@@ -29,6 +29,8 @@ pub struct Config {
     pub allow: Vec<ipnet::IpNet>,
     pub auth_failures: u32,
     pub metrics_listen: Option<SocketAddr>,
+    /// `--state-file`: keep the script's state in this database instead of in memory.
+    pub state_file: Option<PathBuf>,
 }
 
 /// What one handler may use; shared by `serve` and `call`.
@@ -38,6 +40,10 @@ pub struct Limits {
     pub command_timeout: Duration,
     pub max_output_bytes: usize,
     pub max_jobs: usize,
+    /// Combined output kept per background job, for `job_output` and `attach`.
+    pub job_output_bytes: usize,
+    /// Keys the state (and, separately, the rate limiter) holds at most.
+    pub state_max_keys: usize,
 }
 
 impl Config {
@@ -62,6 +68,7 @@ impl Config {
         for (value, flag) in [
             (args.workers, "--workers"),
             (args.max_request_bytes, "--max-request-bytes"),
+            (args.state_max_keys, "--state-max-keys"),
         ] {
             if value == 0 {
                 return Err(Fatal::Usage(format!("{flag} must be at least 1")));
@@ -88,12 +95,15 @@ impl Config {
                 command_timeout: args.command_timeout,
                 max_output_bytes: args.max_output_bytes,
                 max_jobs: args.max_jobs,
+                job_output_bytes: args.job_output_bytes,
+                state_max_keys: args.state_max_keys,
             },
             shutdown_timeout: args.shutdown_timeout,
             print_addr: args.print_addr,
             allow: args.allow,
             auth_failures: args.auth_failures,
             metrics_listen: args.metrics_listen,
+            state_file: args.state_file,
         })
     }
 }
@@ -126,6 +136,8 @@ impl Default for Limits {
             command_timeout: Duration::from_secs(30),
             max_output_bytes: 1 << 20,
             max_jobs: 16,
+            job_output_bytes: 64 * 1024,
+            state_max_keys: 100_000,
         }
     }
 }

@@ -11,7 +11,10 @@
 //! - [`workers`]: the threads that run handlers, and the outbox back to the loop.
 //! - [`script`]: the Rhai engine, `handle(req)`, and the functions scripts call.
 //! - [`commands`]: running one command with its process group, deadline and output cap.
-//! - [`runtime`]: what handlers and jobs share; [`jobs`]: `start`/`job`; [`locks`]: `opts.lock`.
+//! - [`runtime`]: what handlers and jobs share; [`jobs`]: the job table (keys, debounce, retry,
+//!   kept output); [`job_runner`]: its threads and timer; [`locks`]: `opts.lock`.
+//! - [`state`]: `state_*` and `once`, in memory or in a redb file; [`ratelimit`]: `rate_limit`;
+//!   [`clock`]: the time both and the jobs read.
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as loop events; [`reload`]: hot reload of files.
 //! - [`client`]: the `send` subcommand; [`init`]: the built-in init when running as PID 1.
 //! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
@@ -31,6 +34,7 @@ pub mod footprint;
 pub mod framing;
 pub mod http;
 pub mod init;
+pub mod job_runner;
 pub mod jobs;
 pub mod locks;
 pub mod logging;

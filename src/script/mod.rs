@@ -7,6 +7,8 @@
 
 mod api;
 pub mod context;
+mod jobs_api;
+mod state_api;
 mod webhook;
 
 use crate::http::HttpHead;
