@@ -9,6 +9,7 @@ mod clients;
 mod core;
 mod hardening;
 mod http;
+mod jobs_state;
 mod live;
 mod ops;
 mod scripts;
