@@ -46,7 +46,16 @@ fn handle(req) {
     }
     if op == "cancel" { return `${cancel(parse_int(a[1]))}`; }
     if op == "incr" { return `${state_incr(a[1])}`; }
+    if op == "incr_many" {
+        for i in 0..parse_int(a[2]) { state_incr(a[1]); }
+        return "ok";
+    }
     if op == "once" { return `${once(a[1], "1h")}`; }
+    if op == "once_many" {
+        let won = 0;
+        for i in 0..parse_int(a[2]) { if once(`${a[1]}-${i}`, "1h") { won += 1; } }
+        return `${won}`;
+    }
     if op == "set" {
         if a.len() > 3 { state_set(a[1], a[2], #{ ttl: a[3] }); } else { state_set(a[1], a[2]); }
         return "ok";
