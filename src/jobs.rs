@@ -386,10 +386,9 @@ impl JobTable {
                 None
             }
             (Some(other), IfRunning::Replace) => {
-                if let Some(old) = self.live.get(&other) {
-                    if !old.stop.swap(true, Ordering::SeqCst) {
-                        log::info!("job {other} cancelled: replaced by job {id}");
-                    }
+                let old = self.live.get(&other);
+                if old.is_some_and(|old| !old.stop.swap(true, Ordering::SeqCst)) {
+                    log::info!("job {other} cancelled: replaced by job {id}");
                 }
                 None
             }
@@ -502,7 +501,7 @@ impl JobTable {
         };
         metrics().record_job_end(result);
         log::info!(
-            "job {id} (request {}) ended: {result} code={} timed_out={} attempts={} duration={:.1}ms",
+            "job {id} (request {}) ended: code={} timed_out={} result={result} attempts={} duration={:.1}ms",
             job.request.request_id,
             view.code.unwrap_or(-1),
             view.timed_out,
