@@ -393,3 +393,108 @@ fn a_corrupt_state_file_is_a_start_up_error_that_leaves_it_untouched() {
     assert_eq!(std::fs::read(&file).unwrap(), garbage);
     assert!(Path::new(&file).exists());
 }
+
+/// Serves one of `scripts/` with `env` added.
+fn serve_script(name: &str, env: &[(&str, &str)], args: &[&str]) -> Server {
+    let scratch = Scratch::new();
+    let mut command = command();
+    command
+        .arg("serve")
+        .arg("--script")
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("scripts")
+                .join(name),
+        )
+        .args(["--token-env", "TOKEN"])
+        .envs(env.iter().copied());
+    Server::spawn(command, scratch, &["--listen", "127.0.0.1:0"], args)
+}
+
+#[test]
+fn coalesce_script_debounces_rebuilds_and_follows_one() {
+    let scratch = Scratch::new();
+    let rebuild = scratch.write("rebuild", "#!/bin/sh\necho rebuilt\n");
+    std::fs::set_permissions(
+        &rebuild,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let server = serve_script(
+        "coalesce.rhai",
+        &[
+            ("REBUILD_COMMAND", rebuild.to_str().unwrap()),
+            ("QUIET", "300ms"),
+        ],
+        &[],
+    );
+    let replies: Vec<String> = (0..3).map(|_| server.ask("rebuild")).collect();
+    assert!(replies.iter().all(|r| *r == replies[0]), "{replies:?}");
+    let id = replies[0].split_whitespace().nth(1).unwrap().to_owned();
+    assert_eq!(
+        server.ask(&format!("status {id}")),
+        format!("job {id}: pending\n")
+    );
+    let followed = server.ask(&format!("follow {id}"));
+    assert_eq!(followed, format!("rebuilt\njob {id}: done, code 0\n"));
+    assert_eq!(server.ask("jobs"), format!("{id} rebuild done\n"));
+}
+
+/// Sends a signed GitHub push with `delivery`; returns the status line and the body.
+fn github_push(server: &Server, secret: &str, delivery: &str) -> (String, String) {
+    use hmac::{KeyInit, Mac};
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let signature = hex::encode(mac.finalize().into_bytes());
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-GitHub-Event: push\r\n\
+         X-GitHub-Delivery: {delivery}\r\nX-Hub-Signature-256: sha256={signature}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let reply = String::from_utf8_lossy(&server.exchange(request.as_bytes())).into_owned();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+#[test]
+fn github_webhook_acts_once_per_delivery_and_keys_its_pulls() {
+    let scratch = Scratch::new();
+    let repo = scratch.path("not-a-repo");
+    std::fs::create_dir(&repo).unwrap();
+    let secret = "webhook-secret";
+    let server = serve_script(
+        "github-webhook.rhai",
+        &[
+            ("GITHUB_WEBHOOK_SECRET", secret),
+            ("REPO_DIR", repo.to_str().unwrap()),
+        ],
+        &["--framing", "http", "--auth", "script"],
+    );
+    let (status, first) = github_push(&server, secret, "d-1");
+    assert!(status.contains(" 202 "), "{status} {first}");
+    assert!(
+        first.contains(r#""job":1"#) && first.contains(r#""delivery":"d-1""#),
+        "{first}"
+    );
+    let (status, again) = github_push(&server, secret, "d-1");
+    assert!(
+        status.contains(" 200 ") && again == "already handled delivery d-1\n",
+        "{status} {again}"
+    );
+    let (_, other) = github_push(&server, secret, "d-2");
+    assert!(
+        other.contains(r#""job":"#) && other.contains("d-2"),
+        "{other}"
+    );
+    let follow = format!(
+        "GET /jobs/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    );
+    let followed = String::from_utf8_lossy(&server.exchange(follow.as_bytes())).into_owned();
+    assert!(followed.contains("job 1 done: code"), "{followed}");
+    server.log.wait_for("pull is job 1");
+}
