@@ -373,8 +373,14 @@ impl JobTable {
         launches
     }
 
+    /// Decides for one due pending job. One that must wait for its key or a free slot loses
+    /// its due time: the end of a running job promotes again, so the timer need not spin.
     fn promote_one(&mut self, id: i64, now: Duration) -> Option<Launch> {
-        let job = self.live.get(&id)?;
+        let job = self.live.get_mut(&id)?;
+        if job.phase != Phase::Pending || job.due.is_some_and(|d| d > now) {
+            return None;
+        }
+        job.due = None;
         let (mode, key) = (job.request.if_running, job.request.key.clone());
         let running = key.as_deref().and_then(|k| self.find(k, Phase::Running));
         match (running, mode) {
@@ -385,14 +391,23 @@ impl JobTable {
                 self.cancel_pending(id, now, &reason);
                 None
             }
-            (Some(other), IfRunning::Replace) => {
-                let old = self.live.get(&other);
-                if old.is_some_and(|old| !old.stop.swap(true, Ordering::SeqCst)) {
-                    log::info!("job {other} cancelled: replaced by job {id}");
-                }
-                None
-            }
+            (Some(other), IfRunning::Replace) => self.replace(other, id, now),
         }
+    }
+
+    /// Stops running job `old` for job `new`. One waiting for a retry has no command to stop:
+    /// it ends here and `new` starts at once.
+    fn replace(&mut self, old: i64, new: i64, now: Duration) -> Option<Launch> {
+        let job = self.live.get(&old)?;
+        if job.due.is_some() {
+            log::info!("job {old} cancelled while waiting to retry: replaced by job {new}");
+            self.end_running(old, Phase::Cancelled, now);
+            return self.run_job(new, now);
+        }
+        if !job.stop.swap(true, Ordering::SeqCst) {
+            log::info!("job {old} cancelled: replaced by job {new}");
+        }
+        None
     }
 
     /// An attempt of job `id` ended: retry it, or finish it. Returns what to start now.
@@ -688,6 +703,29 @@ mod tests {
         table.finish(r, &exit(1), T0 + 3 * S);
         assert_eq!(table.view(r, T0).unwrap().phase, Phase::Done);
         assert_eq!(table.view(id, T0).unwrap().phase, Phase::Running);
+    }
+
+    #[test]
+    fn a_due_job_waiting_for_its_key_leaves_no_due_time_and_replace_ends_a_retry_wait() {
+        let mut table = Jobs::new(4, 1024).table.into_inner().unwrap();
+        let mut failing = request("f", Some("k"), IfRunning::Queue);
+        failing.attempts = 2;
+        let (first, _) = table.start(failing, T0).unwrap();
+        let mut debounced = request("d", Some("k"), IfRunning::Queue);
+        debounced.debounce = Some(S);
+        let (second, _) = table.start(debounced, T0).unwrap();
+        assert!(table.promote(T0 + 2 * S).is_empty(), "k is running");
+        assert_eq!(table.next_due(), None, "the timer has nothing to wake for");
+        assert!(
+            table.finish(first, &exit(1), T0 + 2 * S).is_empty(),
+            "retry wait holds k"
+        );
+        let (third, launched) = table
+            .start(request("r", Some("k"), IfRunning::Replace), T0 + 2 * S)
+            .unwrap();
+        assert_eq!(third, second, "folded into the pending job");
+        assert_eq!(launched.iter().map(command).collect::<Vec<_>>(), ["r"]);
+        assert_eq!(table.view(first, T0).unwrap().phase, Phase::Cancelled);
     }
 
     #[test]
