@@ -73,11 +73,7 @@ impl Runtime {
     /// time or a change. Returns when the next sweep is due.
     fn timer_turn(self: &Arc<Self>, mut next_sweep: Duration) -> Duration {
         let now = self.now();
-        let (launches, next_due) = {
-            let mut table = self.jobs.table();
-            (table.promote(now), table.next_due())
-        };
-        self.launch_all(launches);
+        let next_due = self.run_due_jobs();
         if now >= next_sweep {
             self.sweep(now);
             next_sweep = now + SWEEP_EVERY;
@@ -85,6 +81,17 @@ impl Runtime {
         let wait = next_due.map_or(TIMER_TICK, |due| due.saturating_sub(now).min(TIMER_TICK));
         self.jobs.wait_change(wait.max(Duration::from_millis(1)));
         next_sweep
+    }
+
+    /// Starts what is due at the clock's time (debounce ends, retries); returns the next due
+    /// time. The timer calls it; so can a test that moved a virtual clock.
+    pub fn run_due_jobs(self: &Arc<Self>) -> Option<Duration> {
+        let (launches, next_due) = {
+            let mut table = self.jobs.table();
+            (table.promote(self.now()), table.next_due())
+        };
+        self.launch_all(launches);
+        next_due
     }
 
     fn sweep(&self, now: Duration) {

@@ -35,6 +35,12 @@ impl Runtime {
     }
 
     pub fn with_state(limits: Limits, state: State) -> Arc<Runtime> {
+        Runtime::with_clock(limits, state, Arc::new(SystemClock::new()))
+    }
+
+    /// With a clock of the caller's, e.g. a virtual one that tests move by hand (then call
+    /// `run_due_jobs` after moving it).
+    pub fn with_clock(limits: Limits, state: State, clock: Arc<dyn Clock>) -> Arc<Runtime> {
         Arc::new(Runtime {
             limits,
             groups: ProcessGroups::default(),
@@ -42,7 +48,7 @@ impl Runtime {
             jobs: Jobs::new(limits.max_jobs, limits.job_output_bytes),
             state,
             limiter: RateLimiter::new(limits.state_max_keys),
-            clock: Arc::new(SystemClock::new()),
+            clock,
             abort: AtomicBool::new(false),
         })
     }
