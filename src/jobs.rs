@@ -239,9 +239,16 @@ impl JobTable {
             return Ok((running, Vec::new()));
         }
         let due = request.debounce.map(|d| now.saturating_add(d));
-        let (id, created) = match self.find(&key, Phase::Pending) {
-            Some(id) => (id, false),
-            None => (self.add_pending(request.clone())?, true),
+        let pending = self.find(&key, Phase::Pending);
+        // It would start now but for --max-jobs: refused, like an unkeyed start. Checked before
+        // anything changes, so no launch decided below is ever dropped.
+        let now_or_never = pending.is_none() && due.is_none() && running.is_none();
+        if now_or_never && self.running >= self.max_jobs {
+            return Err(self.full_message());
+        }
+        let id = match pending {
+            Some(id) => id,
+            None => self.add_pending(request.clone())?,
         };
         if let Some(job) = self.live.get_mut(&id) {
             job.request = request; // the latest trigger's command and options win
@@ -252,10 +259,6 @@ impl JobTable {
             .live
             .get(&id)
             .is_some_and(|j| j.phase == Phase::Pending);
-        if created && waiting && due.is_none() && running.is_none() {
-            self.remove_live(id);
-            return Err(self.full_message());
-        }
         if waiting && self.stopping {
             self.cancel_pending(id, now, "shutting down");
         }
@@ -726,6 +729,31 @@ mod tests {
         assert_eq!(third, second, "folded into the pending job");
         assert_eq!(launched.iter().map(command).collect::<Vec<_>>(), ["r"]);
         assert_eq!(table.view(first, T0).unwrap().phase, Phase::Cancelled);
+    }
+
+    #[test]
+    fn max_jobs_refuses_a_start_that_would_run_now_but_not_one_that_waits() {
+        let mut table = Jobs::new(1, 1024).table.into_inner().unwrap();
+        let (busy, _) = table
+            .start(request("a", None, IfRunning::Queue), T0)
+            .unwrap();
+        assert!(
+            table
+                .start(request("b", None, IfRunning::Queue), T0)
+                .is_err()
+        );
+        assert!(
+            table
+                .start(request("c", Some("k"), IfRunning::Queue), T0)
+                .is_err()
+        );
+        let mut later = request("d", Some("k"), IfRunning::Queue);
+        later.debounce = Some(S);
+        let (waiting, none) = table.start(later, T0).unwrap();
+        assert!(none.is_empty());
+        assert!(table.promote(T0 + S).is_empty(), "no free slot yet");
+        let next = table.finish(busy, &exit(0), T0 + S);
+        assert_eq!(next.iter().map(|l| l.id).collect::<Vec<_>>(), [waiting]);
     }
 
     #[test]
