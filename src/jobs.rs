@@ -757,6 +757,37 @@ mod tests {
     }
 
     #[test]
+    fn a_debounced_skip_that_finds_its_key_busy_is_cancelled_and_shutdown_cancels_pending() {
+        let mut table = Jobs::new(4, 1024).table.into_inner().unwrap();
+        let (running, _) = table
+            .start(request("a", Some("k"), IfRunning::Queue), T0)
+            .unwrap();
+        let mut skip = request("b", Some("k"), IfRunning::Skip);
+        skip.debounce = Some(S);
+        let (skipped, _) = table.start(skip, T0).unwrap();
+        assert_ne!(skipped, running);
+        assert!(table.promote(T0 + S).is_empty());
+        assert_eq!(table.view(skipped, T0).unwrap().phase, Phase::Cancelled);
+        let (queued, _) = table
+            .start(request("c", Some("k"), IfRunning::Queue), T0)
+            .unwrap();
+        table.stop_all(T0);
+        assert_eq!(table.view(queued, T0).unwrap().phase, Phase::Cancelled);
+        assert!(
+            table.finish(running, &exit(0), T0).is_empty(),
+            "nothing left to start"
+        );
+        let (late, _) = table
+            .start(request("d", Some("k"), IfRunning::Queue), T0)
+            .unwrap();
+        assert_eq!(
+            table.view(late, T0).unwrap().phase,
+            Phase::Running,
+            "a start that runs at once still runs"
+        );
+    }
+
+    #[test]
     fn kept_output_keeps_the_tail_and_followers_resume() {
         let mut table = Jobs::new(4, 8).table.into_inner().unwrap();
         let (id, _) = table
