@@ -3,7 +3,7 @@
 
 use crate::auth::Tokens;
 use crate::cli::{CallArgs, Cli, Command, TestArgs};
-use crate::clock::RealClock;
+use crate::clock::SystemClock;
 use crate::config::{self, Config, Limits};
 use crate::error::Fatal;
 use crate::framing::Framing;
@@ -12,6 +12,7 @@ use crate::script::context::ClientSink;
 use crate::script::{self, HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
+use crate::state::State;
 use crate::trigger::{Kind, Triggers};
 use crate::watch::WatchSettings;
 use crate::{
@@ -87,7 +88,13 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         ),
         None => None,
     };
-    let runtime = Runtime::new(config.limits);
+    let runtime = match &config.state_file {
+        Some(path) => Runtime::with_state(
+            config.limits,
+            State::open(path, config.limits.state_max_keys).map_err(Fatal::Usage)?,
+        ),
+        None => Runtime::new(config.limits),
+    };
     let host = ScriptHost::load_requiring(&config.script, runtime.clone(), required(&config));
     let host = Arc::new(host.map_err(Fatal::Usage)?);
     warnings.iter().for_each(|w| log::warn!("{w}"));
@@ -243,8 +250,9 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
     let runtime = match args.dry_run {
         true => Runtime::with_seams(
             limits,
+            State::in_memory(limits.state_max_keys),
             script_test::dry_run_recorder(limits),
-            Arc::new(RealClock),
+            Arc::new(SystemClock::new()),
         ),
         false => Runtime::new(limits),
     };
@@ -298,7 +306,7 @@ fn local_request(args: &CallArgs) -> Result<Request, Fatal> {
 /// Background jobs are threads of this process: exiting would cut them off unseen. So `call`
 /// waits for them (each end is logged, as `serve` logs it) unless `--no-wait` says not to.
 fn settle_jobs(runtime: &crate::runtime::Runtime, no_wait: bool) {
-    let running = runtime.jobs.alive();
+    let running = runtime.jobs.unfinished();
     if running == 0 {
         return;
     }

@@ -176,6 +176,28 @@ pub struct ServeArgs {
     #[arg(long, env = "CT_MAX_JOBS", value_name = "N", default_value = "16")]
     pub max_jobs: usize,
 
+    /// Combined stdout and stderr kept per background job (the last bytes), for `job_output` and `attach`.
+    #[arg(
+        long,
+        env = "CT_JOB_OUTPUT_BYTES",
+        value_name = "N",
+        default_value = "65536"
+    )]
+    pub job_output_bytes: usize,
+
+    /// Keep the script's state (`state_set`, `once`, ...) in this database file, durably; default: in memory.
+    #[arg(long, env = "CT_STATE_FILE", value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+
+    /// Keys the state holds at most; beyond it `state_set` throws (updating a key is allowed).
+    #[arg(
+        long,
+        env = "CT_STATE_MAX_KEYS",
+        value_name = "N",
+        default_value = "100000"
+    )]
+    pub state_max_keys: usize,
+
     /// On SIGTERM, time given to running handlers and jobs before their commands are killed.
     #[arg(long, env = "CT_SHUTDOWN_TIMEOUT", value_name = "DUR", default_value = "20s", value_parser = duration)]
     pub shutdown_timeout: Duration,

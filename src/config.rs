@@ -38,6 +38,8 @@ pub struct Config {
     pub watch_poll: Duration,
     /// `--every` and `--cron`; `on_tick` runs on each.
     pub schedules: Vec<Schedule>,
+    /// `--state-file`: keep the script's state in this database instead of in memory.
+    pub state_file: Option<PathBuf>,
 }
 
 /// What one handler may use; shared by `serve` and `call`.
@@ -49,6 +51,10 @@ pub struct Limits {
     pub max_jobs: usize,
     /// The largest request the script may be handed: its blob and string limits derive from it.
     pub max_request_bytes: usize,
+    /// Combined output kept per background job, for `job_output` and `attach`.
+    pub job_output_bytes: usize,
+    /// Keys the state (and, separately, the rate limiter) holds at most.
+    pub state_max_keys: usize,
 }
 
 impl Config {
@@ -113,12 +119,15 @@ impl Config {
                 max_output_bytes: args.max_output_bytes,
                 max_jobs: args.max_jobs,
                 max_request_bytes: args.max_request_bytes,
+                job_output_bytes: args.job_output_bytes,
+                state_max_keys: args.state_max_keys,
             },
             shutdown_timeout: args.shutdown_timeout,
             print_addr: args.print_addr,
             allow: args.allow,
             auth_failures: args.auth_failures,
             metrics_listen: args.metrics_listen,
+            state_file: args.state_file,
         })
     }
 }
@@ -174,6 +183,9 @@ fn validate(args: &ServeArgs) -> Result<(), Fatal> {
         ),
         (args.max_output_bytes, "--max-output-bytes", true, MAX_BYTES),
         (args.max_jobs, "--max-jobs", true, MAX_COUNT),
+        // Zero: no output kept, `job_output` and `attach` give nothing.
+        (args.job_output_bytes, "--job-output-bytes", true, MAX_BYTES),
+        (args.state_max_keys, "--state-max-keys", false, MAX_COUNT),
         (
             args.auth_failures as usize,
             "--auth-failures",
@@ -243,6 +255,8 @@ impl Default for Limits {
             max_output_bytes: 1 << 20,
             max_jobs: 16,
             max_request_bytes: 65536,
+            job_output_bytes: 64 * 1024,
+            state_max_keys: 100_000,
         }
     }
 }

@@ -11,7 +11,9 @@
 //! - [`workers`]: the threads that run handlers, and the outbox back to the loop.
 //! - [`script`]: the Rhai engine, `handle(req)`, and the functions scripts call.
 //! - [`commands`]: running one command with its process group, deadline and output cap.
-//! - [`runtime`]: what handlers and jobs share; [`jobs`]: `start`/`job`; [`locks`]: `opts.lock`.
+//! - [`runtime`]: what handlers and jobs share; [`jobs`]: the job table (keys, debounce, retry,
+//!   kept output); [`job_runner`]: its threads and timer; [`locks`]: `opts.lock`.
+//! - [`state`]: `state_*` and `once`, in memory or in a redb file; [`ratelimit`]: `rate_limit`;
 //! - [`runner`]: the seam where commands run (processes, or a recorder with mocks);
 //!   [`clock`]: the seam where time is read (real, or virtual in tests).
 //! - [`script_test`]: `command-trigger test`, the helpers test scripts call, `call --dry-run`.
@@ -37,11 +39,13 @@ pub mod footprint;
 pub mod framing;
 pub mod http;
 pub mod init;
+pub mod job_runner;
 pub mod jobs;
 pub mod locks;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_server;
+pub mod ratelimit;
 pub mod reload;
 pub mod request;
 pub mod runner;
@@ -51,6 +55,7 @@ pub mod script;
 pub mod script_test;
 pub mod server;
 pub mod signals;
+pub mod state;
 pub mod trigger;
 pub mod watch;
 pub mod wire;

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub busy_workers: Gauge,
     pub running_jobs: Gauge,
+    /// Background jobs that ended, by result: `success`, `failure` or `cancelled`.
+    job_ends: Family<Labels, Counter>,
     pub auth_failures: Counter,
     script_reloads: Family<Labels, Counter>,
     /// `on_change`/`on_tick` calls by trigger and outcome (SPEC §13), skipped ticks included.
@@ -96,6 +98,7 @@ impl Metrics {
             queue_depth: Gauge::default(),
             busy_workers: Gauge::default(),
             running_jobs: Gauge::default(),
+            job_ends: Family::default(),
             auth_failures: Counter::default(),
             script_reloads: Family::default(),
             trigger_runs: Family::default(),
@@ -139,6 +142,18 @@ impl Metrics {
             "Background jobs running",
             self.running_jobs.clone(),
         );
+        r.register(
+            "jobs_ended",
+            "Background jobs that ended, by result (success, failure, cancelled)",
+            self.job_ends.clone(),
+        );
+        for result in ["success", "failure", "cancelled"] {
+            // Created now so every series is present (at 0) from the start.
+            drop(
+                self.job_ends
+                    .get_or_create(&vec![("result", result.to_owned())]),
+            );
+        }
         r.register(
             "auth_failures",
             "Requests with a wrong or missing token",
@@ -214,6 +229,12 @@ impl Metrics {
     pub fn record_command(&self, success: bool) {
         self.commands
             .get_or_create(&vec![("success", success.to_string())])
+            .inc();
+    }
+
+    pub fn record_job_end(&self, result: &str) {
+        self.job_ends
+            .get_or_create(&vec![("result", result.to_owned())])
             .inc();
     }
 

@@ -548,6 +548,7 @@ impl Server {
         self.stopping = Some(Stopping::Draining {
             kill_at: Instant::now() + self.config.shutdown_timeout,
         });
+        self.parts.runtime.stop_jobs();
         for job in self.parts.pool.take_waiting() {
             self.in_flight -= 1;
             let reply = wire::finish(

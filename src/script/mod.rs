@@ -9,7 +9,9 @@ pub(crate) mod api;
 pub mod budget;
 pub mod context;
 pub(crate) mod diagnose;
+mod jobs_api;
 pub mod limits;
+mod state_api;
 mod webhook;
 
 use crate::http::HttpHead;

@@ -11,6 +11,7 @@ mod defects_script;
 mod defects_server;
 mod hardening;
 mod http;
+mod jobs_state;
 mod live;
 mod local_triggers;
 mod ops;
