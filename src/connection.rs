@@ -3,9 +3,11 @@
 
 use crate::request::Endpoints;
 use mio::net::TcpStream;
+use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +27,9 @@ pub enum Phase {
 }
 
 pub struct Connection {
-    stream: TcpStream,
+    /// Shared with the worker handling a request, which writes the reply itself (see
+    /// [`ReplyWriter`]); the socket closes when the last holder drops it.
+    stream: Arc<TcpStream>,
     pub endpoints: Arc<Endpoints>,
     /// Tells this connection from a later one in the same slab slot.
     pub serial: u64,
@@ -54,7 +58,7 @@ pub enum Filled {
 impl Connection {
     pub fn new(stream: TcpStream, endpoints: Arc<Endpoints>, serial: u64, phase: Phase) -> Self {
         Connection {
-            stream,
+            stream: Arc::new(stream),
             endpoints,
             serial,
             phase,
@@ -69,11 +73,21 @@ impl Connection {
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        registry.register(&mut self.stream, token, Interest::READABLE)
+        let fd = self.stream.as_raw_fd();
+        registry.register(&mut SourceFd(&fd), token, Interest::READABLE)
     }
 
     pub fn deregister(&mut self, registry: &Registry) {
-        let _ = registry.deregister(&mut self.stream);
+        let _ = registry.deregister(&mut SourceFd(&self.stream.as_raw_fd()));
+    }
+
+    /// The socket, for the worker to write this request's reply to itself, when it may: only
+    /// while nothing of ours waits to be sent before the reply, or the worker's bytes would
+    /// overtake it. The loop writes nothing to the connection while the request is handled
+    /// unless the handler streams output, and then the worker does not write (see
+    /// `workers::Worker::run`).
+    pub fn reply_writer(&self) -> Option<ReplyWriter> {
+        (self.pending_output() == 0).then(|| ReplyWriter(self.stream.clone()))
     }
 
     pub fn deadline(&self) -> Option<Instant> {
@@ -92,7 +106,7 @@ impl Connection {
             if self.input.len() > limit {
                 return Ok(Filled::LimitReached);
             }
-            match self.stream.read(scratch) {
+            match (&*self.stream).read(scratch) {
                 Ok(0) => self.input_closed = true,
                 Ok(n) => self.input.extend_from_slice(&scratch[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -110,7 +124,7 @@ impl Connection {
         self.input = Vec::new();
         let mut drained = 0;
         loop {
-            match self.stream.read(scratch) {
+            match (&*self.stream).read(scratch) {
                 Ok(0) => return Ok(true),
                 Ok(n) if drained + n > DRAIN_BUDGET => return Ok(true),
                 Ok(n) => drained += n,
@@ -132,7 +146,7 @@ impl Connection {
     /// Writes what the socket takes now; true when nothing is left.
     pub fn flush(&mut self) -> io::Result<bool> {
         while self.written < self.output.len() {
-            match self.stream.write(&self.output[self.written..]) {
+            match (&*self.stream).write(&self.output[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -148,7 +162,7 @@ impl Connection {
     /// Makes dropping the socket send a reset instead of a FIN. For a reply given up half
     /// written: after a FIN, the part the client got would look like the whole reply.
     pub fn reset_on_drop(&self) {
-        let _ = rustix::net::sockopt::set_socket_linger(&self.stream, Some(Duration::ZERO));
+        let _ = rustix::net::sockopt::set_socket_linger(&*self.stream, Some(Duration::ZERO));
     }
 
     pub fn shutdown_output(&mut self) {
@@ -165,7 +179,8 @@ impl Connection {
             } else {
                 Interest::READABLE
             };
-            registry.reregister(&mut self.stream, token, interest)?;
+            let fd = self.stream.as_raw_fd();
+            registry.reregister(&mut SourceFd(&fd), token, interest)?;
             self.wants_writable = wants;
         }
         Ok(())
@@ -179,5 +194,31 @@ impl Connection {
         if self.output.is_empty() && self.output.capacity() > 4096 {
             self.output = Vec::new();
         }
+    }
+}
+
+/// A worker's handle on a connection's socket, to send a reply without a trip through the
+/// loop: the client gets it as soon as the handler returns, and the loop thread, which serves
+/// every connection, does not pay for the `send` (on loopback the sender's system call also
+/// runs the receiver's TCP input: the largest single cost of a keep-alive request). Writes
+/// only what the socket takes now, so a slow client never holds a worker: the loop sends the
+/// rest. Plain sockets only; a transport that keeps state in the loop (TLS) gives none.
+pub struct ReplyWriter(Arc<TcpStream>);
+
+impl ReplyWriter {
+    /// Sends from the front of `bytes` what the socket takes without blocking and removes it;
+    /// what is left (the socket was full, or failed) is for the loop, whose own send then
+    /// meets the same error and closes the connection as it always does.
+    pub fn write_now(&self, bytes: &mut Vec<u8>) {
+        let mut written = 0;
+        while written < bytes.len() {
+            match (&*self.0).write(&bytes[written..]) {
+                Ok(0) => break,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        bytes.drain(..written);
     }
 }

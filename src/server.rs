@@ -411,7 +411,12 @@ impl Server {
             key,
             serial: connection.serial,
         };
-        self.parts.pool.submit(Job { request, conn });
+        let writer = connection.reply_writer();
+        self.parts.pool.submit(Job {
+            request,
+            conn,
+            writer,
+        });
     }
 
     /// Whether the server rejects a wrong token itself. Decided by the configuration, never by

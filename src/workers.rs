@@ -1,6 +1,7 @@
 //! The worker pool: threads that run `handle(req)` off the event loop, fed by a queue, and the outbox through which they hand replies (and live output) back to the loop.
 
 use crate::auth::Tokens;
+use crate::connection::ReplyWriter;
 use crate::http;
 use crate::metrics::metrics;
 use crate::request::{Reply, Request, RequestLog, ServerError, Verdict};
@@ -87,6 +88,8 @@ impl Inbox {
 pub struct Job {
     pub request: Request,
     pub conn: ConnRef,
+    /// The socket, when the worker may write the reply to it itself.
+    pub writer: Option<ReplyWriter>,
 }
 
 /// What a worker takes from the queue: a client's request, or a local trigger's call.
@@ -253,11 +256,15 @@ impl Worker {
                 log::error!("request {} failed: internal error (panic)", job.request.id);
                 Reply::error(ServerError::HandlerFailed(job.request.id))
             });
-            let reply = wire::finish(
-                reply,
-                job.request.http.as_ref(),
-                streamed.load(Ordering::SeqCst),
-            );
+            let streamed = streamed.load(Ordering::SeqCst);
+            let mut reply = wire::finish(reply, job.request.http.as_ref(), streamed);
+            // Live output went through the loop, which may still hold some of it: then the
+            // reply must follow it there.
+            if let Some(writer) = job.writer.as_ref().filter(|_| !streamed) {
+                writer.write_now(&mut reply.bytes);
+            }
+            // Still a message to the loop, which settles the connection (keep reading, or
+            // close) and sends what the socket did not take.
             self.outbox.send(Outbound::Done {
                 conn: job.conn,
                 reply,
@@ -349,7 +356,8 @@ struct ConnectionSink {
     outbox: Outbox,
     /// HTTP framing: live output goes out as the chunked body of a `200` response.
     http: Option<wire::LiveStream>,
-    /// Set once live output has started the response, so the final reply only ends it.
+    /// Set once live output has gone to the loop: HTTP, the response has started, so the final
+    /// reply only ends it; any framing, the reply must follow that output through the loop.
     streamed: Arc<AtomicBool>,
     /// What `announce_trailers` named, for the head of the streamed response.
     trailer_names: Vec<String>,
@@ -361,7 +369,10 @@ impl ClientSink for ConnectionSink {
             return;
         }
         let bytes = match &self.http {
-            None => bytes,
+            None => {
+                self.streamed.store(true, Ordering::SeqCst);
+                bytes
+            }
             Some(head) => {
                 let mut framed = Vec::new();
                 if !self.streamed.swap(true, Ordering::SeqCst) {
