@@ -9,6 +9,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 /// Where a connection stands. Each phase but `Handling` has a deadline.
@@ -29,7 +30,7 @@ pub enum Phase {
 pub struct Connection {
     /// Shared with the worker handling a request, which writes the reply itself (see
     /// [`ReplyWriter`]); the socket closes when the last holder drops it.
-    stream: Arc<TcpStream>,
+    shared: Arc<Shared>,
     pub endpoints: Arc<Endpoints>,
     /// Tells this connection from a later one in the same slab slot.
     pub serial: u64,
@@ -58,7 +59,10 @@ pub enum Filled {
 impl Connection {
     pub fn new(stream: TcpStream, endpoints: Arc<Endpoints>, serial: u64, phase: Phase) -> Self {
         Connection {
-            stream: Arc::new(stream),
+            shared: Arc::new(Shared {
+                stream,
+                handoff: AtomicU8::new(0),
+            }),
             endpoints,
             serial,
             phase,
@@ -73,12 +77,12 @@ impl Connection {
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        let fd = self.stream.as_raw_fd();
+        let fd = self.shared.stream.as_raw_fd();
         registry.register(&mut SourceFd(&fd), token, Interest::READABLE)
     }
 
     pub fn deregister(&mut self, registry: &Registry) {
-        let _ = registry.deregister(&mut SourceFd(&self.stream.as_raw_fd()));
+        let _ = registry.deregister(&mut SourceFd(&self.shared.stream.as_raw_fd()));
     }
 
     /// The socket, for the worker to write this request's reply to itself, when it may: only
@@ -86,8 +90,26 @@ impl Connection {
     /// overtake it. The loop writes nothing to the connection while the request is handled
     /// unless the handler streams output, and then the worker does not write (see
     /// `workers::Worker::run`).
-    pub fn reply_writer(&self) -> Option<ReplyWriter> {
-        (self.pending_output() == 0).then(|| ReplyWriter(self.stream.clone()))
+    /// `keep_open`: the connection stays open after a reply that does not say otherwise.
+    pub fn reply_writer(&self, keep_open: bool) -> Option<ReplyWriter> {
+        (self.pending_output() == 0).then(|| {
+            self.shared.handoff.store(0, Ordering::SeqCst);
+            ReplyWriter {
+                shared: self.shared.clone(),
+                keep_open,
+                // Input already buffered (pipelined requests) or already closed brings the
+                // loop no new event.
+                client_to_move: self.input.is_empty() && !self.input_closed,
+            }
+        })
+    }
+
+    /// Called by the loop when the socket has news while a request is handled (the client's
+    /// next request, or its close). True when the reply went out quietly: its `Done` is in the
+    /// loop's inbox with no wake, and the loop must take it now to serve that news. Otherwise
+    /// the worker is told (by the same atomic step) to wake the loop when it is done.
+    pub fn reply_went_quietly(&self) -> bool {
+        self.shared.handoff.fetch_or(WAITING, Ordering::SeqCst) & DONE != 0
     }
 
     pub fn deadline(&self) -> Option<Instant> {
@@ -106,7 +128,7 @@ impl Connection {
             if self.input.len() > limit {
                 return Ok(Filled::LimitReached);
             }
-            match (&*self.stream).read(scratch) {
+            match (&self.shared.stream).read(scratch) {
                 Ok(0) => self.input_closed = true,
                 Ok(n) => self.input.extend_from_slice(&scratch[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -124,7 +146,7 @@ impl Connection {
         self.input = Vec::new();
         let mut drained = 0;
         loop {
-            match (&*self.stream).read(scratch) {
+            match (&self.shared.stream).read(scratch) {
                 Ok(0) => return Ok(true),
                 Ok(n) if drained + n > DRAIN_BUDGET => return Ok(true),
                 Ok(n) => drained += n,
@@ -146,7 +168,7 @@ impl Connection {
     /// Writes what the socket takes now; true when nothing is left.
     pub fn flush(&mut self) -> io::Result<bool> {
         while self.written < self.output.len() {
-            match (&*self.stream).write(&self.output[self.written..]) {
+            match (&self.shared.stream).write(&self.output[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -162,12 +184,12 @@ impl Connection {
     /// Makes dropping the socket send a reset instead of a FIN. For a reply given up half
     /// written: after a FIN, the part the client got would look like the whole reply.
     pub fn reset_on_drop(&self) {
-        let _ = rustix::net::sockopt::set_socket_linger(&*self.stream, Some(Duration::ZERO));
+        let _ = rustix::net::sockopt::set_socket_linger(&self.shared.stream, Some(Duration::ZERO));
     }
 
     pub fn shutdown_output(&mut self) {
         // ENOTCONN: the client is gone already; draining will find out.
-        let _ = self.stream.shutdown(Shutdown::Write);
+        let _ = self.shared.stream.shutdown(Shutdown::Write);
     }
 
     /// Asks for WRITABLE events exactly while output is pending.
@@ -179,7 +201,7 @@ impl Connection {
             } else {
                 Interest::READABLE
             };
-            let fd = self.stream.as_raw_fd();
+            let fd = self.shared.stream.as_raw_fd();
             registry.reregister(&mut SourceFd(&fd), token, interest)?;
             self.wants_writable = wants;
         }
@@ -197,13 +219,31 @@ impl Connection {
     }
 }
 
+/// A connection's socket and the hand-off state of the request being handled.
+struct Shared {
+    stream: TcpStream,
+    /// `DONE` (the worker sent its reply quietly) and `WAITING` (the loop had news for this
+    /// connection while the request was handled); reset at each dispatch.
+    handoff: AtomicU8,
+}
+
+const DONE: u8 = 1;
+const WAITING: u8 = 2;
+
 /// A worker's handle on a connection's socket, to send a reply without a trip through the
 /// loop: the client gets it as soon as the handler returns, and the loop thread, which serves
 /// every connection, does not pay for the `send` (on loopback the sender's system call also
 /// runs the receiver's TCP input: the largest single cost of a keep-alive request). Writes
 /// only what the socket takes now, so a slow client never holds a worker: the loop sends the
 /// rest. Plain sockets only; a transport that keeps state in the loop (TLS) gives none.
-pub struct ReplyWriter(Arc<TcpStream>);
+pub struct ReplyWriter {
+    shared: Arc<Shared>,
+    /// The connection stays open after a reply that does not say otherwise.
+    keep_open: bool,
+    /// The client's next move (a request, or its close) is still to come, and will bring the
+    /// loop to this connection.
+    client_to_move: bool,
+}
 
 impl ReplyWriter {
     /// Sends from the front of `bytes` what the socket takes without blocking and removes it;
@@ -212,7 +252,7 @@ impl ReplyWriter {
     pub fn write_now(&self, bytes: &mut Vec<u8>) {
         let mut written = 0;
         while written < bytes.len() {
-            match (&*self.0).write(&bytes[written..]) {
+            match (&self.shared.stream).write(&bytes[written..]) {
                 Ok(0) => break,
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -220,5 +260,18 @@ impl ReplyWriter {
             }
         }
         bytes.drain(..written);
+    }
+
+    /// Whether the loop may learn of this reply late, without a wake: it is all out and the
+    /// connection stays open, so the client's next request (or close) will bring the loop
+    /// here anyway, and then it takes the reply first (`Connection::reply_went_quietly`).
+    pub fn may_go_quietly(&self, unsent: usize, close: Option<bool>) -> bool {
+        unsent == 0 && self.client_to_move && !close.unwrap_or(!self.keep_open)
+    }
+
+    /// Marks the quiet reply as sent (its `Done` already queued); true when the loop had news
+    /// for the connection meanwhile and must be woken after all.
+    pub fn mark_done(&self) -> bool {
+        self.shared.handoff.fetch_or(DONE, Ordering::SeqCst) & WAITING != 0
     }
 }

@@ -67,8 +67,19 @@ pub fn outbox(waker: Arc<Waker>) -> (Outbox, Inbox) {
 
 impl Outbox {
     pub fn send(&self, message: Outbound) {
-        if self.sender.send(message).is_ok()
-            && !self.wake_pending.swap(true, Ordering::SeqCst)
+        if self.sender.send(message).is_ok() {
+            self.wake();
+        }
+    }
+
+    /// Queues a message without waking the loop: it takes it on its next turn (see
+    /// `Worker::finish`).
+    fn send_quietly(&self, message: Outbound) {
+        let _ = self.sender.send(message);
+    }
+
+    fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::SeqCst)
             && let Err(error) = self.waker.wake()
         {
             log::error!("waking the event loop: {error}");
@@ -257,18 +268,31 @@ impl Worker {
                 Reply::error(ServerError::HandlerFailed(job.request.id))
             });
             let streamed = streamed.load(Ordering::SeqCst);
-            let mut reply = wire::finish(reply, job.request.http.as_ref(), streamed);
+            let reply = wire::finish(reply, job.request.http.as_ref(), streamed);
             // Live output went through the loop, which may still hold some of it: then the
             // reply must follow it there.
-            if let Some(writer) = job.writer.as_ref().filter(|_| !streamed) {
-                writer.write_now(&mut reply.bytes);
-            }
-            // Still a message to the loop, which settles the connection (keep reading, or
-            // close) and sends what the socket did not take.
-            self.outbox.send(Outbound::Done {
-                conn: job.conn,
-                reply,
-            });
+            let writer = job.writer.filter(|_| !streamed);
+            self.finish(job.conn, reply, writer);
+        }
+    }
+
+    /// Sends the reply, itself when it may, and tells the loop, which settles the connection
+    /// (reads on, or closes) and sends what the socket did not take. A reply that went out
+    /// whole on a connection that stays open needs no wake: the loop learns of it on its next
+    /// turn, or at once when the client's next request (or close) arrives. That saves the
+    /// second thread hand-off of a keep-alive request: its wake system call, and the loop's
+    /// extra turn.
+    fn finish(&self, conn: ConnRef, mut reply: Reply, writer: Option<ReplyWriter>) {
+        let Some(writer) = writer else {
+            return self.outbox.send(Outbound::Done { conn, reply });
+        };
+        writer.write_now(&mut reply.bytes);
+        if !writer.may_go_quietly(reply.bytes.len(), reply.close) {
+            return self.outbox.send(Outbound::Done { conn, reply });
+        }
+        self.outbox.send_quietly(Outbound::Done { conn, reply });
+        if writer.mark_done() {
+            self.outbox.wake();
         }
     }
 
