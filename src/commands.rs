@@ -363,6 +363,9 @@ fn supervise(
     let mut term_at = started + spec.timeout;
     let mut phase = Phase::Running;
     let mut exited_at = None;
+    // With a pidfd, `wait4` is asked only once the pidfd says the command has exited: one
+    // system call less per wake-up of this loop (a few per command).
+    let mut may_have_exited = pidfd.is_none();
     loop {
         let now = Instant::now();
         if spec.stop_requested() {
@@ -370,7 +373,7 @@ fn supervise(
         }
         if exited_at.is_none() {
             phase = advance(phase, pgid, term_at, now, &mut outcome);
-            if matches!(child.try_wait(), Ok(Some(_))) {
+            if may_have_exited && matches!(child.try_wait(), Ok(Some(_))) {
                 exited_at = Some(now);
             }
         }
@@ -384,15 +387,16 @@ fn supervise(
         if exited_at.is_some() && now >= wake_at {
             break;
         }
-        let pidfd = pidfd.as_ref().filter(|_| exited_at.is_none());
-        pump(
+        let live_pidfd = pidfd.as_ref().filter(|_| exited_at.is_none());
+        let pidfd_ready = pump(
             &mut pipes,
-            pidfd,
+            live_pidfd,
             spec,
             &mut sink,
             &mut outcome,
             wake_at.saturating_duration_since(now),
         );
+        may_have_exited = pidfd_ready || pidfd.is_none();
     }
     outcome.code = exit_code(child);
     if outcome.timed_out {
@@ -426,7 +430,8 @@ fn exit_code(child: &mut Child) -> i32 {
     }
 }
 
-/// Waits up to `wait` for any pipe or the pidfd, then moves what is ready.
+/// Waits up to `wait` for any pipe or the pidfd, then moves what is ready. True when the
+/// pidfd is readable: the command has exited.
 fn pump(
     pipes: &mut Pipes,
     pidfd: Option<&OwnedFd>,
@@ -434,7 +439,7 @@ fn pump(
     sink: &mut OutputSink<'_>,
     outcome: &mut Outcome,
     wait: Duration,
-) {
+) -> bool {
     let in_flags = PollFlags::IN | PollFlags::HUP | PollFlags::ERR;
     let mut fds = Vec::with_capacity(4);
     if let Some(stdout) = &pipes.stdout {
@@ -457,10 +462,11 @@ fn pump(
     };
     let timeout = Timespec::try_from(wait).ok();
     if poll(&mut fds, timeout.as_ref()).is_err() {
-        return; // EINTR: the caller loops
+        return false; // EINTR: the caller loops
     }
     let ready: Vec<bool> = fds.iter().map(|fd| !fd.revents().is_empty()).collect();
     drop(fds);
+    let exited = pidfd.is_some() && ready.last() == Some(&true);
     let mut ready = ready.into_iter();
     if pipes.stdout.is_some() && ready.next() == Some(true) {
         read_pipe(
@@ -483,6 +489,7 @@ fn pump(
     if pipes.stdin.is_some() && ready.next() == Some(true) {
         write_stdin(pipes, &spec.stdin);
     }
+    exited
 }
 
 fn read_pipe<R: Read>(
