@@ -262,11 +262,19 @@ impl ReplyWriter {
         bytes.drain(..written);
     }
 
-    /// Whether the loop may learn of this reply late, without a wake: it is all out and the
-    /// connection stays open, so the client's next request (or close) will bring the loop
-    /// here anyway, and then it takes the reply first (`Connection::reply_went_quietly`).
-    pub fn may_go_quietly(&self, unsent: usize, close: Option<bool>) -> bool {
-        unsent == 0 && self.client_to_move && !close.unwrap_or(!self.keep_open)
+    /// Whether the connection stays open after a reply with this `close`. Only then does the
+    /// worker write it: a reply that ends the connection goes through the loop, which sends it
+    /// and shuts the socket down back to back, so the client sees the end with the data (one
+    /// wake-up for it, not two).
+    pub fn keeps_open(&self, close: Option<bool>) -> bool {
+        !close.unwrap_or(!self.keep_open)
+    }
+
+    /// Whether the loop may learn of a reply that stays open late, without a wake: it is all
+    /// out, so the client's next request (or close) will bring the loop here anyway, and then
+    /// it takes the reply first (`Connection::reply_went_quietly`).
+    pub fn may_go_quietly(&self, unsent: usize) -> bool {
+        unsent == 0 && self.client_to_move
     }
 
     /// Marks the quiet reply as sent (its `Done` already queued); true when the loop had news

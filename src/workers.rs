@@ -276,18 +276,19 @@ impl Worker {
         }
     }
 
-    /// Sends the reply, itself when it may, and tells the loop, which settles the connection
-    /// (reads on, or closes) and sends what the socket did not take. A reply that went out
+    /// Sends the reply, itself when it may (the connection stays open after it), and tells the
+    /// loop, which settles the connection (reads on, or closes) and sends what the socket did
+    /// not take. A reply that went out
     /// whole on a connection that stays open needs no wake: the loop learns of it on its next
     /// turn, or at once when the client's next request (or close) arrives. That saves the
     /// second thread hand-off of a keep-alive request: its wake system call, and the loop's
     /// extra turn.
     fn finish(&self, conn: ConnRef, mut reply: Reply, writer: Option<ReplyWriter>) {
-        let Some(writer) = writer else {
+        let Some(writer) = writer.filter(|w| w.keeps_open(reply.close)) else {
             return self.outbox.send(Outbound::Done { conn, reply });
         };
         writer.write_now(&mut reply.bytes);
-        if !writer.may_go_quietly(reply.bytes.len(), reply.close) {
+        if !writer.may_go_quietly(reply.bytes.len()) {
             return self.outbox.send(Outbound::Done { conn, reply });
         }
         self.outbox.send_quietly(Outbound::Done { conn, reply });
