@@ -146,10 +146,10 @@ impl Server {
                 Err(e) => return Err(e),
             }
             // Replies sent quietly by workers, before the events they may have caused.
-            self.take_worker_messages();
+            self.take_worker_messages(false);
             for event in events.iter() {
                 match event.token() {
-                    WAKER => self.take_worker_messages(),
+                    WAKER => self.take_worker_messages(true),
                     SIGNALS => {
                         if let Some(code) = self.on_signals() {
                             return Ok(code);
@@ -319,7 +319,7 @@ impl Server {
             && connection.reply_went_quietly()
         {
             // Settling the reply (`on_reply`) drives the connection on.
-            return self.take_worker_messages();
+            return self.take_worker_messages(false);
         }
         self.drive(key);
     }
@@ -484,8 +484,12 @@ impl Server {
         None
     }
 
-    fn take_worker_messages(&mut self) {
-        let messages: Vec<Outbound> = self.parts.inbox.drain().collect();
+    /// `woken`: called for the waker's event, which this consumes.
+    fn take_worker_messages(&mut self, woken: bool) {
+        let messages: Vec<Outbound> = match woken {
+            true => self.parts.inbox.drain().collect(),
+            false => self.parts.inbox.take().collect(),
+        };
         for message in messages {
             match message {
                 Outbound::Data { conn, bytes } => self.on_live_output(conn, &bytes),

@@ -93,6 +93,13 @@ impl Inbox {
         self.wake_pending.store(false, Ordering::SeqCst);
         self.receiver.try_iter()
     }
+
+    /// Everything sent so far, without consuming a wake: for messages sent quietly, taken
+    /// when no wake came. A wake on its way still comes, and still counts as one (a worker
+    /// sending meanwhile makes no second one).
+    pub fn take(&self) -> impl Iterator<Item = Outbound> + '_ {
+        self.receiver.try_iter()
+    }
 }
 
 /// A request handed to the pool, with the connection its reply goes to.
