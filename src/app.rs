@@ -4,6 +4,7 @@
 use crate::auth::Tokens;
 use crate::cli::{CallArgs, Cli, Command, TestArgs};
 use crate::clock::RealClock;
+use crate::config::ListenSpec;
 use crate::config::{Config, Limits};
 use crate::error::Fatal;
 use crate::framing::Framing;
@@ -12,6 +13,8 @@ use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
+use crate::tls::TlsServer;
+use crate::transport::{Listener, UnixBindError, UnixSocket};
 use crate::{client, footprint, metrics, reload, script_test, workers};
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
@@ -62,7 +65,14 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     // Before any thread starts, so every thread inherits the handlers' view.
     let signals = SignalSource::install()
         .map_err(|e| Fatal::Runtime(format!("installing signal handlers: {e}")))?;
-    let listeners = bind_all(&config)?;
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(
+            TlsServer::load(files.clone(), config.framing == Framing::Http)
+                .map_err(Fatal::Usage)?,
+        )),
+        None => None,
+    };
+    let listeners = bind_all(&config, tls.as_ref())?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
@@ -82,7 +92,7 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     let (outbox, inbox) = workers::outbox(Arc::new(waker));
     let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())
         .map_err(|e| runtime_error("starting workers", e))?;
-    let reload = reload::spawn(host, config.token_sources.clone(), outbox)
+    let reload = reload::spawn(host, config.token_sources.clone(), tls, outbox)
         .map_err(|e| runtime_error("starting the reload thread", e))?;
 
     announce(&listeners, config.print_addr)?;
@@ -108,27 +118,37 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     Ok(code as u8)
 }
 
-/// Asked of `listen(2)`; Linux caps it at `net.core.somaxconn` (4096 by default).
-const LISTEN_BACKLOG: i32 = 4096;
+fn bind_tcp(addr: &std::net::SocketAddr) -> Result<TcpListener, Fatal> {
+    let listener =
+        TcpListener::bind(*addr).map_err(|e| Fatal::Runtime(format!("binding {addr}: {e}")))?;
+    // mio listens with a backlog of 128: a burst of connections (thousands of clients
+    // reconnecting at once) overflows it, and every dropped SYN costs its client a 1 s
+    // retransmission, legitimate clients included. The kernel caps this at somaxconn.
+    let _ = rustix::net::listen(&listener, crate::transport::LISTEN_BACKLOG);
+    Ok(listener)
+}
 
-fn bind_all(config: &Config) -> Result<Vec<TcpListener>, Fatal> {
-    let bind = |addr: &std::net::SocketAddr| {
-        let listener =
-            TcpListener::bind(*addr).map_err(|e| Fatal::Runtime(format!("binding {addr}: {e}")))?;
-        // mio listens with a backlog of 128: a burst of connections (thousands of clients
-        // reconnecting at once) overflows it, and every dropped SYN costs its client a 1 s
-        // retransmission, legitimate clients included. The kernel caps this at somaxconn.
-        let _ = rustix::net::listen(&listener, LISTEN_BACKLOG);
-        Ok(listener)
+fn bind_all(config: &Config, tls: Option<&Arc<TlsServer>>) -> Result<Vec<Listener>, Fatal> {
+    let bind = |spec: &ListenSpec| match spec {
+        ListenSpec::Tcp(addr) => bind_tcp(addr).map(Listener::Tcp),
+        ListenSpec::Tls(addr) => match tls {
+            Some(tls) => Ok(Listener::Tls(bind_tcp(addr)?, tls.clone())),
+            None => Err(Fatal::Usage("a tls:// listener needs --tls-cert".into())),
+        },
+        ListenSpec::Unix(path) => match UnixSocket::bind(path, config.unix_mode) {
+            Ok(socket) => Ok(Listener::Unix(socket)),
+            Err(UnixBindError::Usage(message)) => Err(Fatal::Usage(message)),
+            Err(UnixBindError::Runtime(message)) => Err(Fatal::Runtime(message)),
+        },
     };
     config.listen.iter().map(bind).collect()
 }
 
-fn announce(listeners: &[TcpListener], print_addr: bool) -> Result<(), Fatal> {
+fn announce(listeners: &[Listener], print_addr: bool) -> Result<(), Fatal> {
     let mut stdout = std::io::stdout().lock();
     for listener in listeners {
         let addr = listener
-            .local_addr()
+            .describe()
             .map_err(|e| Fatal::Runtime(format!("reading a bound address: {e}")))?;
         log::info!("listening on {addr}");
         if print_addr {

@@ -20,6 +20,9 @@ use std::time::Duration;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Every result of a TLS handshake, present in `/metrics` from the start.
+const TLS_RESULTS: [&str; 4] = ["ok", "failed", "client_cert_rejected", "abandoned"];
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<Labels, Counter>,
@@ -33,6 +36,10 @@ pub struct Metrics {
     pub running_jobs: Gauge,
     pub auth_failures: Counter,
     script_reloads: Family<Labels, Counter>,
+    /// TLS handshakes by result: `ok`, `failed`, `client_cert_rejected`, `abandoned`.
+    tls_handshakes: Family<Labels, Counter>,
+    /// Seconds until the served TLS certificate expires (negative once expired).
+    pub tls_cert_expiry_seconds: Gauge,
     /// Listening with a compiled script: `/readyz` is 200.
     ready: AtomicBool,
     /// Shutdown has begun: `/healthz` is 503.
@@ -62,6 +69,8 @@ impl Metrics {
             running_jobs: Gauge::default(),
             auth_failures: Counter::default(),
             script_reloads: Family::default(),
+            tls_handshakes: Family::default(),
+            tls_cert_expiry_seconds: Gauge::default(),
             ready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
         };
@@ -111,6 +120,19 @@ impl Metrics {
             "Script reloads by result",
             self.script_reloads.clone(),
         );
+        r.register(
+            "tls_handshakes",
+            "TLS handshakes by result",
+            self.tls_handshakes.clone(),
+        );
+        r.register(
+            "tls_cert_expiry_seconds",
+            "Seconds until the served TLS certificate expires",
+            self.tls_cert_expiry_seconds.clone(),
+        );
+        for result in TLS_RESULTS {
+            self.record_tls_handshake_by(result, 0);
+        }
         self.requests_by_outcome = Verdict::ALL
             .iter()
             .map(|v| {
@@ -140,6 +162,16 @@ impl Metrics {
         self.script_reloads
             .get_or_create(&vec![("result", result.to_owned())])
             .inc();
+    }
+
+    pub fn record_tls_handshake(&self, result: &'static str) {
+        self.record_tls_handshake_by(result, 1);
+    }
+
+    fn record_tls_handshake_by(&self, result: &'static str, by: u64) {
+        self.tls_handshakes
+            .get_or_create(&vec![("result", result.to_owned())])
+            .inc_by(by);
     }
 
     pub fn set_ready(&self) {

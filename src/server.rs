@@ -14,15 +14,14 @@ use crate::reload::ReloadTrigger;
 use crate::request::{Endpoints, Reply, Request, ServerError, Verdict};
 use crate::script::Runtime;
 use crate::signals::{Signal, SignalSource};
+use crate::transport::{Accepted, Listener, ListenerKind};
 use crate::wire;
 use crate::workers::{ConnRef, Inbox, Job, Outbound, WorkerPool, log_request};
-use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -51,7 +50,8 @@ const MAX_UNREAD_REPLY: usize = 64 * 1024;
 /// Everything the loop needs that is built before it starts.
 pub struct Parts {
     pub poll: Poll,
-    pub listeners: Vec<TcpListener>,
+    /// Plain TCP, TLS and Unix listeners, in `--listen` order.
+    pub listeners: Vec<Listener>,
     pub signals: SignalSource,
     pub pool: WorkerPool,
     pub inbox: Inbox,
@@ -184,12 +184,13 @@ impl Server {
             let Some(listener) = self.parts.listeners.get(index) else {
                 return;
             };
+            let kind = listener.kind();
             match listener.accept() {
-                Ok((stream, peer)) => {
+                Ok(accepted) => {
                     if std::mem::take(&mut self.accept_failing) {
                         log::info!("accepting connections again");
                     }
-                    self.admit(stream, peer)
+                    self.admit(accepted, kind)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_per_connection_error(&e) => continue,
@@ -222,9 +223,11 @@ impl Server {
         }
     }
 
-    fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
-        if !self.config.allows(peer.ip()) {
-            log::debug!("refusing {peer}: not in --allow");
+    fn admit(&mut self, accepted: Accepted, kind: ListenerKind) {
+        let Accepted { stream, endpoints } = accepted;
+        let peer = &endpoints.peer_text;
+        if let Some(why) = self.refused_at_accept(&endpoints, kind) {
+            log::debug!("refusing {peer}: {why}");
             return; // dropping the stream closes it, without a reply
         }
         if self.connections.len() >= self.config.max_connections {
@@ -234,17 +237,11 @@ impl Server {
             );
             return; // dropping the stream closes it
         }
-        let local = match stream.local_addr() {
-            Ok(local) => local,
-            Err(e) => return log::debug!("dropping {peer}: {e}"),
-        };
-        let _ = stream.set_nodelay(true);
         self.next_serial += 1;
         let phase = Phase::Reading {
             deadline: Instant::now() + self.config.read_timeout,
         };
-        let connection =
-            Connection::new(stream, Endpoints::new(peer, local), self.next_serial, phase);
+        let connection = Connection::new(stream, endpoints.clone(), self.next_serial, phase);
         let key = self.connections.insert(connection);
         metrics().open_connections.inc();
         if let Err(e) = self.connections[key].register(self.parts.poll.registry(), Token(key)) {
@@ -256,6 +253,24 @@ impl Server {
         log::debug!("connection from {peer}");
         // Data may already be there; with edge triggers we will not hear of it again.
         self.drive(key);
+    }
+
+    /// Why a new connection is closed at once, without a reply, if it is.
+    fn refused_at_accept(&self, endpoints: &Endpoints, kind: ListenerKind) -> Option<&'static str> {
+        if let Some(cred) = endpoints.peer_cred
+            && !self.config.allows_uid(cred.uid)
+        {
+            return Some("uid not in --allow-uid");
+        }
+        let ip = endpoints.ip()?;
+        if !self.config.allows(ip) {
+            return Some("not in --allow");
+        }
+        // A backed-off client does not even get a handshake: that is the expensive part.
+        if kind == ListenerKind::Tls && self.backoff.is_blocked(ip, Instant::now()) {
+            return Some("backed off after failed authentications");
+        }
+        None
     }
 
     // ---- driving one connection ----
@@ -273,7 +288,10 @@ impl Server {
                 self.drive(key);
             }
             Ok(Step::Close(why)) => self.close(key, why),
-            Err(e) => self.close(key, &format!("I/O error: {e}")),
+            Err(e) => {
+                self.count_rejected_certificate(key);
+                self.close(key, &format!("I/O error: {e}"))
+            }
         }
     }
 
@@ -293,8 +311,28 @@ impl Server {
         }
     }
 
+    /// An mTLS handshake refused for the client's certificate counts for `--auth-failures`.
+    fn count_rejected_certificate(&mut self, key: usize) {
+        let connection = &self.connections[key];
+        if !connection.stream.client_cert_rejected() {
+            return;
+        }
+        metrics().auth_failures.inc();
+        if let Some(ip) = connection.endpoints.ip()
+            && self.backoff.record_failure(ip, Instant::now())
+        {
+            log::warn!(
+                "{ip}: {} failed authentications within 60 s; refusing this IP for 60 s",
+                self.config.auth_failures
+            );
+        }
+    }
+
     fn close(&mut self, key: usize, why: &str) {
         let mut connection = self.connections.remove(key);
+        if connection.stream.handshake_abandoned() {
+            metrics().record_tls_handshake("abandoned");
+        }
         if connection.pending_output() > 0 {
             connection.reset_on_drop(); // a timed-out or too slow reader gets no partial reply
         }
@@ -314,7 +352,10 @@ impl Server {
         let connection = &mut self.connections[key];
         connection.continue_sent = false;
         // A backed-off client's token is not even checked.
-        let blocked = self.backoff.is_blocked(connection.endpoints.peer.ip(), now);
+        let blocked = connection
+            .endpoints
+            .ip()
+            .is_some_and(|ip| self.backoff.is_blocked(ip, now));
         let (token_name, payload) = authenticate(&self.parts.tokens, &raw, !blocked);
         let request = Request {
             id: self.next_request_id,
@@ -356,13 +397,11 @@ impl Server {
             return Some((ServerError::BackedOff, Verdict::Unauthorized));
         }
         if token_required && request.token_name.is_none() {
-            if self
-                .backoff
-                .record_failure(request.endpoints.peer.ip(), now)
+            if let Some(ip) = request.endpoints.ip()
+                && self.backoff.record_failure(ip, now)
             {
                 log::warn!(
-                    "{}: {} wrong tokens within 60 s; refusing this IP for 60 s",
-                    request.endpoints.peer.ip(),
+                    "{ip}: {} wrong tokens within 60 s; refusing this IP for 60 s",
                     self.config.auth_failures
                 );
             }
@@ -605,10 +644,9 @@ fn step(connection: &mut Connection, config: &Config, scratch: &mut [u8]) -> io:
                 return read_request(connection, config, scratch);
             }
             Phase::Closing { .. } => {
-                if !connection.flush()? {
+                if !connection.flush()? || !connection.shutdown_output()? {
                     return Ok(Step::Wait);
                 }
-                connection.shutdown_output();
                 connection.phase = Phase::Draining {
                     deadline: Instant::now() + DRAIN_TIME,
                 };
