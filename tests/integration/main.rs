@@ -13,3 +13,4 @@ mod live;
 mod ops;
 mod script_tests;
 mod scripts;
+mod transport;
