@@ -276,7 +276,7 @@ fn send_over_tls_checks_the_server_certificate() {
     assert_eq!(by_ip.status.code(), Some(0), "{by_ip:?}");
     assert!(stdout(&by_ip).contains("listener=tls"), "{by_ip:?}");
     assert!(
-        stdout(&by_ip).contains("sni=()"),
+        stdout(&by_ip).contains("sni= client="),
         "no SNI for an IP: {by_ip:?}"
     );
     let named = send("--cacert $PKI/ca.crt --servername localhost --all tls://127.0.0.1:$PORT");
