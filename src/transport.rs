@@ -305,11 +305,17 @@ impl Listener {
 
     /// Accepts one connection. A TLS stream starts its handshake with the configuration of
     /// this moment; a Unix stream carries its client's credentials.
+    ///
+    /// A failure after `accept(2)` itself succeeded (the client reset already, say) concerns
+    /// that one connection: it comes back as `ConnectionAborted`, never as an error that would
+    /// make the loop pause accepting.
     pub fn accept(&self) -> io::Result<Accepted> {
+        let per_connection = |e: io::Error| io::Error::new(io::ErrorKind::ConnectionAborted, e);
         match self {
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept()?;
-                let endpoints = tcp_endpoints(&stream, peer, ListenerKind::Tcp)?;
+                let endpoints =
+                    tcp_endpoints(&stream, peer, ListenerKind::Tcp).map_err(per_connection)?;
                 Ok(Accepted {
                     stream: Stream::Tcp(stream),
                     endpoints,
@@ -317,15 +323,17 @@ impl Listener {
             }
             Listener::Tls(l, server) => {
                 let (stream, peer) = l.accept()?;
-                let endpoints = tcp_endpoints(&stream, peer, ListenerKind::Tls)?;
+                let endpoints =
+                    tcp_endpoints(&stream, peer, ListenerKind::Tls).map_err(per_connection)?;
                 Ok(Accepted {
-                    stream: Stream::tls(stream, server.config())?,
+                    stream: Stream::tls(stream, server.config()).map_err(per_connection)?,
                     endpoints,
                 })
             }
             Listener::Unix(u) => {
                 let (stream, _) = u.listener.accept()?;
-                let cred = rustix::net::sockopt::socket_peercred(&stream)?;
+                let cred = rustix::net::sockopt::socket_peercred(&stream)
+                    .map_err(|e| per_connection(e.into()))?;
                 let cred = PeerCred {
                     pid: cred.pid.as_raw_nonzero().get(),
                     uid: cred.uid.as_raw(),
