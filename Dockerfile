@@ -8,6 +8,11 @@
 #   docker run --rm -p 9000:9000 -e TOKEN=change-me-to-16-bytes-or-more \
 #       command-trigger --token-env TOKEN
 #
+# Stopping drains: running handlers and jobs get --shutdown-timeout (20 s by default) after
+# SIGTERM, so give `docker stop -t` / `podman stop -t` more than that (e.g. `docker stop -t 30`),
+# as a pod's terminationGracePeriodSeconds must be; at Docker's default of 10 s the drain is cut
+# short by SIGKILL.
+#
 # The default script is the quick-start handler; mount your own at
 # /etc/command-trigger/handler.rhai (a ConfigMap volume in Kubernetes), or point CT_SCRIPT elsewhere.
 

@@ -15,7 +15,9 @@ use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
 use crate::tls::TlsServer;
 use crate::transport::{Listener, UnixBindError, UnixSocket};
-use crate::{client, footprint, metrics, reload, script_test, workers};
+use crate::trigger::{Kind, Triggers};
+use crate::watch::WatchSettings;
+use crate::{client, footprint, metrics, reload, schedule, script_test, watch, workers};
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
 use std::io::{Read, Write};
@@ -26,7 +28,12 @@ use std::sync::Arc;
 pub fn run(cli: Cli) -> Result<u8, Fatal> {
     match cli.command {
         Command::Serve(args) => serve(Config::from_args(args)?),
-        Command::Check(args) => Ok(check(&args.file)),
+        Command::Check(args) => match args.file {
+            Some(file) => Ok(check(&file)),
+            None => Err(Fatal::Usage(
+                "check: no script to compile: give its path (command-trigger check FILE) or set CT_SCRIPT".into(),
+            )),
+        },
         Command::Call(args) => call(args),
         Command::Send(args) => client::send(args),
         Command::Test(args) => Ok(test(args)),
@@ -81,9 +88,15 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         None => None,
     };
     let runtime = Runtime::new(config.limits);
-    let host = Arc::new(ScriptHost::load(&config.script, runtime.clone()).map_err(Fatal::Usage)?);
+    let host = ScriptHost::load_requiring(&config.script, runtime.clone(), required(&config));
+    let host = Arc::new(host.map_err(Fatal::Usage)?);
     let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
     warnings.iter().for_each(|w| log::warn!("{w}"));
+    if config.token_sources.is_empty() {
+        log::warn!(
+            "--insecure-no-token: no token source, so anyone who reaches the port runs the script"
+        );
+    }
 
     let runtime_error = |what: &str, e: std::io::Error| Fatal::Runtime(format!("{what}: {e}"));
     let poll = Poll::new().map_err(|e| runtime_error("creating the event loop", e))?;
@@ -94,6 +107,11 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         .map_err(|e| runtime_error("starting workers", e))?;
     let reload = reload::spawn(host, config.token_sources.clone(), tls, outbox)
         .map_err(|e| runtime_error("starting the reload thread", e))?;
+    start_triggers(
+        &config,
+        Triggers::new(pool.trigger_queue(), runtime.clone()),
+    )
+    .map_err(|e| runtime_error("starting the watch and schedule threads", e))?;
 
     announce(&listeners, config.print_addr)?;
     if let Some(listener) = metrics_listener {
@@ -126,6 +144,30 @@ fn bind_tcp(addr: &std::net::SocketAddr) -> Result<TcpListener, Fatal> {
     // retransmission, legitimate clients included. The kernel caps this at somaxconn.
     let _ = rustix::net::listen(&listener, crate::transport::LISTEN_BACKLOG);
     Ok(listener)
+}
+
+/// The script functions besides `handle` that the trigger flags call.
+fn required(config: &Config) -> Vec<&'static str> {
+    let mut required = Vec::new();
+    if !config.watch.is_empty() {
+        required.push(Kind::Watch.function());
+    }
+    if !config.schedules.is_empty() {
+        required.push(Kind::Tick.function());
+    }
+    required
+}
+
+fn start_triggers(config: &Config, triggers: Triggers) -> std::io::Result<()> {
+    if !config.watch.is_empty() {
+        let settings = WatchSettings {
+            paths: config.watch.clone(),
+            debounce: config.watch_debounce,
+            poll: config.watch_poll,
+        };
+        watch::spawn(settings, triggers.clone())?;
+    }
+    schedule::spawn(&config.schedules, &triggers)
 }
 
 fn bind_all(config: &Config, tls: Option<&Arc<TlsServer>>) -> Result<Vec<Listener>, Fatal> {
@@ -196,6 +238,27 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
         false => Runtime::new(limits),
     };
     let host = ScriptHost::load(&args.script, runtime).map_err(Fatal::Usage)?;
+    let request = local_request(&args)?;
+    let code = match host.handle(&request, Box::new(Stdout)).0 {
+        HandlerResult::Replied(reply) => {
+            Stdout.send(reply.bytes);
+            0
+        }
+        HandlerResult::Failed(message) => {
+            eprintln!("handler failed: {message}");
+            1
+        }
+        HandlerResult::TimedOut => {
+            eprintln!("handler timed out");
+            1
+        }
+    };
+    settle_jobs(&host.runtime, args.no_wait);
+    Ok(code)
+}
+
+/// The request `call` runs: the payload words, or (`-` alone) stdin as a stream-framing body.
+fn local_request(args: &CallArgs) -> Result<Request, Fatal> {
     let peer = args
         .peer
         .parse()
@@ -209,27 +272,28 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
     } else {
         (Framing::Line, args.payload.join(" "), Vec::new())
     };
-    let request = Request {
+    Ok(Request {
         id: 1,
-        token_name: Some(args.token_name.into()),
+        token_name: Some(args.token_name.as_str().into()),
         payload: payload.into_bytes(),
         body,
         endpoints: Endpoints::new(peer, SocketAddr::from(([127, 0, 0, 1], 0))),
         framing,
         http: None,
-    };
-    match host.handle(&request, Box::new(Stdout)).0 {
-        HandlerResult::Replied(reply) => {
-            Stdout.send(reply.bytes);
-            Ok(0)
-        }
-        HandlerResult::Failed(message) => {
-            eprintln!("handler failed: {message}");
-            Ok(1)
-        }
-        HandlerResult::TimedOut => {
-            eprintln!("handler timed out");
-            Ok(1)
-        }
+    })
+}
+
+/// Background jobs are threads of this process: exiting would cut them off unseen. So `call`
+/// waits for them (each end is logged, as `serve` logs it) unless `--no-wait` says not to.
+fn settle_jobs(runtime: &crate::runtime::Runtime, no_wait: bool) {
+    let running = runtime.jobs.alive();
+    if running == 0 {
+        return;
     }
+    if no_wait {
+        eprintln!("--no-wait: left {running} background job(s) running, unwatched");
+        return;
+    }
+    log::info!("waiting for {running} background job(s) to end (--no-wait to not wait)");
+    runtime.jobs.wait_all();
 }

@@ -1,7 +1,8 @@
 //! The command line as the user types it (clap), before any validation. `config` turns it into
 //! what the server runs with.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,11 +17,14 @@ pub struct Cli {
     pub command: Command,
 }
 
+// `serve`'s flags make its variant large; the value is built once per run, so boxing it
+// would save nothing worth the indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the server (the container's entrypoint).
     Serve(ServeArgs),
-    /// Compile a script and report errors; exit 0 if it is usable, 1 if not.
+    /// Compile a script and report errors; exit 0 if it is usable, 1 if not, 2 if no file is given.
     Check(CheckArgs),
     /// Run one request through the script locally and print the reply.
     Call(CallArgs),
@@ -99,7 +103,7 @@ pub struct ServeArgs {
     pub token_env: Vec<String>,
 
     /// Allow starting with no token source; then the whole line is the payload.
-    #[arg(long, env = "CT_INSECURE_NO_TOKEN")]
+    #[arg(long, env = "CT_INSECURE_NO_TOKEN", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     pub insecure_no_token: bool,
 
     /// Who rejects a wrong token: the server, or the script.
@@ -111,7 +115,7 @@ pub struct ServeArgs {
     pub framing: FramingArg,
 
     /// Keep the connection open after a reply and read the next request.
-    #[arg(long, env = "CT_KEEP_ALIVE")]
+    #[arg(long, env = "CT_KEEP_ALIVE", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     pub keep_alive: bool,
 
     /// Handlers running at once.
@@ -185,8 +189,28 @@ pub struct ServeArgs {
     #[arg(long, env = "CT_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 
+    /// Run `fn on_change(event)` when this file or directory changes (repeatable).
+    #[arg(long, env = "CT_WATCH", value_name = "PATH", value_delimiter = ',')]
+    pub watch: Vec<PathBuf>,
+
+    /// Quiet time after a change before `on_change` runs: a burst of writes is one event.
+    #[arg(long, env = "CT_WATCH_DEBOUNCE", value_name = "DUR", default_value = "1s", value_parser = duration)]
+    pub watch_debounce: Duration,
+
+    /// How often watched paths are also compared by content, for volumes that send no inotify events.
+    #[arg(long, env = "CT_WATCH_POLL", value_name = "DUR", default_value = "10s", value_parser = duration)]
+    pub watch_poll: Duration,
+
+    /// Run `fn on_tick(tick)` every DUR, counted from the start (repeatable).
+    #[arg(long, env = "CT_EVERY", value_name = "DUR", value_parser = duration, value_delimiter = ',')]
+    pub every: Vec<Duration>,
+
+    /// Run `fn on_tick(tick)` on this standard 5-field cron schedule, in UTC (repeatable).
+    #[arg(long, env = "CT_CRON", value_name = "EXPR")]
+    pub cron: Vec<String>,
+
     /// Print the bound address(es) to stdout, one per line, once listening.
-    #[arg(long, env = "CT_PRINT_ADDR")]
+    #[arg(long, env = "CT_PRINT_ADDR", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     pub print_addr: bool,
 
     /// Certificate chain (PEM) of the tls:// listeners; re-read when it changes.
@@ -219,9 +243,9 @@ fn octal_mode(text: &str) -> Result<u32, String> {
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
-    /// The Rhai script to compile.
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
+    /// The Rhai script to compile (default: `CT_SCRIPT`, as `serve` would load it).
+    #[arg(value_name = "FILE", env = "CT_SCRIPT")]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -251,8 +275,18 @@ pub struct CallArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// The payload words; `-` alone reads the body from stdin (stream framing).
-    #[arg(last = true, value_name = "PAYLOAD")]
+    /// Exit when `handle` returns, leaving running background jobs (`start`) unwatched,
+    /// instead of waiting for them.
+    #[arg(long)]
+    pub no_wait: bool,
+
+    /// The payload words (`--` before them is optional, and needed only for words that start
+    /// with `-`); `-` alone reads the body from stdin (stream framing).
+    #[arg(
+        value_name = "PAYLOAD",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     pub payload: Vec<String>,
 }
 
@@ -289,13 +323,24 @@ pub struct SendArgs {
     #[arg(value_name = "PAYLOAD")]
     pub payload: Vec<String>,
 
-    /// File whose first non-empty line is the token.
-    #[arg(long, env = "CT_TOKEN_FILE", value_name = "PATH")]
-    pub token_file: Option<PathBuf>,
+    /// File whose first non-empty line is the token. Same syntax as `serve` (so one
+    /// `CT_TOKEN_FILE` serves both): the NAME is ignored, and of several the first is used.
+    #[arg(
+        long,
+        env = "CT_TOKEN_FILE",
+        value_name = "[NAME=]PATH",
+        value_delimiter = ','
+    )]
+    pub token_file: Vec<String>,
 
-    /// Environment variable that holds the token.
-    #[arg(long, env = "CT_TOKEN_ENV", value_name = "VAR")]
-    pub token_env: Option<String>,
+    /// Environment variable that holds the token; `[NAME=]VAR` as for `--token-file`.
+    #[arg(
+        long,
+        env = "CT_TOKEN_ENV",
+        value_name = "[NAME=]VAR",
+        value_delimiter = ','
+    )]
+    pub token_env: Vec<String>,
 
     /// Send stdin after the first line as the request body (stream framing).
     #[arg(long)]
@@ -324,4 +369,14 @@ pub struct SendArgs {
     /// tls://: the server name to verify and send as SNI (default: HOST).
     #[arg(long, value_name = "NAME")]
     pub servername: Option<String>,
+}
+
+/// The rule of every boolean `CT_*` variable (`1/0`, `true/false`, `yes/no`, `on/off`, any case),
+/// for `CT_INIT`, which is read before clap runs. `None` for a word outside the rule.
+pub fn boolish(text: &str) -> Option<bool> {
+    use clap::builder::TypedValueParser;
+    let command = clap::Command::new("command-trigger");
+    BoolishValueParser::new()
+        .parse_ref(&command, None, std::ffi::OsStr::new(text))
+        .ok()
 }

@@ -2,6 +2,7 @@
 //! can test (0 reply, 1 `ERR` reply or failure, 2 usage). Speaks plain TCP, TLS (`tls://`)
 //! and Unix sockets (`unix:`), like the server's listeners.
 
+use crate::auth::{TokenOrigin, TokenSource};
 use crate::cli::SendArgs;
 use crate::error::Fatal;
 use rustls::pki_types::ServerName;
@@ -156,32 +157,51 @@ fn system_roots() -> Result<rustls::RootCertStore, Fatal> {
     Ok(roots)
 }
 
+/// The token to send: from the first `--token-file`, else the first `--token-env`. Both take
+/// `serve`'s `[NAME=]VALUE` syntax; the name only matters to a server. `optional`: the server
+/// may authenticate by transport instead (a Unix socket, a client certificate).
 fn read_token(args: &SendArgs, optional: bool) -> Result<Option<String>, Fatal> {
-    if let Some(path) = &args.token_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Fatal::Usage(format!("reading token file {}: {e}", path.display())))?;
-        return text
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .map(|l| Some(l.to_owned()))
-            .ok_or_else(|| Fatal::Usage(format!("token file {}: no token in it", path.display())));
+    let first = |specs: &[String], flag: &str, origin: fn(&str) -> TokenOrigin| {
+        specs
+            .first()
+            .map(|spec| TokenSource::parse(spec, origin))
+            .transpose()
+            .map_err(|e| Fatal::Usage(format!("{flag} {e}")))
+    };
+    let file = first(&args.token_file, "--token-file", |v| {
+        TokenOrigin::File(v.into())
+    })?;
+    let var = first(&args.token_env, "--token-env", |v| {
+        TokenOrigin::Env(v.into())
+    })?;
+    match file.or(var).map(|source| source.origin) {
+        Some(TokenOrigin::File(path)) => token_from_file(&path).map(Some),
+        Some(TokenOrigin::Env(var)) => token_from_env(&var).map(Some),
+        None if optional => Ok(None),
+        None => Err(Fatal::Usage(
+            "no token source: give --token-file PATH or --token-env VAR".into(),
+        )),
     }
-    if let Some(var) = &args.token_env {
-        let value = std::env::var(var)
-            .map_err(|_| Fatal::Usage(format!("token variable {var}: not set")))?;
-        let value = value.trim();
-        if value.is_empty() {
-            return Err(Fatal::Usage(format!("token variable {var}: empty")));
-        }
-        return Ok(Some(value.to_owned()));
+}
+
+fn token_from_file(path: &std::path::Path) -> Result<String, Fatal> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Fatal::Usage(format!("reading token file {}: {e}", path.display())))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(String::from)
+        .ok_or_else(|| Fatal::Usage(format!("token file {}: no token in it", path.display())))
+}
+
+fn token_from_env(var: &str) -> Result<String, Fatal> {
+    let value =
+        std::env::var(var).map_err(|_| Fatal::Usage(format!("token variable {var}: not set")))?;
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(Fatal::Usage(format!("token variable {var}: empty")));
     }
-    if optional {
-        return Ok(None);
-    }
-    Err(Fatal::Usage(
-        "no token source: give --token-file PATH or --token-env VAR".into(),
-    ))
+    Ok(value.to_owned())
 }
 
 /// `TOKEN payload\n`, or just `payload\n` for a server that authenticates by transport.

@@ -5,6 +5,7 @@ use crate::auth::{TokenOrigin, TokenSource};
 use crate::cli::{AuthMode, FramingArg, ServeArgs};
 use crate::error::Fatal;
 use crate::framing::Framing;
+use crate::schedule::Schedule;
 use crate::tls::TlsFiles;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +37,12 @@ pub struct Config {
     pub allow: Vec<ipnet::IpNet>,
     pub auth_failures: u32,
     pub metrics_listen: Option<SocketAddr>,
+    /// `--watch`, made absolute; `on_change` runs when one changes.
+    pub watch: Vec<PathBuf>,
+    pub watch_debounce: Duration,
+    pub watch_poll: Duration,
+    /// `--every` and `--cron`; `on_tick` runs on each.
+    pub schedules: Vec<Schedule>,
 }
 
 /// What one handler may use; shared by `serve` and `call`.
@@ -89,7 +96,29 @@ impl Config {
                 return Err(Fatal::Usage(format!("{flag} must be at least 1")));
             }
         }
+        if args.watch_poll.is_zero() {
+            return Err(Fatal::Usage("--watch-poll must be longer than 0s".into()));
+        }
+        let watch = args
+            .watch
+            .iter()
+            .map(|path| {
+                std::path::absolute(path)
+                    .map_err(|e| Fatal::Usage(format!("--watch {}: {e}", path.display())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let schedules = args
+            .every
+            .iter()
+            .map(|period| Schedule::every(*period))
+            .chain(args.cron.iter().map(|expr| Schedule::cron(expr)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Fatal::Usage)?;
         Ok(Config {
+            watch,
+            watch_debounce: args.watch_debounce,
+            watch_poll: args.watch_poll,
+            schedules,
             script: args.script,
             listen,
             tls,

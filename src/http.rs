@@ -273,21 +273,24 @@ impl ResponseHead<'_> {
             )
             .as_bytes(),
         );
-        let has = |name: &str| {
-            self.headers
-                .iter()
-                .any(|(n, _)| n.eq_ignore_ascii_case(name))
-        };
+        // A script's header cannot smuggle a second header or a body in: only these are sent,
+        // and only these stand in for a default.
+        let kept = self.headers.iter().filter(|(name, value)| {
+            is_token(name) && !value.contains(['\r', '\n']) && !is_framing_header(name)
+        });
+        let has = |name: &str| kept.clone().any(|(n, _)| n.eq_ignore_ascii_case(name));
         if !has("content-type") && self.status != 204 {
             out.extend_from_slice(
                 format!("content-type: {}\r\n", self.default_content_type).as_bytes(),
             );
         }
-        for (name, value) in self.headers {
-            // A script's header cannot smuggle a second header or a body in.
-            if is_token(name) && !value.contains(['\r', '\n']) && !is_framing_header(name) {
-                out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
-            }
+        // A `GET /deploy` answered from a proxy's cache would never reach the pod, so no reply
+        // may be stored unless the script says otherwise.
+        if !has("cache-control") {
+            out.extend_from_slice(b"cache-control: no-store\r\n");
+        }
+        for (name, value) in kept {
+            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
         }
         let connection = match (self.keep_alive, self.minor_version) {
             (true, 0) => "connection: keep-alive\r\n",
@@ -342,6 +345,43 @@ pub fn last_chunk(minor_version: u8) -> &'static [u8] {
     } else {
         b"0\r\n\r\n"
     }
+}
+
+/// Ends a streamed body with trailer fields (RFC 9112 §7.1.2). HTTP/1.0 has no chunks, so no
+/// trailers either; fields that are not valid, or may not be trailers, are left out.
+pub fn last_chunk_with_trailers(minor_version: u8, trailers: &[(String, String)]) -> Vec<u8> {
+    if minor_version == 0 {
+        return Vec::new();
+    }
+    let mut out = b"0\r\n".to_vec();
+    for (name, value) in trailers {
+        if is_trailer_name(name) && !value.contains(['\r', '\n']) {
+            out.extend_from_slice(format!("{}: {value}\r\n", name.to_ascii_lowercase()).as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Whether `name` may be sent as a trailer: a header name that does not frame, route or
+/// authenticate the message (RFC 9110 §6.5.1), all of which a recipient needs before the body.
+pub fn is_trailer_name(name: &str) -> bool {
+    const FORBIDDEN: [&str; 11] = [
+        "trailer",
+        "te",
+        "host",
+        "authorization",
+        "set-cookie",
+        "cookie",
+        "content-type",
+        "content-encoding",
+        "content-range",
+        "cache-control",
+        "expect",
+    ];
+    is_token(name)
+        && !is_framing_header(name)
+        && !FORBIDDEN.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
 fn is_token(name: &str) -> bool {
@@ -451,5 +491,44 @@ mod tests {
             !text.contains("x-evil") && text.ends_with("content-length: 2\r\n\r\nhi"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn trailers_end_a_chunked_body_and_cannot_smuggle_or_frame() {
+        let pair = |n: &str, v: &str| (n.to_owned(), v.to_owned());
+        let trailers = [
+            pair("X-Exit-Code", "0"),
+            pair("content-length", "5"),
+            pair("x-evil", "1\r\n\r\nHTTP/1.1 200 OK"),
+            pair("bad name", "1"),
+            pair("authorization", "Bearer x"),
+        ];
+        assert_eq!(
+            last_chunk_with_trailers(1, &trailers),
+            b"0\r\nx-exit-code: 0\r\n\r\n".to_vec()
+        );
+        assert_eq!(last_chunk_with_trailers(1, &[]), last_chunk(1).to_vec());
+        assert!(last_chunk_with_trailers(0, &trailers).is_empty());
+    }
+
+    #[test]
+    fn no_store_unless_the_script_sends_a_cache_control_of_its_own() {
+        let head = |headers: &[(String, String)]| {
+            let head = ResponseHead {
+                status: 200,
+                headers,
+                default_content_type: "text/plain",
+                keep_alive: false,
+                minor_version: 1,
+            };
+            String::from_utf8(head.complete(b"", false)).unwrap()
+        };
+        let own = [("Cache-Control".to_string(), "max-age=60".to_string())];
+        assert!(head(&own).contains("Cache-Control: max-age=60\r\n"));
+        assert!(!head(&own).contains("no-store"));
+        // A value the server drops does not count as the script's own.
+        let dropped = [("cache-control".to_string(), "public\r\nx: 1".to_string())];
+        assert!(head(&dropped).contains("cache-control: no-store\r\n"));
+        assert!(head(&[]).contains("cache-control: no-store\r\n"));
     }
 }

@@ -14,12 +14,20 @@ use std::process::Command;
 
 /// Set in the server started by the init, so it does not become an init in turn.
 const CHILD_MARK: &str = "COMMAND_TRIGGER_INIT_CHILD";
-/// `CT_INIT=0` turns the init off (for tests, and for images that bring their own).
+/// `CT_INIT=0` (or `false`, `no`, `off`) turns the init off (for tests, and for images that
+/// bring their own); it reads booleans like every other `CT_*` variable.
 const SWITCH: &str = "CT_INIT";
 
 /// When this process is PID 1, runs the init and returns the exit status to end with.
+/// A `CT_INIT` that is not a boolean ends the program with status 2, as a bad flag would.
 pub fn run_if_pid1() -> Option<u8> {
-    let wanted = std::env::var(SWITCH).map_or(true, |v| v != "0");
+    let wanted = match wanted() {
+        Ok(wanted) => wanted,
+        Err(message) => {
+            eprintln!("command-trigger: {message}");
+            return Some(2);
+        }
+    };
     if std::process::id() != 1 || std::env::var_os(CHILD_MARK).is_some() || !wanted {
         return None;
     }
@@ -30,6 +38,18 @@ pub fn run_if_pid1() -> Option<u8> {
             1
         }
     })
+}
+
+/// Whether `CT_INIT` asks for the init: unset or empty means yes, as clap treats an empty
+/// variable as absent.
+fn wanted() -> Result<bool, String> {
+    match std::env::var(SWITCH) {
+        Err(_) => Ok(true),
+        Ok(text) if text.is_empty() => Ok(true),
+        Ok(text) => crate::cli::boolish(&text).ok_or_else(|| {
+            format!("{SWITCH}='{text}': expected 1/0, true/false, yes/no or on/off")
+        }),
+    }
 }
 
 fn supervise() -> io::Result<u8> {

@@ -6,7 +6,7 @@ use crate::commands::{CommandSpec, Outcome, OutputSink};
 use crate::metrics::metrics;
 use crate::runtime::Runtime;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub const KEPT_FINISHED: usize = 100;
@@ -23,6 +23,8 @@ pub struct JobState {
 #[derive(Default)]
 pub struct Jobs {
     table: Mutex<JobTable>,
+    /// Signalled whenever a job's end has been logged, for [`Jobs::wait_all`].
+    ended: Condvar,
 }
 
 #[derive(Default)]
@@ -31,6 +33,8 @@ struct JobTable {
     /// Start time of each running job.
     running: HashMap<i64, Instant>,
     finished: VecDeque<(i64, JobState)>,
+    /// Jobs started whose end is not logged yet: running, or finished a moment ago.
+    unreported: usize,
 }
 
 impl Jobs {
@@ -40,6 +44,15 @@ impl Jobs {
 
     pub fn alive(&self) -> usize {
         self.table().running.len()
+    }
+
+    /// Blocks until every job has ended and its end is logged: `call` waits for the jobs its
+    /// script started, so they are not cut off when the process exits.
+    pub fn wait_all(&self) {
+        let mut table = self.table();
+        while table.unreported > 0 {
+            table = self.ended.wait(table).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     pub fn state(&self, id: i64) -> Option<JobState> {
@@ -74,6 +87,7 @@ impl Jobs {
         );
         if let Err(e) = spawned {
             runtime.jobs.table().running.remove(&id);
+            runtime.jobs.reported();
             metrics().running_jobs.dec();
             return Err(format!("starting job thread: {e}"));
         }
@@ -90,6 +104,7 @@ impl Jobs {
         table.last_id += 1;
         let id = table.last_id;
         table.running.insert(id, Instant::now());
+        table.unreported += 1;
         metrics().running_jobs.inc();
         Ok(id)
     }
@@ -109,6 +124,13 @@ impl Jobs {
             table.finished.pop_front();
         }
     }
+
+    /// A job's end is logged (or it never started): wakes [`Jobs::wait_all`].
+    fn reported(&self) {
+        let mut table = self.table();
+        table.unreported = table.unreported.saturating_sub(1);
+        self.ended.notify_all();
+    }
 }
 
 fn run_job(runtime: &Runtime, id: i64, spec: CommandSpec, lock: Option<String>, request_id: u64) {
@@ -127,4 +149,6 @@ fn run_job(runtime: &Runtime, id: i64, spec: CommandSpec, lock: Option<String>, 
             String::from_utf8_lossy(&outcome.stderr).trim_end()
         );
     }
+    // Last, so whoever waits for the job (`call`) sees its end logged.
+    runtime.jobs.reported();
 }

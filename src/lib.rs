@@ -20,6 +20,8 @@
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as loop events; [`reload`]: hot reload of files.
 //! - [`client`]: the `send` subcommand; [`init`]: the built-in init when running as PID 1.
 //! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
+//! - Local triggers: [`watch`] (`--watch`, `on_change`) and [`schedule`] (`--every`, `--cron`,
+//!   `on_tick`) queue calls on the worker pool through [`trigger`].
 //! - [`footprint`]: keeping idle memory small; [`logging`]: text or JSON log lines on stderr; [`metrics`]: Prometheus and health endpoints.
 
 pub mod app;
@@ -44,11 +46,14 @@ pub mod reload;
 pub mod request;
 pub mod runner;
 pub mod runtime;
+pub mod schedule;
 pub mod script;
 pub mod script_test;
 pub mod server;
 pub mod signals;
 pub mod tls;
 pub mod transport;
+pub mod trigger;
+pub mod watch;
 pub mod wire;
 pub mod workers;

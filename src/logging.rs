@@ -30,22 +30,14 @@ pub fn init(format: LogFormat) {
     builder.init();
 }
 
-/// Copies a record's key-values into the JSON object, keeping numbers and booleans typed.
+/// Copies a record's key-values into the JSON object, typed: numbers and booleans as such,
+/// `None` as `null`, slices as arrays (through serde), what was captured with `%` or `?` as a
+/// string.
 struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
 
 impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), kv::Error> {
-        let json = if let Some(n) = value.to_u64() {
-            n.into()
-        } else if let Some(n) = value.to_i64() {
-            n.into()
-        } else if let Some(b) = value.to_bool() {
-            b.into()
-        } else if let Some(x) = value.to_f64() {
-            x.into()
-        } else {
-            value.to_string().into()
-        };
+        let json = serde_json::to_value(&value).unwrap_or_else(|_| value.to_string().into());
         self.0.insert(key.as_str().to_owned(), json);
         Ok(())
     }

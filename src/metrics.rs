@@ -35,11 +35,15 @@ pub struct Metrics {
     pub busy_workers: Gauge,
     pub running_jobs: Gauge,
     pub auth_failures: Counter,
+    /// Connections closed at accept because the client is outside `--allow`.
+    pub allow_refusals: Counter,
     script_reloads: Family<Labels, Counter>,
     /// TLS handshakes by result: `ok`, `failed`, `client_cert_rejected`, `abandoned`.
     tls_handshakes: Family<Labels, Counter>,
     /// Seconds until the served TLS certificate expires (negative once expired).
     pub tls_cert_expiry_seconds: Gauge,
+    /// `on_change`/`on_tick` calls by trigger and outcome (SPEC §13), skipped ticks included.
+    trigger_runs: Family<Labels, Counter>,
     /// Listening with a compiled script: `/readyz` is 200.
     ready: AtomicBool,
     /// Shutdown has begun: `/healthz` is 503.
@@ -68,9 +72,11 @@ impl Metrics {
             busy_workers: Gauge::default(),
             running_jobs: Gauge::default(),
             auth_failures: Counter::default(),
+            allow_refusals: Counter::default(),
             script_reloads: Family::default(),
             tls_handshakes: Family::default(),
             tls_cert_expiry_seconds: Gauge::default(),
+            trigger_runs: Family::default(),
             ready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
         };
@@ -130,9 +136,24 @@ impl Metrics {
             "Seconds until the served TLS certificate expires",
             self.tls_cert_expiry_seconds.clone(),
         );
-        for result in TLS_RESULTS {
-            self.record_tls_handshake_by(result, 0);
+        r.register(
+            "trigger_runs",
+            "Calls of on_change (trigger=watch) and on_tick (trigger=tick) by outcome",
+            self.trigger_runs.clone(),
+        );
+        for kind in crate::trigger::Kind::ALL {
+            for outcome in TRIGGER_OUTCOMES {
+                let _ = self
+                    .trigger_runs
+                    .get_or_create_owned(&trigger_labels(kind, outcome));
+            }
         }
+        r.register(
+            "allow_refusals",
+            "Connections closed at accept: client not in --allow",
+            self.allow_refusals.clone(),
+        );
+        self.touch_labelled_series();
         self.requests_by_outcome = Verdict::ALL
             .iter()
             .map(|v| {
@@ -141,6 +162,26 @@ impl Metrics {
             })
             .collect();
         self
+    }
+
+    /// Creates every documented labelled series at 0, so a dashboard or an alert on
+    /// `commands_total{success="false"}` sees a series before the first failure.
+    fn touch_labelled_series(&self) {
+        for success in ["true", "false"] {
+            let _ = self
+                .commands
+                .get_or_create_owned(&vec![("success", success.to_owned())]);
+        }
+        for result in ["success", "failure"] {
+            let _ = self
+                .script_reloads
+                .get_or_create_owned(&vec![("result", result.to_owned())]);
+        }
+        for result in TLS_RESULTS {
+            let _ = self
+                .tls_handshakes
+                .get_or_create_owned(&vec![("result", result.to_owned())]);
+        }
     }
 
     pub fn record_request(&self, verdict: Verdict, duration: Duration) {
@@ -165,13 +206,16 @@ impl Metrics {
     }
 
     pub fn record_tls_handshake(&self, result: &'static str) {
-        self.record_tls_handshake_by(result, 1);
-    }
-
-    fn record_tls_handshake_by(&self, result: &'static str, by: u64) {
         self.tls_handshakes
             .get_or_create(&vec![("result", result.to_owned())])
-            .inc_by(by);
+            .inc();
+    }
+
+    /// One `on_change`/`on_tick` call ended with `outcome` (one of [`TRIGGER_OUTCOMES`]).
+    pub fn record_trigger(&self, kind: crate::trigger::Kind, outcome: &'static str) {
+        self.trigger_runs
+            .get_or_create(&trigger_labels(kind, outcome))
+            .inc();
     }
 
     pub fn set_ready(&self) {
@@ -188,6 +232,16 @@ impl Metrics {
         let _ = encode(&mut text, &self.registry);
         text
     }
+}
+
+/// How a trigger call can end; every pair with a trigger kind is a series from the start.
+pub const TRIGGER_OUTCOMES: [&str; 4] = ["ok", "failed", "timed-out", "skipped"];
+
+fn trigger_labels(kind: crate::trigger::Kind, outcome: &'static str) -> Labels {
+    vec![
+        ("trigger", kind.as_str().to_owned()),
+        ("outcome", outcome.to_owned()),
+    ]
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener`, one connection at a time: scrapes

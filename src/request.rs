@@ -102,6 +102,8 @@ pub struct Reply {
     pub status: Option<u16>,
     /// HTTP: extra response headers.
     pub headers: Vec<(String, String)>,
+    /// HTTP: the reply map's `trailers`, sent after a streamed (chunked) body.
+    pub trailers: Vec<(String, String)>,
     pub content: Content,
 }
 
@@ -167,6 +169,7 @@ impl Reply {
             close: Some(true),
             status: Some(error.status()),
             headers,
+            trailers: Vec::new(),
             content: Content::Text,
         }
     }

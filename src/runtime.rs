@@ -9,7 +9,7 @@ use crate::jobs::Jobs;
 use crate::locks::NamedLocks;
 use crate::runner::{Processes, Runner};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 pub struct Runtime {
@@ -23,6 +23,10 @@ pub struct Runtime {
     pub runner: Arc<dyn Runner>,
     /// What time-based features read as now: real, or virtual in tests.
     pub clock: Arc<dyn Clock>,
+    /// Set when a stop begins: the watcher and scheduler queue no new calls.
+    pub stopping: AtomicBool,
+    /// `on_change`/`on_tick` calls queued or running, so a stop waits for them as for requests.
+    pub triggers_running: AtomicUsize,
 }
 
 impl Runtime {
@@ -45,12 +49,16 @@ impl Runtime {
             abort: AtomicBool::new(false),
             runner,
             clock,
+            stopping: AtomicBool::new(false),
+            triggers_running: AtomicUsize::new(0),
         })
     }
 
-    /// Whether commands (of handlers or jobs) are still running.
+    /// Whether commands (of handlers or jobs) or trigger calls are still running.
     pub fn busy(&self) -> bool {
-        !self.groups.is_empty() || self.jobs.alive() > 0
+        !self.groups.is_empty()
+            || self.jobs.alive() > 0
+            || self.triggers_running.load(Ordering::SeqCst) > 0
     }
 
     /// Runs `spec`, first waiting for `lock` if it names one. Waiting counts against the

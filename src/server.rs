@@ -264,6 +264,7 @@ impl Server {
         }
         let ip = endpoints.ip()?;
         if !self.config.allows(ip) {
+            metrics().allow_refusals.inc();
             return Some("not in --allow");
         }
         // A backed-off client does not even get a handshake: that is the expensive part.
@@ -496,6 +497,7 @@ impl Server {
 
     fn begin_stop(&mut self) {
         metrics().set_stopping();
+        self.parts.runtime.stopping.store(true, Ordering::SeqCst);
         log::info!("shutting down: {} request(s) in progress", self.in_flight);
         let registry = self.parts.poll.registry();
         for listener in &mut self.parts.listeners {

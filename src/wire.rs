@@ -11,7 +11,7 @@ pub fn finish(reply: Reply, head: Option<&HttpHead>, streamed: bool) -> Reply {
     let version = head.minor_version;
     if streamed {
         let mut bytes = http::chunk(&reply.bytes, version);
-        bytes.extend_from_slice(http::last_chunk(version));
+        bytes.extend_from_slice(&http::last_chunk_with_trailers(version, &reply.trailers));
         // HTTP/1.0 has no chunks: the close ends the body.
         let close = version == 0 || reply.close.unwrap_or(!head.keep_alive());
         return Reply {
@@ -21,6 +21,9 @@ pub fn finish(reply: Reply, head: Option<&HttpHead>, streamed: bool) -> Reply {
         };
     }
     let keep_alive = reply.close.map_or(head.keep_alive(), |close| !close);
+    // Not streamed: the result is known before the head goes out, so trailers travel in it.
+    let mut headers = reply.headers;
+    headers.extend(reply.trailers);
     let status = reply
         .status
         .unwrap_or(if reply.content == Content::Nothing {
@@ -30,7 +33,7 @@ pub fn finish(reply: Reply, head: Option<&HttpHead>, streamed: bool) -> Reply {
         });
     let response = ResponseHead {
         status,
-        headers: &reply.headers,
+        headers: &headers,
         default_content_type: match reply.content {
             Content::Binary => "application/octet-stream",
             _ => "text/plain; charset=utf-8",
@@ -46,11 +49,16 @@ pub fn finish(reply: Reply, head: Option<&HttpHead>, streamed: bool) -> Reply {
     }
 }
 
-/// The response head that live output starts with: `200`, chunked (or until close on 1.0).
-pub fn stream_start(stream: LiveStream) -> Vec<u8> {
+/// The response head that live output starts with: `200`, chunked (or until close on 1.0),
+/// announcing the trailers the script named with `announce_trailers`.
+pub fn stream_start(stream: LiveStream, trailer_names: &[String]) -> Vec<u8> {
+    let announce = match trailer_names {
+        [] => Vec::new(),
+        names => vec![("trailer".to_owned(), names.join(", "))],
+    };
     let response = ResponseHead {
         status: 200,
-        headers: &[],
+        headers: &announce,
         default_content_type: "text/plain; charset=utf-8",
         keep_alive: stream.minor_version == 1 && stream.keep_alive,
         minor_version: stream.minor_version,

@@ -6,6 +6,7 @@ use crate::metrics::metrics;
 use crate::request::{Reply, Request, RequestLog, ServerError, Verdict};
 use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, ScriptHost};
+use crate::trigger::{self, TriggerCall};
 use crate::wire;
 use mio::Waker;
 use std::collections::VecDeque;
@@ -88,6 +89,12 @@ pub struct Job {
     pub conn: ConnRef,
 }
 
+/// What a worker takes from the queue: a client's request, or a local trigger's call.
+enum Task {
+    Request(Job),
+    Trigger(TriggerCall),
+}
+
 /// Requests waiting for a worker. The event loop bounds its length (`--queue`) and takes the
 /// waiting ones back at shutdown; workers only hold the lock to pop, never while waiting.
 #[derive(Default)]
@@ -98,7 +105,7 @@ struct JobQueue {
 
 #[derive(Default)]
 struct Waiting {
-    jobs: VecDeque<Job>,
+    jobs: VecDeque<Task>,
     /// Workers asleep on `available`. Under load none are, and a push then costs no wake-up
     /// system call at all.
     idle_workers: usize,
@@ -109,7 +116,7 @@ impl JobQueue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, job: Job) {
+    fn push(&self, job: Task) {
         let mut state = self.lock();
         state.jobs.push_back(job);
         let someone_sleeps = state.idle_workers > 0;
@@ -119,7 +126,7 @@ impl JobQueue {
         }
     }
 
-    fn pop(&self) -> Job {
+    fn pop(&self) -> Task {
         let mut state = self.lock();
         loop {
             if let Some(job) = state.jobs.pop_front() {
@@ -162,14 +169,46 @@ impl WorkerPool {
 
     pub fn submit(&self, job: Job) {
         metrics().queue_depth.inc();
-        self.queue.push(job);
+        self.queue.push(Task::Request(job));
     }
 
-    /// Takes back every job no worker has started.
+    /// Where the watcher and the scheduler queue their calls.
+    pub fn trigger_queue(&self) -> TriggerQueue {
+        TriggerQueue {
+            queue: self.queue.clone(),
+        }
+    }
+
+    /// Takes back every request no worker has started. Trigger calls still waiting are
+    /// dropped (and logged): a stop starts no new script.
     pub fn take_waiting(&self) -> Vec<Job> {
-        let waiting: Vec<Job> = self.queue.lock().jobs.drain(..).collect();
+        let waiting: Vec<Task> = self.queue.lock().jobs.drain(..).collect();
         metrics().queue_depth.dec_by(waiting.len() as i64);
-        waiting
+        let mut requests = Vec::new();
+        for task in waiting {
+            match task {
+                Task::Request(job) => requests.push(job),
+                Task::Trigger(call) => log::info!(
+                    trigger = call.kind.as_str();
+                    "{} {} {} skipped: shutting down",
+                    call.kind.as_str(), call.id, call.what
+                ),
+            }
+        }
+        requests
+    }
+}
+
+/// Queues trigger calls on the worker pool, from the watcher and scheduler threads.
+#[derive(Clone)]
+pub struct TriggerQueue {
+    queue: Arc<JobQueue>,
+}
+
+impl TriggerQueue {
+    pub fn submit(&self, call: TriggerCall) {
+        metrics().queue_depth.inc();
+        self.queue.push(Task::Trigger(call));
     }
 }
 
@@ -198,7 +237,13 @@ struct Worker {
 impl Worker {
     fn run(self) {
         loop {
-            let job = self.queue.pop();
+            let job = match self.queue.pop() {
+                Task::Request(job) => job,
+                Task::Trigger(call) => {
+                    self.run_trigger(call);
+                    continue;
+                }
+            };
             let _busy = BusyWorker::enter();
             let streamed = Arc::new(AtomicBool::new(false));
             let serve =
@@ -219,6 +264,15 @@ impl Worker {
         }
     }
 
+    fn run_trigger(&self, call: TriggerCall) {
+        let _busy = BusyWorker::enter();
+        let (kind, id) = (call.kind, call.id);
+        let run = std::panic::AssertUnwindSafe(|| trigger::run(&self.host, call));
+        if std::panic::catch_unwind(run).is_err() {
+            log::error!("{} {id} failed: internal error (panic)", kind.as_str());
+        }
+    }
+
     fn serve(&self, request: &Request, conn: ConnRef, streamed: &Arc<AtomicBool>) -> Reply {
         let started = Instant::now();
         let client = Box::new(ConnectionSink {
@@ -226,6 +280,7 @@ impl Worker {
             outbox: self.outbox.clone(),
             http: request.http.as_ref().map(wire::LiveStream::of),
             streamed: streamed.clone(),
+            trailer_names: Vec::new(),
         });
         let (result, exit_codes) = self.host.handle(request, client);
         let id = request.id;
@@ -277,12 +332,12 @@ pub fn log_request(
     log::info!(
         request_id = line.id,
         peer:% = line.peer,
-        token_name = line.token_name.unwrap_or("-"),
+        token_name:serde = line.token_name,
         payload_bytes = line.payload_bytes,
         outcome:% = line.verdict,
         duration_ms = line.duration.as_secs_f64() * 1000.0,
         reply_bytes = line.reply_bytes,
-        exit_codes:? = line.exit_codes;
+        exit_codes:serde = line.exit_codes;
         "{line}"
     );
 }
@@ -295,6 +350,8 @@ struct ConnectionSink {
     http: Option<wire::LiveStream>,
     /// Set once live output has started the response, so the final reply only ends it.
     streamed: Arc<AtomicBool>,
+    /// What `announce_trailers` named, for the head of the streamed response.
+    trailer_names: Vec<String>,
 }
 
 impl ClientSink for ConnectionSink {
@@ -307,7 +364,7 @@ impl ClientSink for ConnectionSink {
             Some(head) => {
                 let mut framed = Vec::new();
                 if !self.streamed.swap(true, Ordering::SeqCst) {
-                    framed = wire::stream_start(*head);
+                    framed = wire::stream_start(*head, &self.trailer_names);
                 }
                 framed.extend_from_slice(&http::chunk(&bytes, head.minor_version));
                 framed
@@ -317,5 +374,9 @@ impl ClientSink for ConnectionSink {
             conn: self.conn,
             bytes,
         });
+    }
+
+    fn announce_trailers(&mut self, names: Vec<String>) {
+        self.trailer_names = names;
     }
 }

@@ -22,6 +22,7 @@ pub fn register(engine: &mut Engine, runtime: Arc<Runtime>) {
     engine.register_fn("write", |data: Dynamic| {
         context::send_to_client(bytes_of(data))
     });
+    engine.register_fn("announce_trailers", announce_trailers);
     for (name, level) in [
         ("log_error", log::Level::Error),
         ("log_warn", log::Level::Warn),
@@ -32,6 +33,28 @@ pub fn register(engine: &mut Engine, runtime: Arc<Runtime>) {
             context::log(level, &message.to_string())
         });
     }
+}
+
+/// `announce_trailers(["x-exit-code"])`: names the HTTP trailers the reply map's `trailers` will
+/// carry, so a streamed response can announce them in its head (`Trailer:`), which goes out
+/// with the first `write` before the reply is known.
+fn announce_trailers(names: Array) -> ScriptResult<()> {
+    let names = names
+        .into_iter()
+        .map(|name| {
+            let name = name.into_string().map_err(|t| {
+                script_error(format!("trailer names must be strings, not {t}"))
+            })?;
+            if !crate::http::is_trailer_name(&name) {
+                return Err(script_error(format!(
+                    "'{name}' cannot be a trailer: not a header name, or one that frames, routes or authenticates the message"
+                )));
+            }
+            Ok(name.to_ascii_lowercase())
+        })
+        .collect::<ScriptResult<Vec<String>>>()?;
+    context::announce_trailers(names);
+    Ok(())
 }
 
 fn register_commands(engine: &mut Engine, runtime: &Arc<Runtime>) {

@@ -9,9 +9,15 @@ use std::time::{Duration, Instant};
 pub trait ClientSink: Send {
     /// Sends bytes to the client now. A client that is gone is not an error for the script.
     fn send(&mut self, bytes: Vec<u8>);
+
+    /// HTTP: the trailer names the streamed response head announces (`Trailer:`). Only a
+    /// response that has not started yet can take them; elsewhere they mean nothing.
+    fn announce_trailers(&mut self, _names: Vec<String>) {}
 }
 
 pub struct HandlerContext {
+    /// What the id numbers in log lines: `request`, or a local trigger (`watch`, `tick`).
+    label: &'static str,
     request_id: u64,
     deadline: Instant,
     client: Box<dyn ClientSink>,
@@ -21,11 +27,20 @@ pub struct HandlerContext {
 impl HandlerContext {
     pub fn new(request_id: u64, deadline: Instant, client: Box<dyn ClientSink>) -> Self {
         HandlerContext {
+            label: "request",
             request_id,
             deadline,
             client,
             exit_codes: Vec::new(),
         }
+    }
+}
+
+impl HandlerContext {
+    /// The context of an `on_change`/`on_tick` call: its log lines say `watch N` / `tick N`.
+    pub fn labelled(mut self, label: &'static str) -> Self {
+        self.label = label;
+        self
     }
 }
 
@@ -81,7 +96,12 @@ pub fn send_to_client(bytes: Vec<u8>) {
     with((), |c| c.client.send(bytes));
 }
 
+pub fn announce_trailers(names: Vec<String>) {
+    with((), |c| c.client.announce_trailers(names));
+}
+
 /// Logs a script message tagged with its request id.
 pub fn log(level: log::Level, message: &str) {
-    log::log!(target: "script", level, "request {}: {message}", request_id());
+    let (label, id) = with(("request", 0), |c| (c.label, c.request_id));
+    log::log!(target: "script", level, "{label} {id}: {message}");
 }

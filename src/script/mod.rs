@@ -38,18 +38,32 @@ pub struct ScriptHost {
     /// Replaced whole on reload; a running call keeps the `Arc` it started with.
     ast: RwLock<Arc<AST>>,
     pub runtime: Arc<Runtime>,
+    /// Functions besides `handle` that the flags need (`on_change`, `on_tick`): a script, or a
+    /// reload, without them is refused.
+    required: Vec<&'static str>,
 }
 
 impl ScriptHost {
     /// Compiles the script at `path`; the error names file, line and column.
     pub fn load(path: &Path, runtime: Arc<Runtime>) -> Result<ScriptHost, String> {
+        ScriptHost::load_requiring(path, runtime, Vec::new())
+    }
+
+    /// As [`load`](Self::load), and the script must also define each of `required` with one
+    /// parameter, now and after every reload.
+    pub fn load_requiring(
+        path: &Path,
+        runtime: Arc<Runtime>,
+        required: Vec<&'static str>,
+    ) -> Result<ScriptHost, String> {
         let engine = build_engine(&runtime);
-        let ast = compile(&engine, path)?;
+        let ast = compile(&engine, path, &required)?;
         Ok(ScriptHost {
             engine,
             path: path.to_owned(),
             ast: RwLock::new(Arc::new(ast)),
             runtime,
+            required,
         })
     }
 
@@ -59,7 +73,7 @@ impl ScriptHost {
 
     /// Compiles the file again; on success new requests use it, on failure nothing changes.
     pub fn reload(&self) -> Result<(), String> {
-        let ast = compile(&self.engine, &self.path)?;
+        let ast = compile(&self.engine, &self.path, &self.required)?;
         *self.ast.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ast);
         Ok(())
     }
@@ -75,17 +89,42 @@ impl ScriptHost {
         request: &Request,
         client: Box<dyn ClientSink>,
     ) -> (HandlerResult, Vec<i32>) {
-        let ast = self.current();
         let deadline = Instant::now() + self.runtime.limits.handler_timeout;
-        let _guard = context::enter(HandlerContext::new(request.id, deadline, client));
-        let options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
+        let context = HandlerContext::new(request.id, deadline, client);
         let req = Dynamic::from_map(request_map(request));
+        self.call("handle", req, context)
+    }
+
+    /// Runs `function(argument)` for a local trigger (`on_change`, `on_tick`) under the same
+    /// deadline and API as `handle`; `label` and `id` tag its log lines.
+    pub fn call_trigger(
+        &self,
+        function: &str,
+        argument: Map,
+        label: &'static str,
+        id: u64,
+        client: Box<dyn ClientSink>,
+    ) -> (HandlerResult, Vec<i32>) {
+        let deadline = Instant::now() + self.runtime.limits.handler_timeout;
+        let context = HandlerContext::new(id, deadline, client).labelled(label);
+        self.call(function, Dynamic::from_map(argument), context)
+    }
+
+    fn call(
+        &self,
+        function: &str,
+        argument: Dynamic,
+        context: HandlerContext,
+    ) -> (HandlerResult, Vec<i32>) {
+        let ast = self.current();
+        let _guard = context::enter(context);
+        let options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
         let result = self.engine.call_fn_with_options::<Dynamic>(
             options,
             &mut Scope::new(),
             &ast,
-            "handle",
-            (req,),
+            function,
+            (argument,),
         );
         let exit_codes = context::take_exit_codes();
         let result = match result {
@@ -145,16 +184,29 @@ pub(crate) fn build_engine(runtime: &Arc<Runtime>) -> Engine {
     engine
 }
 
-/// Compiles the handler at `path`: syntax, `handle(req)`, and calls to unknown functions.
-pub(crate) fn compile(engine: &Engine, path: &Path) -> Result<AST, String> {
+/// Compiles the handler at `path`: syntax, `handle(req)`, the functions the trigger flags
+/// need (`required`), and calls to unknown functions.
+pub(crate) fn compile(engine: &Engine, path: &Path, required: &[&str]) -> Result<AST, String> {
     let source = read_source(path)?;
     let ast = compile_source(engine, path, &source)?;
-    let has_handle = ast
-        .iter_functions()
-        .any(|f| f.name == "handle" && f.params.len() == 1);
-    if !has_handle {
+    let has = |name: &str| {
+        ast.iter_functions()
+            .any(|f| f.name == name && f.params.len() == 1)
+    };
+    if !has("handle") {
         return Err(format!(
             "{}: no function handle(req) with one parameter",
+            path.display()
+        ));
+    }
+    if let Some(missing) = required.iter().find(|name| !has(name)) {
+        let flag = if *missing == "on_tick" {
+            "--every/--cron"
+        } else {
+            "--watch"
+        };
+        return Err(format!(
+            "{}: no function {missing}(..) with one parameter, which {flag} calls",
             path.display()
         ));
     }
@@ -371,23 +423,31 @@ fn reply_from(value: Dynamic) -> Result<Reply, String> {
         },
         None => None,
     };
-    let headers = match map.remove("headers") {
-        Some(headers) => headers
-            .try_cast::<Map>()
-            .ok_or("reply 'headers' must be a map")?
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        None => Vec::new(),
-    };
+    let headers = string_pairs(map.remove("headers"), "headers")?;
+    let trailers = string_pairs(map.remove("trailers"), "trailers")?;
     let body = map.remove("body").unwrap_or(Dynamic::UNIT);
     Ok(Reply {
         close,
         status,
         headers,
+        trailers,
         content: content_of(&body),
         bytes: bytes_of(body),
     })
+}
+
+/// A reply map's `headers` or `trailers`: a map, each value in its string form.
+fn string_pairs(value: Option<Dynamic>, field: &str) -> Result<Vec<(String, String)>, String> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let map = value
+        .try_cast::<Map>()
+        .ok_or_else(|| format!("reply '{field}' must be a map"))?;
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
 }
 
 fn content_of(value: &Dynamic) -> Content {

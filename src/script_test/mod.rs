@@ -83,7 +83,7 @@ fn file_name(path: &Path) -> String {
 /// Compiles the handler (as `check` would) and each test file with it.
 fn load(plan: &TestPlan) -> Result<Vec<Suite>, String> {
     let server_engine = build_engine(&Runtime::new(plan.limits));
-    let handler = script::compile(&server_engine, &plan.handler)?;
+    let handler = script::compile(&server_engine, &plan.handler, &[])?;
     let state = TestState::new(plan.limits.command_timeout);
     let (engine, _runtime) = test_engine(plan.limits, &state);
     plan.files

@@ -427,6 +427,6 @@ fn json_logs_are_one_object_per_line_with_request_fields() {
     let value: serde_json::Value = serde_json::from_str(&request).unwrap();
     assert_eq!(value["outcome"], "ok");
     assert_eq!(value["token_name"], "default");
-    assert_eq!(value["exit_codes"], "[3]");
+    assert_eq!(value["exit_codes"], serde_json::json!([3]));
     assert!(!request.contains(TOKEN));
 }

@@ -744,7 +744,9 @@ fn rsa_pkcs1_and_ec_sec1_keys_load() {
         ];
         let server = start_with(Scratch::new(), ECHO, &["tls://127.0.0.1:0"], &args);
         let out = run(
-            &format!("{bin} send --token-env TOKEN --cacert $PKI/ca.crt --servername localhost tls://127.0.0.1:$PORT k"),
+            &format!(
+                "{bin} send --token-env TOKEN --cacert $PKI/ca.crt --servername localhost tls://127.0.0.1:$PORT k"
+            ),
             server.port(),
             &certs,
         );
