@@ -857,3 +857,52 @@ fn stale_socket_replaced_and_removed_at_clean_exit() {
     assert_eq!(server.wait_exit().code(), Some(0));
     assert!(!sock.exists(), "the socket outlived a clean exit");
 }
+
+#[test]
+fn a_garbage_flood_on_the_tls_port_does_not_starve_a_tls_client() {
+    if !require("openssl", INSTALL) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let certs = Certs::make(&scratch);
+    let server = start_with(scratch, ECHO, &["tls://127.0.0.1:0"], &tls_args(&certs));
+    let flood_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hardening/flood.py");
+    // hardening/flood.py's garbage mode: 200 clients sending random bytes, reconnecting.
+    let mut flood = Command::new("python3")
+        .arg(flood_script)
+        .args(["garbage", &server.addr().to_string(), "3", "200"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting python3 hardening/flood.py");
+    let bin = binary().display().to_string();
+    let ask = || {
+        run(
+            &format!(
+                "{bin} send --timeout 10s --token-env TOKEN --cacert $PKI/ca.crt tls://127.0.0.1:$PORT legit"
+            ),
+            server.port(),
+            &certs,
+        )
+    };
+    let (mut served, mut slowest) = (0, Duration::ZERO);
+    while matches!(flood.try_wait(), Ok(None)) {
+        let started = Instant::now();
+        let out = ask();
+        assert!(
+            stdout(&out).contains("payload=legit"),
+            "during the flood: {out:?}"
+        );
+        served += 1;
+        slowest = slowest.max(started.elapsed());
+    }
+    let status = wait_child(&mut flood, WAIT).expect("flood.py did not end");
+    assert!(status.success(), "flood.py failed: {status}");
+    println!("TLS garbage flood: {served} legitimate TLS requests served, slowest {slowest:?}");
+    assert!(served >= 3, "only {served} TLS requests during a 3 s flood");
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "the slowest took {slowest:?}"
+    );
+    assert!(stdout(&ask()).contains("payload=legit"), "after the flood");
+}
