@@ -257,9 +257,8 @@ bench_redis() {
 }
 
 # TLS 1.3, ECDSA P-256 certificate; the generator is one blocking rustls client per connection.
-TLS_GEN=(--tls "$WORK/ca.crt" --servername localhost)
-
 bench_tls() {
+    local TLS_GEN=(--tls "$WORK/ca.crt" --servername localhost)
     local tls=(--tls-cert "$WORK/server.crt" --tls-key "$WORK/server.key")
     start_ct_at "tls://127.0.0.1:0" --script "$WORK/w1.rhai" --workers "$WORKERS_W1" "${tls[@]}"
     cell ct.tls.c32 command-trigger W1 32 close "TLS, a full handshake per request" -- \

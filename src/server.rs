@@ -334,7 +334,7 @@ impl Server {
         if connection.stream.handshake_abandoned() {
             metrics().record_tls_handshake("abandoned");
         }
-        if connection.pending_output() > 0 {
+        if connection.pending_output() > 0 || connection.stream.wants_write() {
             connection.reset_on_drop(); // a timed-out or too slow reader gets no partial reply
         }
         metrics().open_connections.dec();
