@@ -57,6 +57,9 @@ fn client_config(args: &Args) -> io::Result<Arc<ClientConfig>> {
         .map_err(io::Error::other)?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Every request a full handshake, for every peer alike: no session resumption.
+    let mut config = config;
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
