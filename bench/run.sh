@@ -441,8 +441,8 @@ footprint_targets() {
     [ "$held" -ge 10000 ] || held_ok="**missed** (held $held)"
     echo "| 10,000 idle connections at ≤ 4 KiB each ($tag) | $held held, $per KiB each |" \
         "$( [ "$held_ok" = met ] && verdict "$per" 4 le || echo "$held_ok") |"
-    echo "| stripped binary ≤ 4 MB ($tag) | ${BINARY_SIZE[$tag]} B |" \
-        "$(verdict "${BINARY_SIZE[$tag]}" 4000000 le) |"
+    echo "| stripped binary ≤ 5 MB (issue 12; $tag) | ${BINARY_SIZE[$tag]} B |" \
+        "$(verdict "${BINARY_SIZE[$tag]}" 5000000 le) |"
     echo "| start to listening ≤ 20 ms ($tag) | ${STARTUP_MS[$tag]} ms |" \
         "$(verdict "${STARTUP_MS[$tag]}" 20 le) |"
 }
