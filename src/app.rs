@@ -3,21 +3,23 @@
 
 use crate::auth::Tokens;
 use crate::cli::{CallArgs, Cli, Command, TestArgs};
-use crate::clock::RealClock;
-use crate::config::ListenSpec;
-use crate::config::{Config, Limits};
+use crate::clock::SystemClock;
+use crate::config::{self, Config, Limits, ListenSpec};
 use crate::error::Fatal;
 use crate::framing::Framing;
 use crate::request::{Endpoints, Request};
 use crate::script::context::ClientSink;
-use crate::script::{HandlerResult, Runtime, ScriptHost};
+use crate::script::{self, HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
+use crate::state::State;
 use crate::tls::TlsServer;
 use crate::transport::{Listener, UnixBindError, UnixSocket};
 use crate::trigger::{Kind, Triggers};
 use crate::watch::WatchSettings;
-use crate::{client, footprint, metrics, reload, schedule, script_test, watch, workers};
+use crate::{
+    client, footprint, metrics, metrics_server, reload, schedule, script_test, watch, workers,
+};
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
 use std::io::{Read, Write};
@@ -51,7 +53,11 @@ fn test(args: TestArgs) -> u8 {
             ..Limits::default()
         },
     };
-    script_test::run(&plan)
+    // Tests run handlers as workers do, so they need the stack the script limits fit in.
+    script::on_script_stack(|| script_test::run(&plan)).unwrap_or_else(|e| {
+        eprintln!("running the tests: {e}");
+        2
+    })
 }
 
 fn check(path: &std::path::Path) -> u8 {
@@ -68,7 +74,11 @@ fn check(path: &std::path::Path) -> u8 {
     }
 }
 
+/// Runs the server. Must be called before the process starts any thread (see
+/// [`forget_token_variables`]); `main` does.
 fn serve(config: Config) -> Result<u8, Fatal> {
+    let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
+    forget_token_variables(&config);
     // Before any thread starts, so every thread inherits the handlers' view.
     let signals = SignalSource::install()
         .map_err(|e| Fatal::Runtime(format!("installing signal handlers: {e}")))?;
@@ -87,16 +97,22 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         ),
         None => None,
     };
-    let runtime = Runtime::new(config.limits);
+    let runtime = match &config.state_file {
+        Some(path) => Runtime::with_state(
+            config.limits,
+            State::open(path, config.limits.state_max_keys).map_err(Fatal::Usage)?,
+        ),
+        None => Runtime::new(config.limits),
+    };
     let host = ScriptHost::load_requiring(&config.script, runtime.clone(), required(&config));
     let host = Arc::new(host.map_err(Fatal::Usage)?);
-    let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
     warnings.iter().for_each(|w| log::warn!("{w}"));
     if config.token_sources.is_empty() {
         log::warn!(
             "--insecure-no-token: no token source, so anyone who reaches the port runs the script"
         );
     }
+    let tokens = Arc::new(tokens);
 
     let runtime_error = |what: &str, e: std::io::Error| Fatal::Runtime(format!("{what}: {e}"));
     let poll = Poll::new().map_err(|e| runtime_error("creating the event loop", e))?;
@@ -105,8 +121,14 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     let (outbox, inbox) = workers::outbox(Arc::new(waker));
     let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())
         .map_err(|e| runtime_error("starting workers", e))?;
-    let reload = reload::spawn(host, config.token_sources.clone(), tls, outbox)
-        .map_err(|e| runtime_error("starting the reload thread", e))?;
+    let reload = reload::spawn(
+        host,
+        config.token_sources.clone(),
+        tokens.clone(),
+        tls,
+        outbox,
+    )
+    .map_err(|e| runtime_error("starting the reload thread", e))?;
     start_triggers(
         &config,
         Triggers::new(pool.trigger_queue(), runtime.clone()),
@@ -116,7 +138,8 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     announce(&listeners, config.print_addr)?;
     if let Some(listener) = metrics_listener {
         announce_metrics(&listener, config.print_addr)?;
-        metrics::serve(listener).map_err(|e| runtime_error("starting the metrics thread", e))?;
+        metrics_server::spawn(listener)
+            .map_err(|e| runtime_error("starting the metrics thread", e))?;
     }
     metrics::metrics().set_ready();
     footprint::release_startup_code();
@@ -126,7 +149,7 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         signals,
         pool,
         inbox,
-        tokens: Arc::new(tokens),
+        tokens,
         runtime,
         reload,
     };
@@ -168,6 +191,20 @@ fn start_triggers(config: &Config, triggers: Triggers) -> std::io::Result<()> {
         watch::spawn(settings, triggers.clone())?;
     }
     schedule::spawn(&config.schedules, &triggers)
+}
+
+/// Removes the `--token-env` variables from the process environment once their tokens are
+/// read, so that neither `env()` in a script nor any command it runs (which inherit the
+/// environment) can see a token (SPEC §4). Reloads keep the tokens read here.
+fn forget_token_variables(config: &Config) {
+    for var in crate::auth::token_variables(&config.token_sources) {
+        // SAFETY: `remove_var` races with any other thread reading or writing the environment.
+        // There is none: `serve` runs on the main thread straight after parsing the command
+        // line and setting up the logger (which starts no thread), and the signal handlers,
+        // workers, reload and metrics threads are all started after this returns. (The PID 1
+        // init, when there is one, is another process: it runs the server as its child.)
+        unsafe { std::env::remove_var(var) };
+    }
 }
 
 fn bind_all(config: &Config, tls: Option<&Arc<TlsServer>>) -> Result<Vec<Listener>, Fatal> {
@@ -224,22 +261,30 @@ impl ClientSink for Stdout {
 }
 
 fn call(args: CallArgs) -> Result<u8, Fatal> {
+    config::check_duration(args.handler_timeout, "--handler-timeout", false)?;
+    config::check_duration(args.command_timeout, "--command-timeout", false)?;
+    let request = local_request(&args)?;
+    // Whatever was read is what the script must be able to use whole.
     let limits = Limits {
         handler_timeout: args.handler_timeout,
         command_timeout: args.command_timeout,
+        max_request_bytes: (request.payload.len() + request.body.len())
+            .max(Limits::default().max_request_bytes),
         ..Limits::default()
     };
     let runtime = match args.dry_run {
         true => Runtime::with_seams(
             limits,
+            State::in_memory(limits.state_max_keys),
             script_test::dry_run_recorder(limits),
-            Arc::new(RealClock),
+            Arc::new(SystemClock::new()),
         ),
         false => Runtime::new(limits),
     };
     let host = ScriptHost::load(&args.script, runtime).map_err(Fatal::Usage)?;
-    let request = local_request(&args)?;
-    let code = match host.handle(&request, Box::new(Stdout)).0 {
+    let handled = script::on_script_stack(|| host.handle(&request, Box::new(Stdout)).0)
+        .map_err(|e| Fatal::Runtime(format!("running the script: {e}")))?;
+    let code = match handled {
         HandlerResult::Replied(reply) => {
             Stdout.send(reply.bytes);
             0
@@ -286,7 +331,7 @@ fn local_request(args: &CallArgs) -> Result<Request, Fatal> {
 /// Background jobs are threads of this process: exiting would cut them off unseen. So `call`
 /// waits for them (each end is logged, as `serve` logs it) unless `--no-wait` says not to.
 fn settle_jobs(runtime: &crate::runtime::Runtime, no_wait: bool) {
-    let running = runtime.jobs.alive();
+    let running = runtime.jobs.unfinished();
     if running == 0 {
         return;
     }

@@ -61,28 +61,79 @@ fn digest(token: &[u8]) -> TokenDigest {
 /// The valid tokens at one moment; replaced whole when a token file changes.
 #[derive(Default)]
 pub struct Tokens {
-    /// Digests with the name of the source they came from.
-    entries: Vec<(Arc<str>, TokenDigest)>,
+    /// Digests with the name of the source they came from and its index in the configured
+    /// sources (a reload replaces the tokens of one source at a time).
+    entries: Vec<(usize, Arc<str>, TokenDigest)>,
 }
 
+/// Something a reload has to say, at its level (never a token value).
+pub type Note = (log::Level, String);
+
 impl Tokens {
-    /// Reads every source. Returns the tokens and warnings to log (never the token values).
+    /// Reads every source at start, where an unreadable or empty source is an error. Returns
+    /// the tokens and warnings to log (never the token values).
     pub fn load(sources: &[TokenSource]) -> Result<(Tokens, Vec<String>), String> {
         let mut tokens = Tokens::default();
         let mut warnings = Vec::new();
-        for source in sources {
-            for value in read_source(source)? {
-                if value.len() < SHORT_TOKEN_BYTES {
-                    warnings.push(format!(
-                        "a token from {source} is shorter than {SHORT_TOKEN_BYTES} bytes; use a long random token"
-                    ));
-                }
-                tokens
-                    .entries
-                    .push((source.name.clone(), digest(value.as_bytes())));
-            }
+        for (index, source) in sources.iter().enumerate() {
+            let values = read_source(source).map_err(|e| e.to_string())?;
+            tokens.add(index, source, &values, &mut warnings);
         }
         Ok((tokens, warnings))
+    }
+
+    /// Re-reads the token files after a change. Fails closed: a file that reads as empty gives
+    /// no valid token any more (emptying the file is how an operator revokes), with a warning.
+    /// A file that cannot be read at all (a Secret volume mid-swap) keeps its previous tokens,
+    /// with an error. `--token-env` tokens keep theirs: the variables were read once, at start,
+    /// and then removed from the environment.
+    pub fn reload(sources: &[TokenSource], previous: &Tokens) -> (Tokens, Vec<Note>) {
+        let mut tokens = Tokens::default();
+        let mut notes = Vec::new();
+        let mut warnings = Vec::new();
+        for (index, source) in sources.iter().enumerate() {
+            let read = match source.origin {
+                TokenOrigin::Env(_) => Err(ReadError::Kept),
+                TokenOrigin::File(_) => read_source(source),
+            };
+            match read {
+                Ok(values) => tokens.add(index, source, &values, &mut warnings),
+                Err(ReadError::Empty(why)) => notes.push((
+                    log::Level::Warn,
+                    format!("{why}: no token from it is valid any more"),
+                )),
+                Err(error) => {
+                    if let ReadError::Unreadable(why) = error {
+                        notes.push((
+                            log::Level::Error,
+                            format!("{why}; keeping its previous tokens"),
+                        ));
+                    }
+                    let kept = previous.entries.iter().filter(|(i, ..)| *i == index);
+                    tokens.entries.extend(kept.cloned());
+                }
+            }
+        }
+        notes.extend(warnings.into_iter().map(|w| (log::Level::Warn, w)));
+        (tokens, notes)
+    }
+
+    fn add(
+        &mut self,
+        index: usize,
+        source: &TokenSource,
+        values: &[String],
+        warnings: &mut Vec<String>,
+    ) {
+        for value in values {
+            if value.len() < SHORT_TOKEN_BYTES {
+                warnings.push(format!(
+                    "a token from {source} is shorter than {SHORT_TOKEN_BYTES} bytes; use a long random token"
+                ));
+            }
+            self.entries
+                .push((index, source.name.clone(), digest(value.as_bytes())));
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -93,29 +144,50 @@ impl Tokens {
     pub fn check(&self, presented: &[u8]) -> Option<Arc<str>> {
         let presented = digest(presented);
         let mut matched = 0u32; // index + 1 of the match, 0 for none
-        for (index, (_, expected)) in self.entries.iter().enumerate() {
+        for (index, (_, _, expected)) in self.entries.iter().enumerate() {
             let candidate = index as u32 + 1;
             matched.conditional_assign(&candidate, expected.ct_eq(&presented));
         }
         let index = (matched as usize).checked_sub(1)?;
-        self.entries.get(index).map(|(name, _)| name.clone())
+        self.entries.get(index).map(|(_, name, _)| name.clone())
     }
 }
 
-fn read_source(source: &TokenSource) -> Result<Vec<String>, String> {
+/// Why a source gave no token.
+enum ReadError {
+    /// The variable is unset or empty, or the file could not be read.
+    Unreadable(String),
+    /// The file was read and has no non-empty line.
+    Empty(String),
+    /// Not read again (a `--token-env` variable on reload).
+    Kept,
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Unreadable(why) | ReadError::Empty(why) => f.write_str(why),
+            ReadError::Kept => f.write_str("not read again"),
+        }
+    }
+}
+
+fn read_source(source: &TokenSource) -> Result<Vec<String>, ReadError> {
     match &source.origin {
         TokenOrigin::Env(var) => {
-            let value =
-                std::env::var(var).map_err(|_| format!("{source}: not set or not UTF-8"))?;
+            let value = std::env::var(var)
+                .map_err(|_| ReadError::Unreadable(format!("{source}: not set or not UTF-8")))?;
             let value = value.trim();
             if value.is_empty() {
-                return Err(format!("{source}: the token is empty"));
+                return Err(ReadError::Unreadable(format!(
+                    "{source}: the token is empty"
+                )));
             }
             Ok(vec![value.to_owned()])
         }
         TokenOrigin::File(path) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| format!("reading {source}: {e}"))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ReadError::Unreadable(format!("reading {source}: {e}")))?;
             let lines: Vec<String> = text
                 .lines()
                 .map(str::trim)
@@ -123,13 +195,21 @@ fn read_source(source: &TokenSource) -> Result<Vec<String>, String> {
                 .map(String::from)
                 .collect();
             if lines.is_empty() {
-                return Err(format!(
+                return Err(ReadError::Empty(format!(
                     "{source}: no token in the file (every line is empty)"
-                ));
+                )));
             }
             Ok(lines)
         }
     }
+}
+
+/// The variables of the `--token-env` sources, to remove from the environment once read.
+pub fn token_variables(sources: &[TokenSource]) -> impl Iterator<Item = &str> {
+    sources.iter().filter_map(|s| match &s.origin {
+        TokenOrigin::Env(var) => Some(var.as_str()),
+        TokenOrigin::File(_) => None,
+    })
 }
 
 #[cfg(test)]
@@ -139,7 +219,7 @@ mod tests {
     fn tokens(values: &[(&str, &str)]) -> Tokens {
         let entries = values
             .iter()
-            .map(|(name, v)| (Arc::from(*name), digest(v.as_bytes())));
+            .map(|(name, v)| (0, Arc::from(*name), digest(v.as_bytes())));
         Tokens {
             entries: entries.collect(),
         }
@@ -152,6 +232,33 @@ mod tests {
         assert_eq!(t.check(b"first-token-value").as_deref(), Some("a"));
         assert_eq!(t.check(b"first-token-valu"), None);
         assert_eq!(t.check(b""), None);
+    }
+
+    #[test]
+    fn a_reload_revokes_an_emptied_file_and_keeps_an_unreadable_one() {
+        let dir = std::env::temp_dir().join(format!("ct-auth-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, "token-a-0123456789abcdef\n").unwrap();
+        std::fs::write(&b, "token-b-0123456789abcdef\n").unwrap();
+        let file = |name: &str, path: &std::path::Path| TokenSource {
+            name: name.into(),
+            origin: TokenOrigin::File(path.into()),
+        };
+        let sources = [file("a", &a), file("b", &b)];
+        let (before, _) = Tokens::load(&sources).unwrap();
+        std::fs::write(&a, "\n  \n").unwrap();
+        std::fs::remove_file(&b).unwrap();
+        let (after, notes) = Tokens::reload(&sources, &before);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(after.check(b"token-a-0123456789abcdef"), None);
+        assert_eq!(
+            after.check(b"token-b-0123456789abcdef").as_deref(),
+            Some("b")
+        );
+        let levels: Vec<log::Level> = notes.iter().map(|(level, _)| *level).collect();
+        assert_eq!(levels, [log::Level::Warn, log::Level::Error]);
+        assert!(notes.iter().all(|(_, note)| !note.contains("token-")));
     }
 
     #[test]

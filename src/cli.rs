@@ -126,7 +126,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CT_QUEUE", value_name = "N", default_value = "256")]
     pub queue: usize,
 
-    /// Open client connections; beyond it new connections are closed at once.
+    /// Open client connections; beyond it a new connection is answered `ERR busy` (HTTP: 503) and closed.
     #[arg(
         long,
         env = "CT_MAX_CONNECTIONS",
@@ -134,6 +134,15 @@ pub struct ServeArgs {
         default_value = "1024"
     )]
     pub max_connections: usize,
+
+    /// Open connections from one client IP; beyond it the same refusal as --max-connections; 0 turns this off.
+    #[arg(
+        long,
+        env = "CT_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value = "0"
+    )]
+    pub max_connections_per_ip: usize,
 
     /// Largest request: one line (line framing) or the whole request (stream framing).
     #[arg(
@@ -168,6 +177,28 @@ pub struct ServeArgs {
     /// Background jobs (`start`) alive at once.
     #[arg(long, env = "CT_MAX_JOBS", value_name = "N", default_value = "16")]
     pub max_jobs: usize,
+
+    /// Combined stdout and stderr kept per background job (the last bytes), for `job_output` and `attach`.
+    #[arg(
+        long,
+        env = "CT_JOB_OUTPUT_BYTES",
+        value_name = "N",
+        default_value = "65536"
+    )]
+    pub job_output_bytes: usize,
+
+    /// Keep the script's state (`state_set`, `once`, ...) in this database file, durably; default: in memory.
+    #[arg(long, env = "CT_STATE_FILE", value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+
+    /// Keys the state holds at most; beyond it `state_set` throws (updating a key is allowed).
+    #[arg(
+        long,
+        env = "CT_STATE_MAX_KEYS",
+        value_name = "N",
+        default_value = "100000"
+    )]
+    pub state_max_keys: usize,
 
     /// On SIGTERM, time given to running handlers and jobs before their commands are killed.
     #[arg(long, env = "CT_SHUTDOWN_TIMEOUT", value_name = "DUR", default_value = "20s", value_parser = duration)]

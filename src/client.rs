@@ -68,6 +68,7 @@ struct TlsClient {
 }
 
 pub fn send(args: SendArgs) -> Result<u8, Fatal> {
+    crate::config::check_duration(args.timeout, "--timeout", false)?;
     let target = Target::parse(&args.addr)?;
     // A Unix socket or a client certificate may be all the server asks for (SPEC §11).
     let token_optional = match &target {
@@ -100,7 +101,7 @@ pub fn send(args: SendArgs) -> Result<u8, Fatal> {
         match exchange(peer, &request, tls.as_ref(), deadline) {
             Ok(reply) => {
                 print_bytes(&reply);
-                return Ok(if reply.starts_with(b"ERR ") { 1 } else { 0 });
+                return Ok(u8::from(is_failure(&reply)));
             }
             Err(e) => last_error = e,
         }
@@ -246,7 +247,7 @@ fn send_to_all(peers: &[Peer], request: &[u8], tls: Option<&TlsClient>, deadline
     for (peer, result) in results {
         match result {
             Ok(reply) => {
-                failed |= reply.starts_with(b"ERR ");
+                failed |= is_failure(&reply);
                 for line in String::from_utf8_lossy(&reply).lines() {
                     println!("{peer} {line}");
                 }
@@ -348,9 +349,25 @@ fn read_reply<S: Read>(
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !reply.is_empty() => {
                 return Ok(reply);
             }
+            // A refusal (`ERR busy` at accept) is followed by a reset when our request arrives
+            // after the server closed: the server's answer is whole, show it.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionReset
+                    && reply.starts_with(b"ERR ")
+                    && reply.ends_with(b"\n") =>
+            {
+                return Ok(reply);
+            }
             Err(e) => return Err(format!("reading from {peer}: {e}")),
         }
     }
+}
+
+/// An `ERR` reply is a failure, and so is an empty one: a server that closes without a word
+/// cannot be told from one that refused the connection, and `send --all` must not count a
+/// refused pod as a success. A handler that means success says so in its reply.
+fn is_failure(reply: &[u8]) -> bool {
+    reply.is_empty() || reply.starts_with(b"ERR ")
 }
 
 fn print_bytes(bytes: &[u8]) {

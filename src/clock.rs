@@ -1,49 +1,66 @@
-//! The time that time-based features (debounce, TTLs, rate limits) read: the real clock in the
-//! server, a virtual one in `command-trigger test` that only `advance("5s")` moves. Handler
-//! and command deadlines stay on the real clock: they protect the machine, not the logic.
+//! The one place the job engine, the state store and rate limits read the time, so that
+//! debounce, retry backoff, TTLs and rate limits run on a virtual clock in `command-trigger
+//! test`, which only `advance("5s")` moves. Handler and command deadlines stay on the real
+//! clock: they protect the machine, not the logic.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Where "now" comes from.
+/// Time as the job engine and the state store see it.
 pub trait Clock: Send + Sync {
-    /// Monotonic now, for waits and expiries.
-    fn now(&self) -> Instant;
-    /// Wall-clock now, for what is shown or stored (`at`, expiry stamps in a state file).
-    fn system_now(&self) -> SystemTime;
+    /// Time since the Unix epoch. Never goes backwards within one process, so a debounce or a
+    /// backoff is not stretched or cut by a wall-clock step; anchored to the wall clock, so a
+    /// TTL kept in `--state-file` still means the same moment after a restart.
+    fn now(&self) -> Duration;
 }
 
-/// The machine's clocks.
-pub struct RealClock;
+fn wall_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
 
-impl Clock for RealClock {
-    fn now(&self) -> Instant {
-        Instant::now()
+/// The real clock: the wall clock read once at start, advanced by the monotonic clock.
+pub struct SystemClock {
+    wall_at_start: Duration,
+    start: Instant,
+}
+
+impl SystemClock {
+    pub fn new() -> SystemClock {
+        SystemClock {
+            wall_at_start: wall_now(),
+            start: Instant::now(),
+        }
     }
+}
 
-    fn system_now(&self) -> SystemTime {
-        SystemTime::now()
+impl Default for SystemClock {
+    fn default() -> Self {
+        SystemClock::new()
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        self.wall_at_start + self.start.elapsed()
     }
 }
 
 /// A clock that stands still until [`VirtualClock::advance`] moves it, so a test of a 5 s
 /// debounce or a 24 h TTL takes no time and always gives the same answer.
 pub struct VirtualClock {
-    /// The real instants at creation; virtual time is these plus `offset`.
-    origin: (Instant, SystemTime),
+    /// The wall clock at creation; virtual time is this plus what `advance` added.
+    origin: Duration,
     offset: Mutex<Duration>,
 }
 
 impl VirtualClock {
     pub fn new() -> VirtualClock {
         VirtualClock {
-            origin: (Instant::now(), SystemTime::now()),
+            origin: wall_now(),
             offset: Mutex::new(Duration::ZERO),
         }
-    }
-
-    fn offset(&self) -> Duration {
-        *self.offset.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Moves virtual time forward by `by`.
@@ -60,14 +77,9 @@ impl Default for VirtualClock {
 }
 
 impl Clock for VirtualClock {
-    fn now(&self) -> Instant {
-        let (instant, _) = self.origin;
-        instant.checked_add(self.offset()).unwrap_or(instant)
-    }
-
-    fn system_now(&self) -> SystemTime {
-        let (_, system) = self.origin;
-        system.checked_add(self.offset()).unwrap_or(system)
+    fn now(&self) -> Duration {
+        let offset = *self.offset.lock().unwrap_or_else(|p| p.into_inner());
+        self.origin.saturating_add(offset)
     }
 }
 

@@ -14,7 +14,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// After SIGTERM, how long a command gets before SIGKILL.
@@ -34,6 +35,15 @@ pub struct CommandSpec {
     pub cwd: Option<String>,
     pub stdin: Vec<u8>,
     pub timeout: Duration,
+    /// Set by someone else to stop the command now, as at its timeout (SIGTERM, then SIGKILL
+    /// after the grace): `cancel()` and `if_running: "replace"` of background jobs.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl CommandSpec {
+    fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -141,8 +151,11 @@ fn signal_group(pgid: i32, signal: Signal) {
 pub enum OutputSink<'a> {
     /// Kept in the outcome, each stream capped at this many bytes.
     Capture(usize),
-    /// Handed over as it arrives (stdout and stderr interleaved), not kept.
+    /// Handed over as it arrives (stdout and stderr interleaved), not kept: `opts.stream`.
     Stream(&'a mut dyn FnMut(&[u8])),
+    /// Handed over as it arrives, like `Stream`, to a background job's kept output: the
+    /// script did not ask for streaming, and a dry run or a test says so.
+    Keep(&'a mut dyn FnMut(&[u8])),
 }
 
 /// Runs `spec` to completion. Never fails: a command that cannot start is an outcome too.
@@ -171,6 +184,26 @@ fn display_name(program: &Program) -> String {
     }
 }
 
+/// Checks one extra environment variable. A name that is empty or holds `=` or NUL cannot be
+/// passed as itself (the child would see a different variable, or none); a value with NUL
+/// cannot be passed at all.
+pub fn check_env(name: &str, value: &str) -> Result<(), String> {
+    let shown = name.escape_debug();
+    if name.is_empty() {
+        return Err("env: a variable name is empty".into());
+    }
+    if name.contains('=') {
+        return Err(format!("env: variable name \"{shown}\" holds '='"));
+    }
+    if name.contains('\0') {
+        return Err(format!("env: variable name \"{shown}\" holds a NUL byte"));
+    }
+    if value.contains('\0') {
+        return Err(format!("env: the value of {shown} holds a NUL byte"));
+    }
+    Ok(())
+}
+
 fn build(spec: &CommandSpec) -> io::Result<Command> {
     let mut command = match &spec.program {
         Program::Argv(argv) => {
@@ -187,6 +220,9 @@ fn build(spec: &CommandSpec) -> io::Result<Command> {
             command
         }
     };
+    if let Some(reason) = spec.env.iter().find_map(|(k, v)| check_env(k, v).err()) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, reason));
+    }
     if spec.clear_env {
         command.env_clear();
     }
@@ -262,11 +298,14 @@ fn supervise(
         stderr: child.stderr.take(),
     };
     let mut outcome = Outcome::default();
-    let term_at = started + spec.timeout;
+    let mut term_at = started + spec.timeout;
     let mut phase = Phase::Running;
     let mut exited_at = None;
     loop {
         let now = Instant::now();
+        if spec.stop_requested() {
+            term_at = term_at.min(now);
+        }
         if exited_at.is_none() {
             phase = advance(phase, pgid, term_at, now, &mut outcome);
             if matches!(child.try_wait(), Ok(Some(_))) {
@@ -348,8 +387,8 @@ fn pump(
     if let Some(pidfd) = pidfd {
         fds.push(PollFd::new(pidfd, PollFlags::IN));
     }
-    // Poll wakes at least every 50ms so a missing pidfd only costs latency.
-    let wait = if pidfd.is_some() {
+    // Poll wakes at least every 50ms so a missing pidfd, or a stop request, only costs latency.
+    let wait = if pidfd.is_some() && spec.stop.is_none() {
         wait
     } else {
         wait.min(Duration::from_millis(50))
@@ -393,7 +432,7 @@ fn read_pipe<R: Read>(
     match reader.read(&mut chunk) {
         Ok(0) | Err(_) => *pipe = None,
         Ok(n) => match sink {
-            OutputSink::Stream(forward) => forward(&chunk[..n]),
+            OutputSink::Stream(forward) | OutputSink::Keep(forward) => forward(&chunk[..n]),
             OutputSink::Capture(cap) => {
                 let room = cap.saturating_sub(kept.len());
                 kept.extend_from_slice(&chunk[..n.min(room)]);

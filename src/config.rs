@@ -28,6 +28,8 @@ pub struct Config {
     pub workers: usize,
     pub queue: usize,
     pub max_connections: usize,
+    /// Open connections from one client IP; 0 means no limit.
+    pub max_connections_per_ip: usize,
     pub max_request_bytes: usize,
     pub read_timeout: Duration,
     pub limits: Limits,
@@ -43,6 +45,8 @@ pub struct Config {
     pub watch_poll: Duration,
     /// `--every` and `--cron`; `on_tick` runs on each.
     pub schedules: Vec<Schedule>,
+    /// `--state-file`: keep the script's state in this database instead of in memory.
+    pub state_file: Option<PathBuf>,
 }
 
 /// What one handler may use; shared by `serve` and `call`.
@@ -52,6 +56,12 @@ pub struct Limits {
     pub command_timeout: Duration,
     pub max_output_bytes: usize,
     pub max_jobs: usize,
+    /// The largest request the script may be handed: its blob and string limits derive from it.
+    pub max_request_bytes: usize,
+    /// Combined output kept per background job, for `job_output` and `attach`.
+    pub job_output_bytes: usize,
+    /// Keys the state (and, separately, the rate limiter) holds at most.
+    pub state_max_keys: usize,
 }
 
 impl Config {
@@ -88,17 +98,7 @@ impl Config {
                  no token is needed when every listener authenticates its clients: tls:// with --tls-client-ca, or unix:)".into(),
             ));
         }
-        for (value, flag) in [
-            (args.workers, "--workers"),
-            (args.max_request_bytes, "--max-request-bytes"),
-        ] {
-            if value == 0 {
-                return Err(Fatal::Usage(format!("{flag} must be at least 1")));
-            }
-        }
-        if args.watch_poll.is_zero() {
-            return Err(Fatal::Usage("--watch-poll must be longer than 0s".into()));
-        }
+        validate(&args)?;
         let watch = args
             .watch
             .iter()
@@ -135,6 +135,7 @@ impl Config {
             workers: args.workers,
             queue: args.queue,
             max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
             max_request_bytes: args.max_request_bytes,
             read_timeout: args.read_timeout,
             limits: Limits {
@@ -142,12 +143,16 @@ impl Config {
                 command_timeout: args.command_timeout,
                 max_output_bytes: args.max_output_bytes,
                 max_jobs: args.max_jobs,
+                max_request_bytes: args.max_request_bytes,
+                job_output_bytes: args.job_output_bytes,
+                state_max_keys: args.state_max_keys,
             },
             shutdown_timeout: args.shutdown_timeout,
             print_addr: args.print_addr,
             allow: args.allow,
             auth_failures: args.auth_failures,
             metrics_listen: args.metrics_listen,
+            state_file: args.state_file,
         })
     }
 }
@@ -200,6 +205,100 @@ fn tls_files(args: &ServeArgs, listen: &[ListenSpec]) -> Result<Option<TlsFiles>
     }
 }
 
+/// The longest duration any flag takes. Far beyond any sensible timeout, and far below what
+/// makes `Instant + duration` overflow (which panicked the loop on the first connection).
+/// One year as humantime counts it (365.25 days), so the message reads `at most 1year`.
+const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+/// The largest count (connections, queue, jobs): beyond it the value is a typo, not a plan.
+const MAX_COUNT: usize = 1_000_000;
+/// The largest byte size: a request or a captured output is held in memory whole.
+const MAX_BYTES: usize = 1 << 30;
+/// Handler threads: each one is a thread with its own stack.
+const MAX_WORKERS: usize = 4096;
+
+/// Checks every duration and size flag of `serve` against what the server can honour, so an
+/// absurd value is an error at start (exit 2, naming the flag), never a panic or a hang later.
+fn validate(args: &ServeArgs) -> Result<(), Fatal> {
+    // (value, flag, whether zero means something)
+    let durations = [
+        (args.read_timeout, "--read-timeout", false),
+        (args.handler_timeout, "--handler-timeout", false),
+        (args.command_timeout, "--command-timeout", false),
+        // Zero: kill what is still running at once.
+        (args.shutdown_timeout, "--shutdown-timeout", true),
+        // Zero: no debounce, each change is its own event.
+        (args.watch_debounce, "--watch-debounce", true),
+        (args.watch_poll, "--watch-poll", false),
+    ];
+    for (value, flag, zero_ok) in durations {
+        check_duration(value, flag, zero_ok)?;
+    }
+    for period in &args.every {
+        check_duration(*period, "--every", false)?;
+    }
+    // Zero means: workers/max-connections/max-request-bytes none (nothing could be served);
+    // queue none waiting; per-IP off; output captured none; no background jobs.
+    let sizes = [
+        (args.workers, "--workers", false, MAX_WORKERS),
+        (args.queue, "--queue", true, MAX_COUNT),
+        (args.max_connections, "--max-connections", false, MAX_COUNT),
+        (
+            args.max_connections_per_ip,
+            "--max-connections-per-ip",
+            true,
+            MAX_COUNT,
+        ),
+        (
+            args.max_request_bytes,
+            "--max-request-bytes",
+            false,
+            MAX_BYTES,
+        ),
+        (args.max_output_bytes, "--max-output-bytes", true, MAX_BYTES),
+        (args.max_jobs, "--max-jobs", true, MAX_COUNT),
+        // Zero: no output kept, `job_output` and `attach` give nothing.
+        (args.job_output_bytes, "--job-output-bytes", true, MAX_BYTES),
+        (args.state_max_keys, "--state-max-keys", false, MAX_COUNT),
+        (
+            args.auth_failures as usize,
+            "--auth-failures",
+            true,
+            MAX_COUNT,
+        ),
+    ];
+    for (value, flag, zero_ok, max) in sizes {
+        check_range(value, flag, zero_ok, max, |n| n.to_string())?;
+    }
+    Ok(())
+}
+
+/// A duration flag (of any subcommand) within what the server can honour.
+pub fn check_duration(value: Duration, flag: &str, zero_ok: bool) -> Result<(), Fatal> {
+    check_range(value, flag, zero_ok, MAX_DURATION, |d| {
+        humantime::format_duration(d).to_string()
+    })
+}
+
+fn check_range<T: PartialOrd + Default + Copy>(
+    value: T,
+    flag: &str,
+    zero_ok: bool,
+    max: T,
+    show: impl Fn(T) -> String,
+) -> Result<(), Fatal> {
+    if !zero_ok && value == T::default() {
+        return Err(Fatal::Usage(format!("{flag} must be more than 0")));
+    }
+    if value > max {
+        return Err(Fatal::Usage(format!(
+            "{flag} {} is too large (at most {})",
+            show(value),
+            show(max)
+        )));
+    }
+    Ok(())
+}
+
 fn token_sources(files: &[String], vars: &[String]) -> Result<Vec<TokenSource>, Fatal> {
     let file = |spec: &String| {
         TokenSource::parse(spec, |v| TokenOrigin::File(v.into()))
@@ -220,6 +319,9 @@ impl Default for Limits {
             command_timeout: Duration::from_secs(30),
             max_output_bytes: 1 << 20,
             max_jobs: 16,
+            max_request_bytes: 65536,
+            job_output_bytes: 64 * 1024,
+            state_max_keys: 100_000,
         }
     }
 }

@@ -44,6 +44,8 @@ pub enum Frame {
     Incomplete,
     /// The request grew past the limit: answer `ERR request too large`.
     TooLarge,
+    /// HTTP: the request head alone is past the limit (431).
+    HeadTooLarge,
     /// HTTP: not a request we can parse; answer 400 and close.
     Malformed(&'static str),
     /// HTTP: incomplete, and the client waits for `100 Continue` before sending its body.
@@ -81,6 +83,7 @@ fn next_http_request(buf: &mut Vec<u8>, max_bytes: usize) -> Frame {
             continue_wanted: false,
         } => Frame::Incomplete,
         http::Parsed::TooLarge => Frame::TooLarge,
+        http::Parsed::HeadTooLarge => Frame::HeadTooLarge,
         http::Parsed::Malformed(reason) => Frame::Malformed(reason),
     }
 }

@@ -111,39 +111,30 @@ pub enum Parsed {
     Incomplete {
         continue_wanted: bool,
     },
+    /// The body would take the request past the limit: 413.
     TooLarge,
+    /// The request line and headers alone are past the limit, or too many: 431.
+    HeadTooLarge,
     Malformed(&'static str),
 }
 
+/// Parses a request out of `buf`. `max_bytes` bounds the whole request, head included.
 pub fn parse(buf: &[u8], max_bytes: usize) -> Parsed {
     let mut headers = [EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(buf) {
+        Ok(Status::Complete(len)) if len > max_bytes => return Parsed::HeadTooLarge,
         Ok(Status::Complete(len)) => len,
-        Ok(Status::Partial) if buf.len() > max_bytes => return Parsed::TooLarge,
+        Ok(Status::Partial) if buf.len() > max_bytes => return Parsed::HeadTooLarge,
         Ok(Status::Partial) => {
             return Parsed::Incomplete {
                 continue_wanted: false,
             };
         }
-        Err(httparse::Error::TooManyHeaders) => return Parsed::TooLarge,
+        Err(httparse::Error::TooManyHeaders) => return Parsed::HeadTooLarge,
         Err(_) => return Parsed::Malformed("malformed request head"),
     };
-    let head = HttpHead {
-        method: request.method.unwrap_or_default().to_owned(),
-        target: request.path.unwrap_or_default().to_owned(),
-        minor_version: request.version.unwrap_or(1),
-        headers: request
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_ascii_lowercase(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect(),
-    };
+    let head = head_of(&request);
     let room = max_bytes.saturating_sub(head_len);
     let body = match body_framing(&head) {
         Ok(BodyFraming::Chunked) => decode_chunked(&buf[head_len..], room),
@@ -168,17 +159,60 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Parsed {
     }
 }
 
+/// The head of the request in `buf`, if it is complete (the body may not be).
+pub fn parse_head(buf: &[u8]) -> Option<HttpHead> {
+    let mut headers = [EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buf) {
+        Ok(Status::Complete(_)) => Some(head_of(&request)),
+        _ => None,
+    }
+}
+
+fn head_of(request: &httparse::Request) -> HttpHead {
+    HttpHead {
+        method: request.method.unwrap_or_default().to_owned(),
+        target: request.path.unwrap_or_default().to_owned(),
+        minor_version: request.version.unwrap_or(1),
+        headers: request
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect(),
+    }
+}
+
 enum BodyFraming {
     Chunked,
     Length(usize),
 }
 
+/// How the body is delimited (RFC 9112 §6.3), strictly: anything two parsers could read
+/// differently (a request smuggling vector) is refused with 400.
 fn body_framing(head: &HttpHead) -> Result<BodyFraming, &'static str> {
-    if let Some(coding) = head.header("transfer-encoding") {
-        return match coding.trim().eq_ignore_ascii_case("chunked") {
-            true if head.header("content-length").is_none() => Ok(BodyFraming::Chunked),
-            true => Err("both Content-Length and Transfer-Encoding"),
-            false => Err("unsupported Transfer-Encoding"),
+    if head.header("transfer-encoding").is_some() {
+        // One field, however it is split across headers: `chunked` then `identity` in two
+        // headers is the list `chunked, identity`, and means the same.
+        let codings: Vec<&str> = head
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "transfer-encoding")
+            .flat_map(|(_, v)| v.split(','))
+            .map(str::trim)
+            .collect();
+        return match codings.as_slice() {
+            [coding] if coding.eq_ignore_ascii_case("chunked") => {
+                match head.header("content-length") {
+                    None => Ok(BodyFraming::Chunked),
+                    Some(_) => Err("both Content-Length and Transfer-Encoding"),
+                }
+            }
+            _ => Err("unsupported Transfer-Encoding"),
         };
     }
     let lengths: Vec<&str> = head
@@ -189,10 +223,12 @@ fn body_framing(head: &HttpHead) -> Result<BodyFraming, &'static str> {
         .collect();
     match lengths.as_slice() {
         [] => Ok(BodyFraming::Length(0)),
-        [len] => len
+        // Digits only (RFC 9110 §8.6): `+5`, which `usize::parse` takes, is refused.
+        [len] if !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()) => len
             .parse()
             .map(BodyFraming::Length)
             .map_err(|_| "invalid Content-Length"),
+        [_] => Err("invalid Content-Length"),
         _ => Err("repeated Content-Length"),
     }
 }
@@ -461,6 +497,25 @@ mod tests {
                 continue_wanted: true
             }
         );
+    }
+
+    #[test]
+    fn strict_framing_headers() {
+        let bad = |raw: &[u8]| matches!(parse(raw, 1024), Parsed::Malformed(_));
+        assert!(bad(b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nabcde"));
+        assert!(bad(b"POST / HTTP/1.1\r\nContent-Length: \r\n\r\n"));
+        assert!(bad(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n"
+        ));
+        assert!(bad(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"
+        ));
+        assert!(!bad(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n0\r\n\r\n"
+        ));
+        let big = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(2000));
+        assert_eq!(parse(big.as_bytes(), 1024), Parsed::HeadTooLarge);
+        assert_eq!(parse(&big.as_bytes()[..1500], 1024), Parsed::HeadTooLarge);
     }
 
     #[test]

@@ -1,154 +1,822 @@
-//! Background jobs started by `start()`: each runs on its own thread, outlives the request that
-//! started it, and leaves a record that `job(id)` reads. At most `--max-jobs` run at once; the
-//! last [`KEPT_FINISHED`] finished ones are remembered.
+//! The job table behind `start()` (SPEC §5, §12): which jobs are pending, running or finished,
+//! the folding rules of keyed jobs (queue, skip, replace), debounce, retry with backoff, and each
+//! job's kept output. A plain table: it starts no thread and reads no clock. Its operations take
+//! the time and return the [`Launch`]es the caller must run (see `job_runner`).
 
-use crate::commands::{CommandSpec, Outcome, OutputSink};
+use crate::commands::{CommandSpec, Outcome};
 use crate::metrics::metrics;
-use crate::runtime::Runtime;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+/// Finished (done or cancelled) jobs remembered for `job(id)`.
 pub const KEPT_FINISHED: usize = 100;
+/// Pending jobs (debounced or queued behind their key) at once; one per key at most.
+pub const MAX_PENDING: usize = 1024;
+/// Longest wait between two attempts of a retried job.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
-/// What `job(id)` reports.
+/// What a keyed `start` does while a job with its key runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IfRunning {
+    Queue,
+    Skip,
+    Replace,
+}
+
+/// A job as `start()` asked for it.
 #[derive(Clone, Debug)]
-pub struct JobState {
-    pub running: bool,
+pub struct JobRequest {
+    pub spec: CommandSpec,
+    /// `opts.lock`: a named lock each attempt takes.
+    pub lock: Option<String>,
+    pub key: Option<String>,
+    pub if_running: IfRunning,
+    /// Start only once the key has been quiet this long.
+    pub debounce: Option<Duration>,
+    /// Runs in all (1: no retry).
+    pub attempts: u32,
+    /// Wait before the second run; doubled before each further one.
+    pub backoff: Duration,
+    /// The request that started it, for the log.
+    pub request_id: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Running,
+    Done,
+    Cancelled,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Running => "running",
+            Phase::Done => "done",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One attempt of a job to run now, on a thread of the caller's.
+pub struct Launch {
+    pub id: i64,
+    pub spec: CommandSpec,
+    pub lock: Option<String>,
+    pub attempt: u32,
+}
+
+/// What `job(id)` and `jobs()` report.
+#[derive(Clone, Debug)]
+pub struct JobView {
+    pub id: i64,
+    pub key: Option<String>,
+    pub phase: Phase,
+    pub attempt: u32,
     pub code: Option<i32>,
     pub timed_out: bool,
     pub duration: Duration,
 }
 
+/// The last `cap` bytes of a job's combined stdout and stderr.
 #[derive(Default)]
-pub struct Jobs {
-    table: Mutex<JobTable>,
-    /// Signalled whenever a job's end has been logged, for [`Jobs::wait_all`].
-    ended: Condvar,
+struct KeptOutput {
+    bytes: VecDeque<u8>,
+    /// Bytes ever written: a follower's position survives what the cap drops.
+    total: u64,
 }
 
-#[derive(Default)]
-struct JobTable {
+struct Job {
+    id: i64,
+    request: JobRequest,
+    phase: Phase,
+    attempt: u32,
+    /// Pending: when the debounce ends. Running: when the next attempt is due (backoff);
+    /// `None` while an attempt runs.
+    due: Option<Duration>,
+    started: Option<Duration>,
+    ended: Option<Duration>,
+    last: Option<(i32, bool)>,
+    /// Set to stop the running attempt (cancel, replace); its command watches it.
+    stop: Arc<AtomicBool>,
+    output: KeptOutput,
+}
+
+impl Job {
+    fn view(&self, now: Duration) -> JobView {
+        let until = self.ended.unwrap_or(now);
+        JobView {
+            id: self.id,
+            key: self.request.key.clone(),
+            phase: self.phase,
+            attempt: self.attempt,
+            code: self.last.map(|(code, _)| code),
+            timed_out: self.last.is_some_and(|(_, t)| t),
+            duration: self
+                .started
+                .map(|s| until.saturating_sub(s))
+                .unwrap_or_default(),
+        }
+    }
+
+    fn holds_key(&self, key: &str) -> bool {
+        self.request.key.as_deref() == Some(key)
+    }
+}
+
+/// New output of a followed job, and whether it has ended.
+pub struct Follow {
+    pub bytes: Vec<u8>,
+    pub position: u64,
+    pub ended: bool,
+}
+
+/// The table, behind one mutex, with a condition variable that every change notifies: the
+/// timer waits on it for new due times, `attach` for new output.
+pub struct Jobs {
+    table: Mutex<JobTable>,
+    changed: Condvar,
+    /// Whether the timer thread has been started (it starts on first use).
+    pub timer_started: AtomicBool,
+}
+
+pub struct JobTable {
     last_id: i64,
-    /// Start time of each running job.
-    running: HashMap<i64, Instant>,
-    finished: VecDeque<(i64, JobState)>,
-    /// Jobs started whose end is not logged yet: running, or finished a moment ago.
-    unreported: usize,
+    /// Pending and running jobs, by id (so in arrival order).
+    live: BTreeMap<i64, Job>,
+    finished: VecDeque<Job>,
+    /// Running jobs, those waiting for a retry included: what `--max-jobs` counts.
+    running: usize,
+    max_jobs: usize,
+    output_cap: usize,
+    /// Shutdown has begun: nothing new waits, no retry is scheduled.
+    stopping: bool,
 }
 
 impl Jobs {
-    fn table(&self) -> MutexGuard<'_, JobTable> {
+    pub fn new(max_jobs: usize, output_cap: usize) -> Jobs {
+        Jobs {
+            table: Mutex::new(JobTable {
+                last_id: 0,
+                live: BTreeMap::new(),
+                finished: VecDeque::new(),
+                running: 0,
+                max_jobs,
+                output_cap,
+                stopping: false,
+            }),
+            changed: Condvar::new(),
+            timer_started: AtomicBool::new(false),
+        }
+    }
+
+    /// The table, for one operation; call [`Jobs::notify`] after a change.
+    pub fn table(&self) -> MutexGuard<'_, JobTable> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn alive(&self) -> usize {
-        self.table().running.len()
+    pub fn notify(&self) {
+        self.changed.notify_all();
     }
 
-    /// Blocks until every job has ended and its end is logged: `call` waits for the jobs its
-    /// script started, so they are not cut off when the process exits.
+    /// Running jobs (what keeps shutdown waiting).
+    pub fn alive(&self) -> usize {
+        self.table().running
+    }
+
+    /// Jobs pending or running: what `call` waits for before it exits.
+    pub fn unfinished(&self) -> usize {
+        self.table().live.len()
+    }
+
+    /// Blocks until no job is pending or running (each end logged by then): `call` waits for
+    /// the jobs its script started, so they are not cut off when the process exits.
     pub fn wait_all(&self) {
         let mut table = self.table();
-        while table.unreported > 0 {
-            table = self.ended.wait(table).unwrap_or_else(|p| p.into_inner());
+        while !table.live.is_empty() {
+            table = match self.changed.wait_timeout(table, Duration::from_millis(100)) {
+                Ok((table, _)) => table,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
         }
     }
 
-    pub fn state(&self, id: i64) -> Option<JobState> {
+    /// Waits up to `wait` for any change to the table.
+    pub fn wait_change(&self, wait: Duration) {
         let table = self.table();
-        if let Some(started) = table.running.get(&id) {
-            return Some(JobState {
-                running: true,
-                code: None,
-                timed_out: false,
-                duration: started.elapsed(),
-            });
-        }
-        table
-            .finished
-            .iter()
-            .find(|(done, _)| *done == id)
-            .map(|(_, state)| state.clone())
+        let _ = self.changed.wait_timeout(table, wait);
     }
 
-    /// Starts `spec` in the background; fails when `--max-jobs` are alive.
-    pub fn start(
-        runtime: &Arc<Runtime>,
-        spec: CommandSpec,
-        lock: Option<String>,
-        request_id: u64,
-    ) -> Result<i64, String> {
-        let id = runtime.jobs.reserve(runtime.limits.max_jobs)?;
-        let thread_runtime = runtime.clone();
-        let spawned = runtime.runner.spawn_job(
-            format!("job-{id}"),
-            Box::new(move || run_job(&thread_runtime, id, spec, lock, request_id)),
-        );
-        if let Err(e) = spawned {
-            runtime.jobs.table().running.remove(&id);
-            runtime.jobs.reported();
-            metrics().running_jobs.dec();
-            return Err(format!("starting job thread: {e}"));
-        }
-        Ok(id)
+    /// Appends to a job's kept output.
+    pub fn record_output(&self, id: i64, bytes: &[u8]) {
+        self.table().append_output(id, bytes);
+        self.notify();
     }
 
-    fn reserve(&self, max_jobs: usize) -> Result<i64, String> {
-        let mut table = self.table();
-        if table.running.len() >= max_jobs {
-            return Err(format!(
-                "too many background jobs: {max_jobs} are running (--max-jobs)"
-            ));
+    /// Output of job `id` after `position`, waiting up to `wait` for some if there is none yet
+    /// and the job has not ended. `None` for an unknown job.
+    pub fn follow(&self, id: i64, position: u64, wait: Duration) -> Option<Follow> {
+        let table = self.table();
+        let follow = table.output_since(id, position)?;
+        if !follow.bytes.is_empty() || follow.ended {
+            return Some(follow);
         }
-        table.last_id += 1;
-        let id = table.last_id;
-        table.running.insert(id, Instant::now());
-        table.unreported += 1;
-        metrics().running_jobs.inc();
-        Ok(id)
-    }
-
-    fn finish(&self, id: i64, outcome: &Outcome) {
-        let mut table = self.table();
-        table.running.remove(&id);
-        metrics().running_jobs.dec();
-        let state = JobState {
-            running: false,
-            code: Some(outcome.code),
-            timed_out: outcome.timed_out,
-            duration: outcome.duration,
-        };
-        table.finished.push_back((id, state));
-        while table.finished.len() > KEPT_FINISHED {
-            table.finished.pop_front();
-        }
-    }
-
-    /// A job's end is logged (or it never started): wakes [`Jobs::wait_all`].
-    fn reported(&self) {
-        let mut table = self.table();
-        table.unreported = table.unreported.saturating_sub(1);
-        self.ended.notify_all();
+        let (table, _) = self
+            .changed
+            .wait_timeout(table, wait)
+            .unwrap_or_else(|p| p.into_inner());
+        table.output_since(id, position)
     }
 }
 
-fn run_job(runtime: &Runtime, id: i64, spec: CommandSpec, lock: Option<String>, request_id: u64) {
-    let sink = OutputSink::Capture(runtime.limits.max_output_bytes);
-    let outcome = runtime.run_command(&spec, lock.as_deref(), sink);
-    runtime.jobs.finish(id, &outcome);
-    log::info!(
-        "job {id} (request {request_id}) ended: code={} timed_out={} duration={:.1}ms",
-        outcome.code,
-        outcome.timed_out,
-        outcome.duration.as_secs_f64() * 1000.0
-    );
-    if !outcome.stderr.is_empty() {
-        log::debug!(
-            "job {id} stderr: {}",
-            String::from_utf8_lossy(&outcome.stderr).trim_end()
+impl JobTable {
+    /// `start()`: returns the id the script gets and what to run now.
+    pub fn start(
+        &mut self,
+        request: JobRequest,
+        now: Duration,
+    ) -> Result<(i64, Vec<Launch>), String> {
+        let Some(key) = request.key.clone() else {
+            if request.debounce.is_some() {
+                return Err("'debounce' needs a 'key'".into());
+            }
+            return self
+                .start_now(request, now)
+                .map(|(id, launch)| (id, vec![launch]));
+        };
+        let running = self.find(&key, Phase::Running);
+        if let (Some(running), None, IfRunning::Skip) =
+            (running, request.debounce, request.if_running)
+        {
+            log::info!("job start with key '{key}' skipped: job {running} is running");
+            return Ok((running, Vec::new()));
+        }
+        let due = request.debounce.map(|d| now.saturating_add(d));
+        let pending = self.find(&key, Phase::Pending);
+        // It would start now but for --max-jobs: refused, like an unkeyed start. Checked before
+        // anything changes, so no launch decided below is ever dropped.
+        let now_or_never = pending.is_none() && due.is_none() && running.is_none();
+        if now_or_never && self.running >= self.max_jobs {
+            return Err(self.full_message());
+        }
+        let id = match pending {
+            Some(id) => id,
+            None => self.add_pending(request.clone())?,
+        };
+        if let Some(job) = self.live.get_mut(&id) {
+            job.request = request; // the latest trigger's command and options win
+            job.due = due;
+        }
+        let launches = self.promote(now);
+        let waiting = self
+            .live
+            .get(&id)
+            .is_some_and(|j| j.phase == Phase::Pending);
+        if waiting && self.stopping {
+            self.cancel_pending(id, now, "shutting down");
+        }
+        Ok((id, launches))
+    }
+
+    fn full_message(&self) -> String {
+        format!(
+            "too many background jobs: {} are running (--max-jobs)",
+            self.max_jobs
+        )
+    }
+
+    fn start_now(&mut self, request: JobRequest, now: Duration) -> Result<(i64, Launch), String> {
+        if self.running >= self.max_jobs {
+            return Err(self.full_message());
+        }
+        let id = self.next_id();
+        self.live.insert(id, self.new_job(id, request));
+        self.run_job(id, now)
+            .ok_or_else(|| "job vanished".to_owned())
+            .map(|l| (id, l))
+    }
+
+    fn add_pending(&mut self, request: JobRequest) -> Result<i64, String> {
+        let pending = self
+            .live
+            .values()
+            .filter(|j| j.phase == Phase::Pending)
+            .count();
+        if pending >= MAX_PENDING {
+            return Err(format!("too many pending jobs: {MAX_PENDING}"));
+        }
+        let id = self.next_id();
+        self.live.insert(id, self.new_job(id, request));
+        Ok(id)
+    }
+
+    fn next_id(&mut self) -> i64 {
+        self.last_id += 1;
+        self.last_id
+    }
+
+    fn new_job(&self, id: i64, request: JobRequest) -> Job {
+        Job {
+            id,
+            request,
+            phase: Phase::Pending,
+            attempt: 0,
+            due: None,
+            started: None,
+            ended: None,
+            last: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            output: KeptOutput::default(),
+        }
+    }
+
+    fn find(&self, key: &str, phase: Phase) -> Option<i64> {
+        self.live
+            .values()
+            .find(|j| j.phase == phase && j.holds_key(key))
+            .map(|j| j.id)
+    }
+
+    /// Makes job `id` running (first attempt) and returns its launch.
+    fn run_job(&mut self, id: i64, now: Duration) -> Option<Launch> {
+        let job = self.live.get_mut(&id)?;
+        job.phase = Phase::Running;
+        job.started = Some(now);
+        job.due = None;
+        self.running += 1;
+        metrics().running_jobs.set(self.running as i64);
+        self.next_attempt(id)
+    }
+
+    fn next_attempt(&mut self, id: i64) -> Option<Launch> {
+        let job = self.live.get_mut(&id)?;
+        job.attempt += 1;
+        job.due = None;
+        Some(Launch {
+            id,
+            spec: CommandSpec {
+                stop: Some(job.stop.clone()),
+                ..job.request.spec.clone()
+            },
+            lock: job.request.lock.clone(),
+            attempt: job.attempt,
+        })
+    }
+
+    /// Starts what can start at `now`: due retries, and pending jobs whose debounce is over,
+    /// each under its key's rule. Call after any change and when a due time passes.
+    pub fn promote(&mut self, now: Duration) -> Vec<Launch> {
+        let due = |j: &Job| j.due.is_none_or(|d| d <= now);
+        let retries: Vec<i64> = self
+            .live
+            .values()
+            .filter(|j| j.phase == Phase::Running && j.due.is_some() && due(j))
+            .map(|j| j.id)
+            .collect();
+        let mut launches: Vec<Launch> = retries
+            .into_iter()
+            .filter_map(|id| self.next_attempt(id))
+            .collect();
+        let ready: Vec<i64> = self
+            .live
+            .values()
+            .filter(|j| j.phase == Phase::Pending && due(j))
+            .map(|j| j.id)
+            .collect();
+        for id in ready {
+            launches.extend(self.promote_one(id, now));
+        }
+        launches
+    }
+
+    /// Decides for one due pending job. One that must wait for its key or a free slot loses
+    /// its due time: the end of a running job promotes again, so the timer need not spin.
+    fn promote_one(&mut self, id: i64, now: Duration) -> Option<Launch> {
+        let job = self.live.get_mut(&id)?;
+        if job.phase != Phase::Pending || job.due.is_some_and(|d| d > now) {
+            return None;
+        }
+        job.due = None;
+        let (mode, key) = (job.request.if_running, job.request.key.clone());
+        let running = key.as_deref().and_then(|k| self.find(k, Phase::Running));
+        match (running, mode) {
+            (None, _) if self.running < self.max_jobs => self.run_job(id, now),
+            (None, _) | (Some(_), IfRunning::Queue) => None,
+            (Some(other), IfRunning::Skip) => {
+                let reason = format!("skipped: job {other} with its key is running");
+                self.cancel_pending(id, now, &reason);
+                None
+            }
+            (Some(other), IfRunning::Replace) => self.replace(other, id, now),
+        }
+    }
+
+    /// Stops running job `old` for job `new`. One waiting for a retry has no command to stop:
+    /// it ends here and `new` starts at once.
+    fn replace(&mut self, old: i64, new: i64, now: Duration) -> Option<Launch> {
+        let job = self.live.get(&old)?;
+        if job.due.is_some() {
+            log::info!("job {old} cancelled while waiting to retry: replaced by job {new}");
+            self.end_running(old, Phase::Cancelled, now);
+            return self.run_job(new, now);
+        }
+        if !job.stop.swap(true, Ordering::SeqCst) {
+            log::info!("job {old} cancelled: replaced by job {new}");
+        }
+        None
+    }
+
+    /// An attempt of job `id` ended: retry it, or finish it. Returns what to start now.
+    pub fn finish(&mut self, id: i64, outcome: &Outcome, now: Duration) -> Vec<Launch> {
+        let Some(job) = self.live.get_mut(&id) else {
+            return Vec::new();
+        };
+        let stopped = job.stop.load(Ordering::SeqCst);
+        job.last = Some((outcome.code, outcome.timed_out && !stopped));
+        let retry = !stopped && !outcome.success() && job.attempt < job.request.attempts;
+        if retry && !self.stopping {
+            let wait = backoff(job.request.backoff, job.attempt);
+            job.due = Some(now.saturating_add(wait));
+            log::info!(
+                "job {id} attempt {} failed (code {}): retrying in {:?}",
+                job.attempt,
+                outcome.code,
+                wait
+            );
+            return self.promote(now);
+        }
+        let phase = if stopped {
+            Phase::Cancelled
+        } else {
+            Phase::Done
+        };
+        self.end_running(id, phase, now);
+        self.promote(now)
+    }
+
+    /// `cancel(id)`: whether a pending or running job was stopped.
+    pub fn cancel(&mut self, id: i64, now: Duration) -> (bool, Vec<Launch>) {
+        let Some(job) = self.live.get(&id) else {
+            return (false, Vec::new());
+        };
+        match (job.phase, job.due) {
+            (Phase::Pending, _) => {
+                self.cancel_pending(id, now, "by the script");
+                (true, Vec::new())
+            }
+            // Waiting for a retry: no command to stop, so it ends here.
+            (Phase::Running, Some(_)) => {
+                log::info!("job {id} cancelled while waiting to retry");
+                self.end_running(id, Phase::Cancelled, now);
+                (true, self.promote(now))
+            }
+            (Phase::Running, None) => {
+                let first = !job.stop.swap(true, Ordering::SeqCst);
+                if first {
+                    log::info!("job {id} cancelled: stopping its command");
+                }
+                (first, Vec::new())
+            }
+            _ => (false, Vec::new()),
+        }
+    }
+
+    /// Shutdown: pending jobs are cancelled and no retry is scheduled any more.
+    pub fn stop_all(&mut self, now: Duration) {
+        self.stopping = true;
+        let pending: Vec<i64> = self
+            .live
+            .values()
+            .filter(|j| j.phase == Phase::Pending)
+            .map(|j| j.id)
+            .collect();
+        for id in pending {
+            self.cancel_pending(id, now, "shutting down");
+        }
+        let waiting: Vec<i64> = self
+            .live
+            .values()
+            .filter(|j| j.phase == Phase::Running && j.due.is_some())
+            .map(|j| j.id)
+            .collect();
+        for id in waiting {
+            log::info!("job {id}: no retry, shutting down");
+            self.end_running(id, Phase::Done, now);
+        }
+    }
+
+    fn cancel_pending(&mut self, id: i64, now: Duration, why: &str) {
+        if let Some(mut job) = self.remove_live(id) {
+            log::info!("pending job {id} cancelled: {why}");
+            job.phase = Phase::Cancelled;
+            job.ended = Some(now);
+            metrics().record_job_end("cancelled");
+            self.keep_finished(job);
+        }
+    }
+
+    fn end_running(&mut self, id: i64, phase: Phase, now: Duration) {
+        let Some(mut job) = self.remove_live(id) else {
+            return;
+        };
+        self.running = self.running.saturating_sub(1);
+        metrics().running_jobs.set(self.running as i64);
+        job.phase = phase;
+        job.ended = Some(now);
+        job.due = None;
+        let view = job.view(now);
+        let result = match (phase, view.code) {
+            (Phase::Cancelled, _) => "cancelled",
+            (_, Some(0)) if !view.timed_out => "success",
+            _ => "failure",
+        };
+        metrics().record_job_end(result);
+        log::info!(
+            "job {id} (request {}) ended: code={} timed_out={} result={result} attempts={} duration={:.1}ms",
+            job.request.request_id,
+            view.code.unwrap_or(-1),
+            view.timed_out,
+            view.attempt,
+            view.duration.as_secs_f64() * 1000.0
+        );
+        self.keep_finished(job);
+    }
+
+    fn remove_live(&mut self, id: i64) -> Option<Job> {
+        self.live.remove(&id)
+    }
+
+    fn keep_finished(&mut self, job: Job) {
+        self.finished.push_back(job);
+        while self.finished.len() > KEPT_FINISHED {
+            self.finished.pop_front();
+        }
+    }
+
+    fn get(&self, id: i64) -> Option<&Job> {
+        self.live
+            .get(&id)
+            .or_else(|| self.finished.iter().find(|j| j.id == id))
+    }
+
+    pub fn view(&self, id: i64, now: Duration) -> Option<JobView> {
+        self.get(id).map(|j| j.view(now))
+    }
+
+    /// Every kept job, oldest first.
+    pub fn list(&self, now: Duration) -> Vec<JobView> {
+        let mut all: Vec<JobView> = self.finished.iter().map(|j| j.view(now)).collect();
+        all.extend(self.live.values().map(|j| j.view(now)));
+        all.sort_by_key(|v| v.id);
+        all
+    }
+
+    /// The earliest debounce end or retry time, for the timer.
+    pub fn next_due(&self) -> Option<Duration> {
+        self.live.values().filter_map(|j| j.due).min()
+    }
+
+    pub fn output(&self, id: i64) -> Option<Vec<u8>> {
+        self.get(id)
+            .map(|j| j.output.bytes.iter().copied().collect())
+    }
+
+    fn append_output(&mut self, id: i64, bytes: &[u8]) {
+        let cap = self.output_cap;
+        let Some(job) = self.live.get_mut(&id) else {
+            return;
+        };
+        let kept = &mut job.output;
+        kept.total += bytes.len() as u64;
+        let tail = &bytes[bytes.len().saturating_sub(cap)..];
+        let overflow = (kept.bytes.len() + tail.len()).saturating_sub(cap);
+        kept.bytes.drain(..overflow.min(kept.bytes.len()));
+        kept.bytes.extend(tail);
+    }
+
+    fn output_since(&self, id: i64, position: u64) -> Option<Follow> {
+        let job = self.get(id)?;
+        let kept = &job.output;
+        let first_kept = kept.total - kept.bytes.len() as u64;
+        let skip = position.saturating_sub(first_kept) as usize;
+        Some(Follow {
+            bytes: kept.bytes.iter().skip(skip).copied().collect(),
+            position: kept.total,
+            ended: matches!(job.phase, Phase::Done | Phase::Cancelled),
+        })
+    }
+}
+
+/// The wait before attempt `done + 1`: `base`, doubled for each attempt after the first.
+fn backoff(base: Duration, done: u32) -> Duration {
+    let factor = 1u32 << done.saturating_sub(1).min(20);
+    base.saturating_mul(factor).min(MAX_BACKOFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::Program;
+
+    const T0: Duration = Duration::from_secs(1000);
+    const S: Duration = Duration::from_secs(1);
+
+    fn request(cmd: &str, key: Option<&str>, mode: IfRunning) -> JobRequest {
+        JobRequest {
+            spec: CommandSpec {
+                program: Program::Shell(cmd.into()),
+                ..CommandSpec::default()
+            },
+            lock: None,
+            key: key.map(str::to_owned),
+            if_running: mode,
+            debounce: None,
+            attempts: 1,
+            backoff: S,
+            request_id: 1,
+        }
+    }
+
+    fn command(launch: &Launch) -> String {
+        match &launch.spec.program {
+            Program::Shell(line) => line.clone(),
+            Program::Argv(argv) => argv.join(" "),
+        }
+    }
+
+    fn exit(code: i32) -> Outcome {
+        Outcome {
+            code,
+            ..Outcome::default()
+        }
+    }
+
+    #[test]
+    fn ten_triggers_during_a_run_give_one_follow_up_with_the_latest_command() {
+        let mut table = Jobs::new(4, 1024).table.into_inner().unwrap();
+        let (first, launches) = table
+            .start(request("v0", Some("k"), IfRunning::Queue), T0)
+            .unwrap();
+        assert_eq!(launches.len(), 1);
+        let ids: Vec<i64> = (1..=10)
+            .map(|i| {
+                let (id, launches) = table
+                    .start(request(&format!("v{i}"), Some("k"), IfRunning::Queue), T0)
+                    .unwrap();
+                assert!(launches.is_empty());
+                id
+            })
+            .collect();
+        assert!(ids.iter().all(|&id| id == ids[0] && id != first));
+        assert_eq!(table.view(ids[0], T0).unwrap().phase, Phase::Pending);
+        let next = table.finish(first, &exit(0), T0);
+        assert_eq!(next.iter().map(command).collect::<Vec<_>>(), ["v10"]);
+        assert!(table.finish(ids[0], &exit(0), T0).is_empty());
+        assert_eq!(table.list(T0).len(), 2);
+    }
+
+    #[test]
+    fn skip_returns_the_running_id_and_replace_stops_it() {
+        let mut table = Jobs::new(4, 1024).table.into_inner().unwrap();
+        let (first, _) = table
+            .start(request("a", Some("k"), IfRunning::Queue), T0)
+            .unwrap();
+        let (skipped, none) = table
+            .start(request("b", Some("k"), IfRunning::Skip), T0)
+            .unwrap();
+        assert_eq!((skipped, none.len()), (first, 0));
+        let (new, none) = table
+            .start(request("c", Some("k"), IfRunning::Replace), T0)
+            .unwrap();
+        assert!(new != first && none.is_empty());
+        assert!(table.live[&first].stop.load(Ordering::SeqCst));
+        let next = table.finish(first, &exit(143), T0);
+        assert_eq!(table.view(first, T0).unwrap().phase, Phase::Cancelled);
+        assert_eq!(next.iter().map(command).collect::<Vec<_>>(), ["c"]);
+    }
+
+    #[test]
+    fn debounce_waits_for_quiet_and_retry_doubles_its_backoff() {
+        let mut table = Jobs::new(4, 1024).table.into_inner().unwrap();
+        let mut debounced = request("d1", Some("k"), IfRunning::Queue);
+        debounced.debounce = Some(5 * S);
+        let (id, none) = table.start(debounced.clone(), T0).unwrap();
+        assert!(none.is_empty());
+        debounced.spec.program = Program::Shell("d2".into());
+        table.start(debounced, T0 + 3 * S).unwrap();
+        assert!(table.promote(T0 + 7 * S).is_empty(), "the wait restarted");
+        let launched = table.promote(T0 + 8 * S);
+        assert_eq!(launched.iter().map(command).collect::<Vec<_>>(), ["d2"]);
+        let mut retried = request("r", None, IfRunning::Queue);
+        retried.attempts = 3;
+        let (r, _) = table.start(retried, T0).unwrap();
+        assert!(table.finish(r, &exit(1), T0).is_empty());
+        assert_eq!(table.next_due(), Some(T0 + S));
+        assert_eq!(table.promote(T0 + S)[0].attempt, 2);
+        table.finish(r, &exit(1), T0 + S);
+        assert_eq!(table.next_due(), Some(T0 + 3 * S), "doubled");
+        assert_eq!(table.promote(T0 + 3 * S)[0].attempt, 3);
+        table.finish(r, &exit(1), T0 + 3 * S);
+        assert_eq!(table.view(r, T0).unwrap().phase, Phase::Done);
+        assert_eq!(table.view(id, T0).unwrap().phase, Phase::Running);
+    }
+
+    #[test]
+    fn a_due_job_waiting_for_its_key_leaves_no_due_time_and_replace_ends_a_retry_wait() {
+        let mut table = Jobs::new(4, 1024).table.into_inner().unwrap();
+        let mut failing = request("f", Some("k"), IfRunning::Queue);
+        failing.attempts = 2;
+        let (first, _) = table.start(failing, T0).unwrap();
+        let mut debounced = request("d", Some("k"), IfRunning::Queue);
+        debounced.debounce = Some(S);
+        let (second, _) = table.start(debounced, T0).unwrap();
+        assert!(table.promote(T0 + 2 * S).is_empty(), "k is running");
+        assert_eq!(table.next_due(), None, "the timer has nothing to wake for");
+        assert!(
+            table.finish(first, &exit(1), T0 + 2 * S).is_empty(),
+            "retry wait holds k"
+        );
+        let (third, launched) = table
+            .start(request("r", Some("k"), IfRunning::Replace), T0 + 2 * S)
+            .unwrap();
+        assert_eq!(third, second, "folded into the pending job");
+        assert_eq!(launched.iter().map(command).collect::<Vec<_>>(), ["r"]);
+        assert_eq!(table.view(first, T0).unwrap().phase, Phase::Cancelled);
+    }
+
+    #[test]
+    fn max_jobs_refuses_a_start_that_would_run_now_but_not_one_that_waits() {
+        let mut table = Jobs::new(1, 1024).table.into_inner().unwrap();
+        let (busy, _) = table
+            .start(request("a", None, IfRunning::Queue), T0)
+            .unwrap();
+        assert!(
+            table
+                .start(request("b", None, IfRunning::Queue), T0)
+                .is_err()
+        );
+        assert!(
+            table
+                .start(request("c", Some("k"), IfRunning::Queue), T0)
+                .is_err()
+        );
+        let mut later = request("d", Some("k"), IfRunning::Queue);
+        later.debounce = Some(S);
+        let (waiting, none) = table.start(later, T0).unwrap();
+        assert!(none.is_empty());
+        assert!(table.promote(T0 + S).is_empty(), "no free slot yet");
+        let next = table.finish(busy, &exit(0), T0 + S);
+        assert_eq!(next.iter().map(|l| l.id).collect::<Vec<_>>(), [waiting]);
+    }
+
+    #[test]
+    fn a_debounced_skip_that_finds_its_key_busy_is_cancelled_and_shutdown_cancels_pending() {
+        let mut table = Jobs::new(4, 1024).table.into_inner().unwrap();
+        let (running, _) = table
+            .start(request("a", Some("k"), IfRunning::Queue), T0)
+            .unwrap();
+        let mut skip = request("b", Some("k"), IfRunning::Skip);
+        skip.debounce = Some(S);
+        let (skipped, _) = table.start(skip, T0).unwrap();
+        assert_ne!(skipped, running);
+        assert!(table.promote(T0 + S).is_empty());
+        assert_eq!(table.view(skipped, T0).unwrap().phase, Phase::Cancelled);
+        let (queued, _) = table
+            .start(request("c", Some("k"), IfRunning::Queue), T0)
+            .unwrap();
+        table.stop_all(T0);
+        assert_eq!(table.view(queued, T0).unwrap().phase, Phase::Cancelled);
+        assert!(
+            table.finish(running, &exit(0), T0).is_empty(),
+            "nothing left to start"
+        );
+        let (late, _) = table
+            .start(request("d", Some("k"), IfRunning::Queue), T0)
+            .unwrap();
+        assert_eq!(
+            table.view(late, T0).unwrap().phase,
+            Phase::Running,
+            "a start that runs at once still runs"
         );
     }
-    // Last, so whoever waits for the job (`call`) sees its end logged.
-    runtime.jobs.reported();
+
+    #[test]
+    fn kept_output_keeps_the_tail_and_followers_resume() {
+        let mut table = Jobs::new(4, 8).table.into_inner().unwrap();
+        let (id, _) = table
+            .start(request("x", None, IfRunning::Queue), T0)
+            .unwrap();
+        table.append_output(id, b"0123456789");
+        table.append_output(id, b"ab");
+        assert_eq!(table.output(id).unwrap(), b"456789ab");
+        let follow = table.output_since(id, 10).unwrap();
+        assert_eq!(
+            (follow.bytes, follow.position, follow.ended),
+            (b"ab".to_vec(), 12, false)
+        );
+    }
 }

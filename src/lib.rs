@@ -13,7 +13,9 @@
 //! - [`workers`]: the threads that run handlers, and the outbox back to the loop.
 //! - [`script`]: the Rhai engine, `handle(req)`, and the functions scripts call.
 //! - [`commands`]: running one command with its process group, deadline and output cap.
-//! - [`runtime`]: what handlers and jobs share; [`jobs`]: `start`/`job`; [`locks`]: `opts.lock`.
+//! - [`runtime`]: what handlers and jobs share; [`jobs`]: the job table (keys, debounce, retry,
+//!   kept output); [`job_runner`]: its threads and timer; [`locks`]: `opts.lock`.
+//! - [`state`]: `state_*` and `once`, in memory or in a redb file; [`ratelimit`]: `rate_limit`;
 //! - [`runner`]: the seam where commands run (processes, or a recorder with mocks);
 //!   [`clock`]: the seam where time is read (real, or virtual in tests).
 //! - [`script_test`]: `command-trigger test`, the helpers test scripts call, `call --dry-run`.
@@ -22,7 +24,8 @@
 //! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
 //! - Local triggers: [`watch`] (`--watch`, `on_change`) and [`schedule`] (`--every`, `--cron`,
 //!   `on_tick`) queue calls on the worker pool through [`trigger`].
-//! - [`footprint`]: keeping idle memory small; [`logging`]: text or JSON log lines on stderr; [`metrics`]: Prometheus and health endpoints.
+//! - [`footprint`]: keeping idle memory small; [`logging`]: text or JSON log lines on stderr; [`metrics`]: Prometheus and health state;
+//!   [`metrics_server`]: the `--metrics-listen` port.
 
 pub mod app;
 pub mod auth;
@@ -38,10 +41,13 @@ pub mod footprint;
 pub mod framing;
 pub mod http;
 pub mod init;
+pub mod job_runner;
 pub mod jobs;
 pub mod locks;
 pub mod logging;
 pub mod metrics;
+pub mod metrics_server;
+pub mod ratelimit;
 pub mod reload;
 pub mod request;
 pub mod runner;
@@ -51,6 +57,7 @@ pub mod script;
 pub mod script_test;
 pub mod server;
 pub mod signals;
+pub mod state;
 pub mod tls;
 pub mod transport;
 pub mod trigger;

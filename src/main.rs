@@ -3,6 +3,11 @@ use command_trigger::cli::{Cli, Command, LogFormat};
 use command_trigger::{app, init, logging};
 use std::process::ExitCode;
 
+/// Counts each thread's allocations, for the per-handler memory budget (README, "Script limits").
+#[global_allocator]
+static ALLOCATOR: command_trigger::script::budget::CountingAllocator =
+    command_trigger::script::budget::CountingAllocator;
+
 fn main() -> ExitCode {
     if let Some(code) = init::run_if_pid1() {
         return ExitCode::from(code);

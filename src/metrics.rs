@@ -1,10 +1,9 @@
-//! Prometheus metrics and the health endpoints (SPEC §10), served on `--metrics-listen` by a
-//! thread of their own, in the OpenMetrics text format of the `prometheus-client` library.
+//! Prometheus metrics and the health state (SPEC §10), in the OpenMetrics text format of the
+//! `prometheus-client` library; [`metrics_server`](crate::metrics_server) serves them.
 //!
 //! The metrics are process-wide, like the counters of any Prometheus client: every part of the
 //! server records into [`metrics()`] without having a handle passed down to it.
 
-use crate::http::{self, ResponseHead};
 use crate::request::Verdict;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -12,8 +11,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -34,9 +31,9 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub busy_workers: Gauge,
     pub running_jobs: Gauge,
+    /// Background jobs that ended, by result: `success`, `failure` or `cancelled`.
+    job_ends: Family<Labels, Counter>,
     pub auth_failures: Counter,
-    /// Connections closed at accept because the client is outside `--allow`.
-    pub allow_refusals: Counter,
     script_reloads: Family<Labels, Counter>,
     /// TLS handshakes by result: `ok`, `failed`, `client_cert_rejected`, `abandoned`.
     tls_handshakes: Family<Labels, Counter>,
@@ -44,10 +41,47 @@ pub struct Metrics {
     pub tls_cert_expiry_seconds: Gauge,
     /// `on_change`/`on_tick` calls by trigger and outcome (SPEC §13), skipped ticks included.
     trigger_runs: Family<Labels, Counter>,
+    /// Connections and requests the server turned away itself, by [`Refusal`], made at start.
+    refusals: Vec<Counter>,
     /// Listening with a compiled script: `/readyz` is 200.
     ready: AtomicBool,
     /// Shutdown has begun: `/healthz` is 503.
     stopping: AtomicBool,
+}
+
+/// Why the server turned a connection or a request away without running the script.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--max-connections` reached: answered `ERR busy` (HTTP: 503) at accept.
+    MaxConnections,
+    /// `--max-connections-per-ip` reached for the client's IP: the same answer.
+    MaxConnectionsPerIp,
+    /// Not in `--allow`: closed at accept without a reply.
+    NotAllowed,
+    /// `--workers` + `--queue` full: the request is answered `ERR busy`.
+    QueueFull,
+    /// `--auth-failures` tripped: the request is answered without checking its token.
+    AuthBackoff,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 5] = [
+        Refusal::MaxConnections,
+        Refusal::MaxConnectionsPerIp,
+        Refusal::NotAllowed,
+        Refusal::QueueFull,
+        Refusal::AuthBackoff,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max-connections",
+            Refusal::MaxConnectionsPerIp => "max-connections-per-ip",
+            Refusal::NotAllowed => "allow",
+            Refusal::QueueFull => "queue-full",
+            Refusal::AuthBackoff => "auth-backoff",
+        }
+    }
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -71,12 +105,13 @@ impl Metrics {
             queue_depth: Gauge::default(),
             busy_workers: Gauge::default(),
             running_jobs: Gauge::default(),
+            job_ends: Family::default(),
             auth_failures: Counter::default(),
-            allow_refusals: Counter::default(),
             script_reloads: Family::default(),
             tls_handshakes: Family::default(),
             tls_cert_expiry_seconds: Gauge::default(),
             trigger_runs: Family::default(),
+            refusals: Vec::new(),
             ready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
         };
@@ -117,6 +152,18 @@ impl Metrics {
             self.running_jobs.clone(),
         );
         r.register(
+            "jobs_ended",
+            "Background jobs that ended, by result (success, failure, cancelled)",
+            self.job_ends.clone(),
+        );
+        for result in ["success", "failure", "cancelled"] {
+            // Created now so every series is present (at 0) from the start.
+            drop(
+                self.job_ends
+                    .get_or_create(&vec![("result", result.to_owned())]),
+            );
+        }
+        r.register(
             "auth_failures",
             "Requests with a wrong or missing token",
             self.auth_failures.clone(),
@@ -141,19 +188,16 @@ impl Metrics {
             "Calls of on_change (trigger=watch) and on_tick (trigger=tick) by outcome",
             self.trigger_runs.clone(),
         );
-        for kind in crate::trigger::Kind::ALL {
-            for outcome in TRIGGER_OUTCOMES {
-                let _ = self
-                    .trigger_runs
-                    .get_or_create_owned(&trigger_labels(kind, outcome));
-            }
-        }
+        let refusals = Family::<Labels, Counter>::default();
         r.register(
-            "allow_refusals",
-            "Connections closed at accept: client not in --allow",
-            self.allow_refusals.clone(),
+            "refusals",
+            "Connections and requests refused by the server itself, by reason",
+            refusals.clone(),
         );
-        self.touch_labelled_series();
+        self.refusals = Refusal::ALL
+            .iter()
+            .map(|why| refusals.get_or_create_owned(&vec![("reason", why.as_str().to_owned())]))
+            .collect();
         self.requests_by_outcome = Verdict::ALL
             .iter()
             .map(|v| {
@@ -161,6 +205,7 @@ impl Metrics {
                     .get_or_create_owned(&vec![("outcome", v.as_str().to_owned())])
             })
             .collect();
+        self.touch_labelled_series();
         self
     }
 
@@ -182,6 +227,13 @@ impl Metrics {
                 .tls_handshakes
                 .get_or_create_owned(&vec![("result", result.to_owned())]);
         }
+        for kind in crate::trigger::Kind::ALL {
+            for outcome in TRIGGER_OUTCOMES {
+                let _ = self
+                    .trigger_runs
+                    .get_or_create_owned(&trigger_labels(kind, outcome));
+            }
+        }
     }
 
     pub fn record_request(&self, verdict: Verdict, duration: Duration) {
@@ -192,9 +244,21 @@ impl Metrics {
         self.request_seconds.observe(duration.as_secs_f64());
     }
 
+    pub fn record_refusal(&self, why: Refusal) {
+        if let Some(counter) = self.refusals.get(why as usize) {
+            counter.inc();
+        }
+    }
+
     pub fn record_command(&self, success: bool) {
         self.commands
             .get_or_create(&vec![("success", success.to_string())])
+            .inc();
+    }
+
+    pub fn record_job_end(&self, result: &str) {
+        self.job_ends
+            .get_or_create(&vec![("result", result.to_owned())])
             .inc();
     }
 
@@ -226,7 +290,18 @@ impl Metrics {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
-    fn render(&self) -> String {
+    /// Listening with a compiled script.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// The registry in the OpenMetrics text format.
+    pub fn render(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.registry);
@@ -244,82 +319,15 @@ fn trigger_labels(kind: crate::trigger::Kind, outcome: &'static str) -> Labels {
     ]
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener`, one connection at a time: scrapes
-/// and probes are rare and small, and each connection gets a short time limit.
-pub fn serve(listener: TcpListener) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => answer(stream),
-                    Err(e) => {
-                        log::warn!("accepting a metrics connection: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-        })?;
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-const METRICS_REQUEST_LIMIT: usize = 8192;
-
-fn answer(mut stream: TcpStream) {
-    let limit = Some(Duration::from_secs(2));
-    if stream
-        .set_read_timeout(limit)
-        .and_then(|_| stream.set_write_timeout(limit))
-        .is_err()
-    {
-        return;
-    }
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 2048];
-    let head = loop {
-        match http::parse(&buf, METRICS_REQUEST_LIMIT) {
-            http::Parsed::Request { head, .. } => break head,
-            http::Parsed::Incomplete { .. } => {}
-            _ => return,
+    #[test]
+    fn refusals_index_their_own_place() {
+        // `record_refusal` indexes the counters made at start by `why as usize`.
+        for (index, why) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, index);
         }
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let (status, content_type, body) = route(&head.method, head.path());
-    let response = ResponseHead {
-        status,
-        headers: &[],
-        default_content_type: content_type,
-        keep_alive: false,
-        minor_version: 1,
-    };
-    let _ = stream.write_all(&response.complete(body.as_bytes(), head.method == "HEAD"));
-}
-
-fn route(method: &str, path: &str) -> (u16, &'static str, String) {
-    const TEXT: &str = "text/plain; charset=utf-8";
-    let m = metrics();
-    if method != "GET" && method != "HEAD" {
-        return (405, TEXT, "GET only\n".into());
-    }
-    match path {
-        "/metrics" => (
-            200,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            m.render(),
-        ),
-        "/healthz" if m.stopping.load(Ordering::SeqCst) => (503, TEXT, "shutting down\n".into()),
-        "/healthz" => (200, TEXT, "ok\n".into()),
-        "/readyz" if m.ready.load(Ordering::SeqCst) && !m.stopping.load(Ordering::SeqCst) => {
-            (200, TEXT, "ready\n".into())
-        }
-        "/readyz" => (503, TEXT, "not ready\n".into()),
-        _ => (
-            404,
-            TEXT,
-            "not found: try /metrics, /healthz or /readyz\n".into(),
-        ),
     }
 }

@@ -39,15 +39,19 @@ impl ReloadTrigger {
     }
 }
 
+/// Starts the reload thread. `tokens` are the ones the server starts with: a reload keeps
+/// those of a source it cannot read.
 pub fn spawn(
     host: Arc<ScriptHost>,
     token_sources: Vec<TokenSource>,
+    tokens: Arc<Tokens>,
     tls: Option<Arc<TlsServer>>,
     outbox: Outbox,
 ) -> std::io::Result<ReloadTrigger> {
     let (sender, requests) = mpsc::channel();
     let mut watcher = Watcher::new(host, token_sources, outbox);
     watcher.tls = tls.map(TlsWatch::new);
+    watcher.tokens = tokens;
     thread::Builder::new()
         .name("reload".into())
         .spawn(move || {
@@ -66,6 +70,8 @@ struct Watcher {
     host: Arc<ScriptHost>,
     token_sources: Vec<TokenSource>,
     outbox: Outbox,
+    /// The tokens last sent to the loop.
+    tokens: Arc<Tokens>,
     script_seen: Fingerprint,
     token_files: Vec<(PathBuf, Fingerprint)>,
     tls: Option<TlsWatch>,
@@ -146,6 +152,7 @@ impl Watcher {
             host,
             token_sources,
             outbox,
+            tokens: Arc::default(),
             script_seen,
             token_files,
             tls: None,
@@ -201,19 +208,16 @@ impl Watcher {
         }
     }
 
-    fn reload_tokens(&self, why: &str) {
+    fn reload_tokens(&mut self, why: &str) {
         if self.token_sources.is_empty() {
             return;
         }
-        match Tokens::load(&self.token_sources) {
-            Ok((tokens, warnings)) => {
-                warnings.iter().for_each(|w| log::warn!("{w}"));
-                log::info!("tokens reloaded ({why})");
-                self.outbox.send(Outbound::Tokens(Arc::new(tokens)));
-            }
-            Err(error) => {
-                log::error!("token reload failed ({why}), keeping the old tokens: {error}")
-            }
+        let (tokens, notes) = Tokens::reload(&self.token_sources, &self.tokens);
+        for (level, note) in notes {
+            log::log!(level, "token reload ({why}): {note}");
         }
+        log::info!("tokens reloaded ({why})");
+        self.tokens = Arc::new(tokens);
+        self.outbox.send(Outbound::Tokens(self.tokens.clone()));
     }
 }

@@ -23,6 +23,13 @@ pub trait Runner: Send + Sync {
     /// Runs a background job's body. Real processes get a thread each; the recorder runs the
     /// body at once, so a test sees a plain `start` in `commands()` and its end immediately.
     fn spawn_job(&self, name: String, body: Box<dyn FnOnce() + Send>) -> std::io::Result<()>;
+
+    /// Starts the jobs timer (debounce ends, retry backoff, sweeps), which loops until the
+    /// runtime is gone. Under a virtual clock no timer runs: time moves only by `advance`,
+    /// which starts what became due itself, so a test never races a timer thread.
+    fn spawn_timer(&self, name: String, body: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
+        std::thread::Builder::new().name(name).spawn(body).map(drop)
+    }
 }
 
 /// Real child processes, each in its own process group (see [`crate::commands::run`]).
@@ -81,7 +88,8 @@ type Format = dyn Fn(&Recorded) -> String + Send + Sync;
 #[derive(Default)]
 pub struct Recorder {
     book: Mutex<Book>,
-    /// `call --dry-run`: also print each command on stderr as it comes, one line each.
+    /// `call --dry-run`: also print each command on stderr as it comes, one line each. A dry
+    /// run keeps real time, so its timer runs; a test's recorder (no echo) has none.
     echo: Option<Box<Format>>,
 }
 
@@ -141,8 +149,9 @@ impl Runner for Recorder {
                 .map(|(_, outcome)| outcome.clone())
                 .unwrap_or_default()
         };
-        // A streamed command's output would have gone to the client as it came.
-        if let OutputSink::Stream(forward) = sink {
+        // A streamed command's output would have gone to the client (or a job's kept output)
+        // as it came.
+        if let OutputSink::Stream(forward) | OutputSink::Keep(forward) = sink {
             forward(&outcome.stdout);
             forward(&outcome.stderr);
             return Outcome {
@@ -157,5 +166,12 @@ impl Runner for Recorder {
     fn spawn_job(&self, _name: String, body: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
         body();
         Ok(())
+    }
+
+    fn spawn_timer(&self, name: String, body: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
+        match self.echo {
+            Some(_) => std::thread::Builder::new().name(name).spawn(body).map(drop),
+            None => Ok(()),
+        }
     }
 }

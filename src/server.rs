@@ -8,20 +8,21 @@ use crate::cli::AuthMode;
 use crate::config::Config;
 use crate::connection::{Connection, Filled, Phase};
 use crate::framing::{self, Frame, Framing, RawRequest};
-use crate::http::HttpHead;
-use crate::metrics::metrics;
+use crate::http::{self, HttpHead};
+use crate::metrics::{Refusal, metrics};
 use crate::reload::ReloadTrigger;
 use crate::request::{Endpoints, Reply, Request, ServerError, Verdict};
 use crate::script::Runtime;
 use crate::signals::{Signal, SignalSource};
-use crate::transport::{Accepted, Listener, ListenerKind};
+use crate::transport::{Accepted, Listener, ListenerKind, Stream};
 use crate::wire;
 use crate::workers::{ConnRef, Inbox, Job, Outbound, WorkerPool, log_request};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -86,6 +87,8 @@ pub struct Server {
     accept_failing: bool,
     stopping: Option<Stopping>,
     backoff: AuthBackoff,
+    /// Open connections per client IP, for `--max-connections-per-ip`.
+    per_ip: PerIp,
     scratch: Vec<u8>,
 }
 
@@ -103,6 +106,7 @@ impl Server {
         parts.signals.register(registry, SIGNALS)?;
         Ok(Server {
             backoff: AuthBackoff::new(config.auth_failures),
+            per_ip: PerIp::new(config.max_connections_per_ip > 0),
             config,
             parts,
             connections: Slab::new(),
@@ -230,12 +234,11 @@ impl Server {
             log::debug!("refusing {peer}: {why}");
             return; // dropping the stream closes it, without a reply
         }
-        if self.connections.len() >= self.config.max_connections {
-            log::debug!(
-                "refusing {peer}: --max-connections {} reached",
-                self.config.max_connections
-            );
-            return; // dropping the stream closes it
+        if let Some(why) = self.over_capacity(endpoints.ip()) {
+            return self.refuse_connection(stream, &endpoints, why);
+        }
+        if let Some(ip) = endpoints.ip() {
+            self.per_ip.opened(ip);
         }
         self.next_serial += 1;
         let phase = Phase::Reading {
@@ -248,6 +251,9 @@ impl Server {
             log::warn!("registering connection from {peer}: {e}");
             self.connections.remove(key);
             metrics().open_connections.dec();
+            if let Some(ip) = endpoints.ip() {
+                self.per_ip.closed(ip);
+            }
             return;
         }
         log::debug!("connection from {peer}");
@@ -264,7 +270,7 @@ impl Server {
         }
         let ip = endpoints.ip()?;
         if !self.config.allows(ip) {
-            metrics().allow_refusals.inc();
+            metrics().record_refusal(Refusal::NotAllowed);
             return Some("not in --allow");
         }
         // A backed-off client does not even get a handshake: that is the expensive part.
@@ -272,6 +278,49 @@ impl Server {
             return Some("backed off after failed authentications");
         }
         None
+    }
+
+    /// Which connection limit a new connection from `ip` would pass, if any.
+    fn over_capacity(&self, ip: Option<IpAddr>) -> Option<Refusal> {
+        if self.connections.len() >= self.config.max_connections {
+            return Some(Refusal::MaxConnections);
+        }
+        let per_ip = self.config.max_connections_per_ip;
+        let count = ip.map_or(0, |ip| self.per_ip.count(ip));
+        (per_ip > 0 && count >= per_ip).then_some(Refusal::MaxConnectionsPerIp)
+    }
+
+    /// Answers a connection there is no room for with `ERR busy` (HTTP: 503), then closes it.
+    /// A silent close would read as a handler that replied nothing, and `send --all` would count
+    /// a full server as a success. The connection never enters the slab, so a flood of them
+    /// costs no memory: what the client sent already is read and dropped (unread input would
+    /// turn the close into a reset); input arriving later does get a reset, after the reply.
+    /// A TLS client is closed without the reply: saying it would take a handshake, the very
+    /// cost a connection cap is there to avoid.
+    fn refuse_connection(&mut self, mut stream: Stream, endpoints: &Endpoints, why: Refusal) {
+        metrics().record_refusal(why);
+        log::debug!(
+            "refusing {}: --{} reached",
+            endpoints.peer_text,
+            why.as_str()
+        );
+        if matches!(stream, Stream::Tls(_)) {
+            return;
+        }
+        let head = (self.config.framing == Framing::Http).then(|| HttpHead {
+            minor_version: 1,
+            ..HttpHead::default()
+        });
+        let reply = wire::finish(Reply::error(ServerError::Busy), head.as_ref(), false);
+        // A fresh socket's send buffer takes these few bytes whole.
+        let _ = stream.write(&reply.bytes);
+        let _ = stream.shutdown_output();
+        for _ in 0..4 {
+            match stream.read(&mut self.scratch) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
     }
 
     // ---- driving one connection ----
@@ -288,12 +337,44 @@ impl Server {
                 self.dispatch(key, raw);
                 self.drive(key);
             }
+            Ok(Step::WantsContinue) => self.on_expect_continue(key),
             Ok(Step::Close(why)) => self.close(key, why),
             Err(e) => {
                 self.count_rejected_certificate(key);
                 self.close(key, &format!("I/O error: {e}"))
             }
         }
+    }
+
+    /// The client waits for `100 Continue` before sending its body. It is said only once the
+    /// token passed (SPEC §10): a wrong token is answered 401 (429 when backed off) at once,
+    /// from the head alone, and the body is never asked for.
+    fn on_expect_continue(&mut self, key: usize) {
+        let connection = &self.connections[key];
+        let head = http::parse_head(&connection.input);
+        let ip = connection.endpoints.ip();
+        let token_ok = |head: &HttpHead| {
+            let token = head.token().map(str::as_bytes);
+            token.and_then(|t| self.parts.tokens.check(t)).is_some()
+        };
+        let refused = self.token_required()
+            && (ip.is_some_and(|ip| self.backoff.is_blocked(ip, Instant::now()))
+                || !head.as_ref().is_some_and(token_ok));
+        let connection = &mut self.connections[key];
+        if refused {
+            connection.input.clear();
+            let raw = RawRequest {
+                http: head,
+                ..RawRequest::default()
+            };
+            // Answered by `refusal` and closed: the unsent body is drained, never read as
+            // another request.
+            self.dispatch(key, raw);
+        } else {
+            connection.continue_sent = true;
+            connection.push_output(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        self.drive(key);
     }
 
     fn after_step(&mut self, key: usize) {
@@ -338,10 +419,13 @@ impl Server {
             connection.reset_on_drop(); // a timed-out or too slow reader gets no partial reply
         }
         metrics().open_connections.dec();
+        if let Some(ip) = connection.endpoints.ip() {
+            self.per_ip.closed(ip);
+        }
         connection.deregister(self.parts.poll.registry());
         log::debug!(
             "closed connection from {}: {why}",
-            connection.endpoints.peer
+            connection.endpoints.peer_text
         );
     }
 
@@ -357,7 +441,8 @@ impl Server {
             .endpoints
             .ip()
             .is_some_and(|ip| self.backoff.is_blocked(ip, now));
-        let (token_name, payload) = authenticate(&self.parts.tokens, &raw, !blocked);
+        let insecure = self.config.token_sources.is_empty();
+        let (token_name, payload) = authenticate(&self.parts.tokens, &raw, !blocked, insecure);
         let request = Request {
             id: self.next_request_id,
             token_name,
@@ -382,6 +467,12 @@ impl Server {
         self.parts.pool.submit(Job { request, conn });
     }
 
+    /// Whether the server rejects a wrong token itself. Decided by the configuration, never by
+    /// how many tokens are valid now: an emptied token file must lock everyone out, not in.
+    fn token_required(&self) -> bool {
+        self.config.auth == AuthMode::Required && !self.config.token_sources.is_empty()
+    }
+
     /// Why the server answers a request itself instead of running the script, if it does.
     fn refusal(
         &mut self,
@@ -392,9 +483,9 @@ impl Server {
         if self.stopping.is_some() {
             return Some((ServerError::ShuttingDown, Verdict::ShuttingDown));
         }
-        let token_required =
-            self.config.auth == AuthMode::Required && !self.parts.tokens.is_empty();
+        let token_required = self.token_required();
         if token_required && blocked {
+            metrics().record_refusal(Refusal::AuthBackoff);
             return Some((ServerError::BackedOff, Verdict::Unauthorized));
         }
         if token_required && request.token_name.is_none() {
@@ -409,6 +500,7 @@ impl Server {
             return Some((ServerError::Unauthorized, Verdict::Unauthorized));
         }
         if self.in_flight >= self.config.workers + self.config.queue {
+            metrics().record_refusal(Refusal::QueueFull);
             return Some((ServerError::Busy, Verdict::Busy));
         }
         None
@@ -507,6 +599,7 @@ impl Server {
         self.stopping = Some(Stopping::Draining {
             kill_at: Instant::now() + self.config.shutdown_timeout,
         });
+        self.parts.runtime.stop_jobs();
         for job in self.parts.pool.take_waiting() {
             self.in_flight -= 1;
             let reply = wire::finish(
@@ -571,6 +664,42 @@ impl Server {
     }
 }
 
+/// Open connections per client IP (IPv4-mapped IPv6 counted as IPv4). Tracked only while
+/// `--max-connections-per-ip` is on; an IP leaves the map with its last connection.
+struct PerIp {
+    enabled: bool,
+    open: HashMap<IpAddr, usize>,
+}
+
+impl PerIp {
+    fn new(enabled: bool) -> PerIp {
+        PerIp {
+            enabled,
+            open: HashMap::new(),
+        }
+    }
+
+    fn count(&self, ip: IpAddr) -> usize {
+        self.open.get(&ip.to_canonical()).copied().unwrap_or(0)
+    }
+
+    fn opened(&mut self, ip: IpAddr) {
+        if self.enabled {
+            *self.open.entry(ip.to_canonical()).or_default() += 1;
+        }
+    }
+
+    fn closed(&mut self, ip: IpAddr) {
+        let ip = ip.to_canonical();
+        if let Some(count) = self.open.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.open.remove(&ip);
+            }
+        }
+    }
+}
+
 /// The connection a worker message is for, unless it has closed since.
 fn find(connections: &mut Slab<Connection>, conn: ConnRef) -> Option<&mut Connection> {
     connections
@@ -587,15 +716,21 @@ fn is_per_connection_error(e: &io::Error) -> bool {
     )
 }
 
-/// The token's name and the payload of a request line (SPEC §3).
 /// The token's name and the payload of a request (SPEC §3, §10). With `check` false the token
-/// is split off but not compared (a backed-off client).
-fn authenticate(tokens: &Tokens, raw: &RawRequest, check: bool) -> (Option<Arc<str>>, Vec<u8>) {
+/// is split off but not compared (a backed-off client). `insecure`: no token source is
+/// configured (`--insecure-no-token`). Not "no valid token": token files emptied to revoke
+/// every token leave none, and then nothing may pass.
+fn authenticate(
+    tokens: &Tokens,
+    raw: &RawRequest,
+    check: bool,
+    insecure: bool,
+) -> (Option<Arc<str>>, Vec<u8>) {
     let matched = |token: &[u8]| if check { tokens.check(token) } else { None };
     if let Some(head) = &raw.http {
         return (head.token().and_then(|t| matched(t.as_bytes())), Vec::new());
     }
-    if tokens.is_empty() {
+    if insecure {
         return (None, raw.line.clone()); // --insecure-no-token: the whole line is the payload
     }
     let (token, payload) = framing::split_token(&raw.line);
@@ -626,6 +761,8 @@ enum Step {
     Wait,
     /// A complete request to hand on.
     Dispatch(RawRequest),
+    /// HTTP: a complete head whose client waits for `100 Continue` before sending the body.
+    WantsContinue,
     Close(&'static str),
 }
 
@@ -685,8 +822,14 @@ fn read_request(
             Frame::TooLarge => {
                 return refuse_unreadable(connection, ServerError::TooLarge, config, scratch);
             }
+            Frame::HeadTooLarge => {
+                return refuse_unreadable(connection, ServerError::HeadTooLarge, config, scratch);
+            }
             Frame::Malformed(reason) => {
-                log::debug!("bad request from {}: {reason}", connection.endpoints.peer);
+                log::debug!(
+                    "bad request from {}: {reason}",
+                    connection.endpoints.peer_text
+                );
                 return refuse_unreadable(connection, ServerError::Malformed, config, scratch);
             }
             Frame::Incomplete | Frame::WantsContinue if connection.input_closed => {
@@ -698,11 +841,8 @@ fn read_request(
                 };
                 return step(connection, config, scratch);
             }
-            Frame::WantsContinue if !connection.continue_sent => {
-                connection.continue_sent = true;
-                connection.push_output(b"HTTP/1.1 100 Continue\r\n\r\n");
-                connection.flush()?;
-            }
+            // The loop checks the token first (`Server::on_expect_continue`).
+            Frame::WantsContinue if !connection.continue_sent => return Ok(Step::WantsContinue),
             Frame::Incomplete | Frame::WantsContinue => match filled {
                 Filled::Drained => return Ok(Step::Wait),
                 // Nothing more is read past the limit, so a framer still waiting would wait

@@ -162,6 +162,7 @@ impl WorkerPool {
             };
             thread::Builder::new()
                 .name(format!("worker-{index}"))
+                .stack_size(crate::script::SCRIPT_STACK_BYTES)
                 .spawn(move || worker.run())?;
         }
         Ok(WorkerPool { queue })

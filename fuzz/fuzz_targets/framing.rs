@@ -61,7 +61,7 @@ fn feed(framing: Framing, reads: &[Vec<u8>], max: usize) -> Seen {
                     }
                     seen.requests.push((raw.line, raw.body));
                 }
-                Frame::TooLarge => {
+                Frame::TooLarge | Frame::HeadTooLarge => {
                     seen.too_large = true;
                     return seen;
                 }

@@ -3,16 +3,17 @@
 
 use super::{bytes_of, context, script_error};
 use crate::commands::{self, CommandSpec, Outcome, OutputSink, Program};
-use crate::jobs::Jobs;
 use crate::runtime::Runtime;
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map};
 use std::sync::Arc;
 use std::time::Duration;
 
-type ScriptResult<T> = Result<T, Box<EvalAltResult>>;
+pub(super) type ScriptResult<T> = Result<T, Box<EvalAltResult>>;
 
 pub fn register(engine: &mut Engine, runtime: Arc<Runtime>) {
     register_commands(engine, &runtime);
+    super::jobs_api::register(engine, &runtime);
+    super::state_api::register(engine, &runtime);
     engine.register_fn("env", |name: &str| {
         std::env::var(name)
             .map(Dynamic::from)
@@ -74,19 +75,9 @@ fn register_commands(engine: &mut Engine, runtime: &Arc<Runtime>) {
     engine.register_fn("run", move |line: &str, opts: Map| {
         run_command(&rt, Program::Shell(line.into()), opts)
     });
-    let rt = runtime.clone();
-    engine.register_fn("start", move |what: Dynamic| {
-        start_job(&rt, what, Map::new())
-    });
-    let rt = runtime.clone();
-    engine.register_fn("start", move |what: Dynamic, opts: Map| {
-        start_job(&rt, what, opts)
-    });
-    let rt = runtime.clone();
-    engine.register_fn("job", move |id: i64| job_state(&rt, id));
 }
 
-fn argv_program(argv: Array) -> ScriptResult<Program> {
+pub(super) fn argv_program(argv: Array) -> ScriptResult<Program> {
     let words = argv
         .into_iter()
         .map(|word| {
@@ -101,13 +92,13 @@ fn argv_program(argv: Array) -> ScriptResult<Program> {
 }
 
 /// The `opts` map of `exec`/`run`, checked.
-struct CommandOptions {
-    spec: CommandSpec,
-    stream: bool,
-    lock: Option<String>,
+pub(super) struct CommandOptions {
+    pub spec: CommandSpec,
+    pub stream: bool,
+    pub lock: Option<String>,
 }
 
-fn parse_options(
+pub(super) fn parse_options(
     program: Program,
     opts: Map,
     default_timeout: Duration,
@@ -138,14 +129,19 @@ fn typed<T, E: std::fmt::Display>(key: &str, value: Result<T, E>) -> ScriptResul
     value.map_err(|found| script_error(format!("option '{key}' has the wrong type ({found})")))
 }
 
+/// The `env` option, each name and value checked: the OS would silently split `A=B` at the
+/// first `=` (a name `PATH=/x:` sets `PATH`), and cannot carry a NUL.
 fn env_pairs(value: Dynamic) -> ScriptResult<Vec<(String, String)>> {
     let map = value
         .try_cast::<Map>()
         .ok_or_else(|| script_error("option 'env' must be a map"))?;
-    Ok(map
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect())
+    map.into_iter()
+        .map(|(k, v)| {
+            let (name, value) = (k.to_string(), v.to_string());
+            commands::check_env(&name, &value).map_err(script_error)?;
+            Ok((name, value))
+        })
+        .collect()
 }
 
 fn stdin_bytes(value: Dynamic) -> ScriptResult<Vec<u8>> {
@@ -186,48 +182,6 @@ fn run_command(runtime: &Runtime, program: Program, opts: Map) -> ScriptResult<M
     Ok(result_map(&outcome))
 }
 
-/// `start(argv_or_cmd, opts)`: an array runs directly, a string through `/bin/sh -c`.
-fn start_job(runtime: &Arc<Runtime>, what: Dynamic, opts: Map) -> ScriptResult<i64> {
-    let program = if what.is_array() {
-        argv_program(what.cast::<Array>())?
-    } else if what.is_string() {
-        Program::Shell(what.to_string())
-    } else {
-        return Err(script_error(format!(
-            "start() takes an array of strings or a string, not {}",
-            what.type_name()
-        )));
-    };
-    let options = parse_options(program, opts, runtime.limits.command_timeout)?;
-    if options.stream {
-        return Err(script_error(
-            "a background job has no client to stream to: remove 'stream'",
-        ));
-    }
-    Jobs::start(runtime, options.spec, options.lock, context::request_id()).map_err(script_error)
-}
-
-fn job_state(runtime: &Runtime, id: i64) -> Dynamic {
-    let Some(state) = runtime.jobs.state(id) else {
-        return Dynamic::UNIT;
-    };
-    let mut map = Map::new();
-    let code = state
-        .code
-        .map(|c| Dynamic::from(c as i64))
-        .unwrap_or(Dynamic::UNIT);
-    let success = state.code == Some(0) && !state.timed_out;
-    map.insert("running".into(), Dynamic::from(state.running));
-    map.insert("code".into(), code);
-    map.insert("success".into(), Dynamic::from(success));
-    map.insert("timed_out".into(), Dynamic::from(state.timed_out));
-    map.insert(
-        "duration_ms".into(),
-        Dynamic::from(state.duration.as_millis() as i64),
-    );
-    Dynamic::from_map(map)
-}
-
 fn result_map(outcome: &Outcome) -> Map {
     let text = |bytes: &[u8]| Dynamic::from(String::from_utf8_lossy(bytes).into_owned());
     let mut map = Map::new();
@@ -242,4 +196,22 @@ fn result_map(outcome: &Outcome) -> Map {
         Dynamic::from(outcome.duration.as_millis() as i64),
     );
     map
+}
+
+/// A duration argument: a string like `"500ms"`, `"5s"`, `"24h"`, or whole milliseconds.
+pub(super) fn duration_arg(value: &Dynamic, what: &str) -> ScriptResult<Duration> {
+    if let Ok(ms) = value.as_int() {
+        return u64::try_from(ms)
+            .map(Duration::from_millis)
+            .map_err(|_| script_error(format!("{what} must not be negative")));
+    }
+    let text = value
+        .clone()
+        .into_string()
+        .map_err(|t| script_error(format!("{what} must be a duration like \"5s\", not {t}")))?;
+    humantime::parse_duration(&text).map_err(|e| {
+        script_error(format!(
+            "{what} '{text}' is not a duration like 500ms, 5s or 24h: {e}"
+        ))
+    })
 }

@@ -2,6 +2,7 @@
 //! [`ScriptHost::handle`](super::ScriptHost::handle) on the worker thread for the length of one
 //! call, so registered functions need no extra argument and the frozen engine stays shared.
 
+use super::budget;
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,10 @@ pub struct HandlerContext {
     deadline: Instant,
     client: Box<dyn ClientSink>,
     exit_codes: Vec<i32>,
+    /// What the thread held (by [`budget::net`]) when the handler started.
+    memory_start: isize,
+    /// How much more it may hold before the handler is stopped.
+    memory_budget: usize,
 }
 
 impl HandlerContext {
@@ -32,7 +37,16 @@ impl HandlerContext {
             deadline,
             client,
             exit_codes: Vec::new(),
+            memory_start: budget::net(),
+            memory_budget: usize::MAX,
         }
+    }
+
+    /// Sets the handler's memory budget, counted from now.
+    pub fn with_memory_budget(mut self, bytes: usize) -> Self {
+        self.memory_start = budget::net();
+        self.memory_budget = bytes;
+        self
     }
 }
 
@@ -92,8 +106,22 @@ pub fn take_exit_codes() -> Vec<i32> {
     with(Vec::new(), |c| std::mem::take(&mut c.exit_codes))
 }
 
+/// The bytes leave for the event loop and are freed there, so they stop counting against the
+/// budget: what the thread gained while sending, plus what was moved out.
 pub fn send_to_client(bytes: Vec<u8>) {
-    with((), |c| c.client.send(bytes));
+    with((), |c| {
+        let (before, moved) = (budget::net(), bytes.capacity() as isize);
+        c.client.send(bytes);
+        budget::handed_off(budget::net() - before + moved);
+    });
+}
+
+/// Whether the handler holds more than its memory budget.
+pub fn over_budget() -> bool {
+    with(false, |c| {
+        let budget = isize::try_from(c.memory_budget).unwrap_or(isize::MAX);
+        budget::net().saturating_sub(c.memory_start) > budget
+    })
 }
 
 pub fn announce_trailers(names: Vec<String>) {

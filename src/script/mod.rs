@@ -6,8 +6,12 @@
 //! to) lives in a thread-local [`context`], set for the length of the call.
 
 pub(crate) mod api;
+pub mod budget;
 pub mod context;
 pub(crate) mod diagnose;
+mod jobs_api;
+pub mod limits;
+mod state_api;
 mod webhook;
 
 use crate::http::HttpHead;
@@ -41,6 +45,8 @@ pub struct ScriptHost {
     /// Functions besides `handle` that the flags need (`on_change`, `on_tick`): a script, or a
     /// reload, without them is refused.
     required: Vec<&'static str>,
+    /// Bytes one handler may add once its `req` is built (see [`budget::handler_budget`]).
+    memory_budget: usize,
 }
 
 impl ScriptHost {
@@ -58,12 +64,16 @@ impl ScriptHost {
     ) -> Result<ScriptHost, String> {
         let engine = build_engine(&runtime);
         let ast = compile(&engine, path, &required)?;
+        let limits = &runtime.limits;
+        let memory_budget =
+            budget::handler_budget(limits.max_request_bytes, limits.max_output_bytes);
         Ok(ScriptHost {
             engine,
             path: path.to_owned(),
             ast: RwLock::new(Arc::new(ast)),
             runtime,
             required,
+            memory_budget,
         })
     }
 
@@ -91,6 +101,7 @@ impl ScriptHost {
     ) -> (HandlerResult, Vec<i32>) {
         let deadline = Instant::now() + self.runtime.limits.handler_timeout;
         let context = HandlerContext::new(request.id, deadline, client);
+        // Built before the budget starts counting: the budget is for what the script makes.
         let req = Dynamic::from_map(request_map(request));
         self.call("handle", req, context)
     }
@@ -117,7 +128,7 @@ impl ScriptHost {
         context: HandlerContext,
     ) -> (HandlerResult, Vec<i32>) {
         let ast = self.current();
-        let _guard = context::enter(context);
+        let _guard = context::enter(context.with_memory_budget(self.memory_budget));
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
         let result = self.engine.call_fn_with_options::<Dynamic>(
             options,
@@ -134,6 +145,11 @@ impl ScriptHost {
                     HandlerResult::Failed(format!("{}: {message}", self.path.display()))
                 }
             },
+            Err(error) if stopped_for_memory(&error) => HandlerResult::Failed(format!(
+                "{}: {OVER_BUDGET} ({} MiB)",
+                self.path.display(),
+                self.memory_budget >> 20
+            )),
             Err(error) if matches!(*error, EvalAltResult::ErrorTerminated(..)) => {
                 HandlerResult::TimedOut
             }
@@ -143,15 +159,43 @@ impl ScriptHost {
     }
 }
 
-/// Script limits. Memory is bounded by sizes; time by the handler deadline (checked in
-/// `on_progress`), with the operation count as a backstop for a huge `--handler-timeout`.
+/// Script limits. Memory is bounded by sizes (see [`limits`]); time by the handler deadline
+/// (checked in `on_progress`), with the operation count as a backstop for a huge
+/// `--handler-timeout`.
 const MAX_OPERATIONS: u64 = 2_000_000_000;
 const MAX_CALL_LEVELS: usize = 64;
 const MAX_EXPR_DEPTH: usize = 64;
-const MAX_COLLECTION_ITEMS: usize = 100_000;
-const MIN_STRING_BYTES: usize = 4 << 20;
 /// How many operations pass between two looks at the clock.
 const DEADLINE_CHECK_EVERY: u64 = 256;
+/// How many operations pass between two looks at the memory count (a thread-local read).
+const MEMORY_CHECK_EVERY: u64 = 16;
+const OVER_BUDGET: &str = "handler went over its memory budget";
+
+/// The stack of every thread that runs a script (workers, `call`).
+///
+/// What recurses, and how deep it can go: script function calls (at most [`MAX_CALL_LEVELS`]),
+/// expressions (at most [`MAX_EXPR_DEPTH`] per function), and walks over one value (clone,
+/// drop, size checks, printing, comparing, JSON), at most [`limits::MAX_NESTING`] plus the
+/// levels one expression can add after its variables were read (about 20 under
+/// [`MAX_EXPR_DEPTH`]). The test `defects_script::deepest_value_at_deepest_call_fits` runs all
+/// three at their limits at once; in a debug build (frames several times larger than release
+/// ones) it needs more than 2 MiB and fits in 4 MiB. 32 MiB leaves 8x room for paths it does
+/// not take; only the pages a script touches become resident.
+pub const SCRIPT_STACK_BYTES: usize = 32 << 20;
+
+/// Runs `f` on a thread with [`SCRIPT_STACK_BYTES`] of stack, for callers (`call`) whose own
+/// thread's stack is whatever `ulimit -s` says.
+pub fn on_script_stack<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("script".into())
+            .stack_size(SCRIPT_STACK_BYTES)
+            .spawn_scoped(scope, f)?;
+        thread
+            .join()
+            .map_err(|_| std::io::Error::other("the script thread panicked"))
+    })
+}
 
 /// The engine every script runs in: the standard library, the limits, and the functions of
 /// SPEC §5 and §10 bound to `runtime`. Frozen by the caller once built.
@@ -160,15 +204,24 @@ pub(crate) fn build_engine(runtime: &Arc<Runtime>) -> Engine {
     let mut engine = Engine::new_raw();
     engine.register_global_module(StandardPackage::new().as_shared_module());
     engine.disable_symbol("eval");
+    // `this` is the one way to reach a value again and again without reading a variable, so
+    // without it every value that grows passes through the depth check in `on_var`.
+    engine.disable_symbol("this");
+    let sizes = limits::SizeLimits::of(&runtime.limits);
     engine
         .set_max_operations(MAX_OPERATIONS)
         .set_max_call_levels(MAX_CALL_LEVELS)
         .set_max_expr_depths(MAX_EXPR_DEPTH, MAX_EXPR_DEPTH)
-        .set_max_string_size(MIN_STRING_BYTES.max(runtime.limits.max_output_bytes * 2))
-        .set_max_array_size(MAX_COLLECTION_ITEMS)
-        .set_max_map_size(MAX_COLLECTION_ITEMS);
+        .set_max_string_size(sizes.string_bytes)
+        .set_max_array_size(sizes.array_items)
+        .set_max_map_size(limits::MAX_COLLECTION_ITEMS);
+    limits::register_depth_check(&mut engine);
+    limits::register_checked_builtins(&mut engine, sizes.string_bytes);
     let progress_runtime = runtime.clone();
     engine.on_progress(move |operations| {
+        if operations % MEMORY_CHECK_EVERY == 0 && context::over_budget() {
+            return Some(OVER_BUDGET.into());
+        }
         if operations % DEADLINE_CHECK_EVERY != 0 {
             return None;
         }
@@ -180,7 +233,7 @@ pub(crate) fn build_engine(runtime: &Arc<Runtime>) -> Engine {
         context::log(log::Level::Debug, &format!("{position:?}: {text}"))
     });
     api::register(&mut engine, runtime.clone());
-    webhook::register(&mut engine);
+    webhook::register(&mut engine, sizes.string_bytes);
     engine
 }
 
@@ -255,6 +308,16 @@ pub(crate) fn check_calls(
         })
         .collect();
     Err(reports.join("\n"))
+}
+
+/// Whether `on_progress` stopped the handler for its memory budget (not its deadline).
+fn stopped_for_memory(error: &EvalAltResult) -> bool {
+    match error {
+        EvalAltResult::ErrorTerminated(token, _) => token
+            .read_lock::<rhai::ImmutableString>()
+            .is_some_and(|t| t.as_str() == OVER_BUDGET),
+        _ => false,
+    }
 }
 
 /// `FILE:LINE:COL: message`, from the innermost error that has a position.

@@ -9,6 +9,7 @@ use crate::framing::Framing;
 use crate::http::HttpHead;
 use crate::request::{Endpoints, Request};
 use crate::runner::{Pattern, Recorded, Recorder};
+use crate::runtime::Runtime;
 use crate::script::{bytes_of, request_map, script_error};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map};
 use std::collections::HashMap;
@@ -48,7 +49,7 @@ impl TestState {
 /// The addresses `request()` uses unless told otherwise; the same as `call`'s.
 const PEER: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
 
-pub fn register(engine: &mut Engine, state: &Arc<TestState>) {
+pub fn register(engine: &mut Engine, state: &Arc<TestState>, runtime: &Arc<Runtime>) {
     let s = state.clone();
     engine.register_fn("request", move |payload: &str| {
         request(&s, RequestFields::payload(payload))
@@ -84,11 +85,13 @@ pub fn register(engine: &mut Engine, state: &Arc<TestState>) {
         let mut env = s.env.lock().unwrap_or_else(|p| p.into_inner());
         env.insert(name.into(), value.into());
     });
-    // Moves the clock that time-based features read (`runtime.clock`); once debounced jobs
-    // exist, this is where those that became due start.
+    // Moves the clock that time-based features read (`runtime.clock`), then starts the jobs
+    // that became due (debounce ends, retries): a test has no timer thread to do it.
     let s = state.clone();
+    let r = runtime.clone();
     engine.register_fn("advance", move |by: Dynamic| -> ScriptResult<()> {
         s.clock.advance(duration_of(by)?);
+        r.run_due_jobs();
         Ok(())
     });
     register_assertions(engine);

@@ -12,6 +12,7 @@ use crate::runner::Recorder;
 use crate::runtime::Runtime;
 use crate::script::context::{self, ClientSink, HandlerContext};
 use crate::script::{self, build_engine};
+use crate::state::State;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Scope};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -140,9 +141,14 @@ fn in_file_order(source: &str, runnable: &HashSet<String>) -> Vec<String> {
 
 /// The server's engine bound to a recording runtime, plus the test helpers.
 fn test_engine(limits: Limits, state: &Arc<TestState>) -> (Engine, Arc<Runtime>) {
-    let runtime = Runtime::with_seams(limits, state.recorder.clone(), state.clock.clone());
+    let runtime = Runtime::with_seams(
+        limits,
+        State::in_memory(limits.state_max_keys),
+        state.recorder.clone(),
+        state.clock.clone(),
+    );
     let mut engine = build_engine(&runtime);
-    helpers::register(&mut engine, state);
+    helpers::register(&mut engine, state, &runtime);
     (engine, runtime)
 }
 

@@ -7,8 +7,11 @@ mod util;
 
 mod clients;
 mod core;
+mod defects_script;
+mod defects_server;
 mod hardening;
 mod http;
+mod jobs_state;
 mod live;
 mod local_triggers;
 mod ops;

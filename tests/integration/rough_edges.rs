@@ -279,7 +279,7 @@ fn every_documented_series_exists_from_the_start_and_allow_refusals_count() {
         "command_trigger_commands_total{success=\"true\"} 0",
         "command_trigger_script_reloads_total{result=\"failure\"} 0",
         "command_trigger_script_reloads_total{result=\"success\"} 0",
-        "command_trigger_allow_refusals_total 0",
+        "command_trigger_refusals_total{reason=\"allow\"} 0",
     ] {
         assert!(body.contains(series), "missing {series}:\n{body}");
     }
@@ -292,7 +292,7 @@ fn every_documented_series_exists_from_the_start_and_allow_refusals_count() {
     assert_eq!(reply, b"");
     let body = get(server.addrs[1], "/metrics", "");
     assert!(
-        body.contains("command_trigger_allow_refusals_total 1"),
+        body.contains("command_trigger_refusals_total{reason=\"allow\"} 1"),
         "{body}"
     );
 }
