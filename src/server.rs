@@ -304,7 +304,7 @@ impl Server {
             endpoints.peer_text,
             why.as_str()
         );
-        if matches!(stream, Stream::Tls(_)) {
+        if stream.needs_handshake() {
             return;
         }
         let head = (self.config.framing == Framing::Http).then(|| HttpHead {

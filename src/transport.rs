@@ -149,6 +149,12 @@ impl Stream {
         let _ = rustix::net::sockopt::set_socket_linger(fd, Some(Duration::ZERO));
     }
 
+    /// Whether anything said to the client must wait for a handshake (TLS): a refusal at
+    /// accept is then a bare close, since the handshake is the cost the refusal avoids.
+    pub fn needs_handshake(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
     /// The facts of the TLS handshake, once, right after it finished.
     pub fn take_tls_info(&mut self) -> Option<TlsInfo> {
         match self {

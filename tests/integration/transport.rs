@@ -906,3 +906,32 @@ fn a_garbage_flood_on_the_tls_port_does_not_starve_a_tls_client() {
     );
     assert!(stdout(&ask()).contains("payload=legit"), "after the flood");
 }
+
+#[test]
+fn a_full_unix_listener_answers_err_busy_and_a_full_tls_one_closes() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    if !require("openssl", INSTALL) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let certs = Certs::make(&scratch);
+    let sock = scratch.path("busy.sock");
+    let unix = format!("unix:{}", sock.display());
+    let mut args = tls_args(&certs);
+    args.extend(["--max-connections".into(), "1".into()]);
+    let server = start_with(scratch, ECHO, &[&unix, "tls://127.0.0.1:0"], &args);
+    let held = UnixStream::connect(&sock).unwrap();
+    server.log.wait_for("connection from unix");
+    let mut second = UnixStream::connect(&sock).unwrap();
+    second.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reply = String::new();
+    let _ = second.read_to_string(&mut reply);
+    assert_eq!(reply, "ERR busy\n");
+    // TLS: no reply without a handshake, and no handshake for a connection there is no room for.
+    let mut tls = connect(server.addrs[1]);
+    let mut bytes = Vec::new();
+    let _ = tls.read_to_end(&mut bytes);
+    assert!(bytes.is_empty(), "{bytes:?}");
+    drop(held);
+}
