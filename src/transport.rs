@@ -56,7 +56,10 @@ pub enum Stream {
 /// A TCP socket with a rustls server session on it.
 pub struct TlsStream {
     sock: TcpStream,
-    tls: ServerConnection,
+    /// The rustls session, made when the client's first byte arrives (see `start_session`).
+    tls: Option<ServerConnection>,
+    /// The configuration of the moment of accept, for the session made later.
+    config: Arc<rustls::ServerConfig>,
     /// The socket gave end of file: no more records will come.
     eof: bool,
     /// `close_notify` queued: the TLS form of shutting down our sending side.
@@ -71,10 +74,10 @@ pub struct TlsStream {
 
 impl Stream {
     pub fn tls(sock: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<Stream> {
-        let tls = ServerConnection::new(config).map_err(io::Error::other)?;
         Ok(Stream::Tls(Box::new(TlsStream {
             sock,
-            tls,
+            tls: None,
+            config,
             eof: false,
             close_queued: false,
             reported: false,
@@ -113,7 +116,7 @@ impl Stream {
     /// Whether the transport has bytes of its own waiting for the socket to be writable.
     pub fn wants_write(&self) -> bool {
         match self {
-            Stream::Tls(s) => s.tls.wants_write(),
+            Stream::Tls(s) => s.tls.as_ref().is_some_and(|t| t.wants_write()),
             _ => false,
         }
     }
@@ -126,8 +129,10 @@ impl Stream {
             Stream::Tcp(s) => drop(s.shutdown(Shutdown::Write)),
             Stream::Unix(s) => drop(s.shutdown(Shutdown::Write)),
             Stream::Tls(s) => {
-                if !std::mem::replace(&mut s.close_queued, true) {
-                    s.tls.send_close_notify();
+                if let Some(tls) = s.tls.as_mut()
+                    && !std::mem::replace(&mut s.close_queued, true)
+                {
+                    tls.send_close_notify();
                 }
                 if !s.push_records()? {
                     return Ok(false);
@@ -158,10 +163,11 @@ impl Stream {
     /// The facts of the TLS handshake, once, right after it finished.
     pub fn take_tls_info(&mut self) -> Option<TlsInfo> {
         match self {
-            Stream::Tls(s) if !s.reported && !s.tls.is_handshaking() => {
+            Stream::Tls(s) if !s.reported => {
+                let tls = s.tls.as_ref().filter(|t| !t.is_handshaking())?;
                 s.reported = true;
                 crate::metrics::metrics().record_tls_handshake("ok");
-                Some(TlsInfo::of(&s.tls))
+                Some(TlsInfo::of(tls))
             }
             _ => None,
         }
@@ -170,7 +176,8 @@ impl Stream {
     /// A TLS connection that closes before its handshake finished or failed (a timeout, a
     /// client that went away, a TCP probe).
     pub fn handshake_abandoned(&self) -> bool {
-        matches!(self, Stream::Tls(s) if s.tls.is_handshaking() && !s.failed)
+        matches!(self, Stream::Tls(s)
+            if s.tls.as_ref().is_none_or(|t| t.is_handshaking()) && !s.failed)
     }
 
     /// The handshake failed on the client's certificate (mTLS): an authentication failure.
@@ -200,9 +207,30 @@ impl Source for Stream {
 }
 
 impl TlsStream {
+    /// Makes the rustls session once the client has sent something: a connection that never
+    /// does (a TCP probe, an idle attacker) costs a socket, not a session. False: the client
+    /// closed without a word.
+    fn start_session(&mut self) -> io::Result<bool> {
+        if self.tls.is_some() {
+            return Ok(true);
+        }
+        if self.sock.peek(&mut [0u8; 1])? == 0 {
+            return Ok(false);
+        }
+        let session = ServerConnection::new(self.config.clone()).map_err(io::Error::other)?;
+        self.tls = Some(session);
+        Ok(true)
+    }
+
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.start_session()? {
+            return Ok(0);
+        }
         loop {
-            match self.tls.reader().read(buf) {
+            let Some(tls) = self.tls.as_mut() else {
+                return Ok(0);
+            };
+            match tls.reader().read(buf) {
                 Ok(n) => return Ok(n),
                 // The client closed TCP without `close_notify`: as a plain FIN would be.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
@@ -210,12 +238,12 @@ impl TlsStream {
                 Err(_) if self.eof => return Ok(0),
                 Err(_) => {}
             }
-            match self.tls.read_tls(&mut self.sock) {
+            match tls.read_tls(&mut self.sock) {
                 Ok(0) => self.eof = true,
                 Ok(_) => {}
                 Err(e) => return Err(e),
             }
-            if let Err(error) = self.tls.process_new_packets() {
+            if let Err(error) = tls.process_new_packets() {
                 return Err(self.failed(error));
             }
             // Handshake messages go out now; what the socket does not take waits for WRITABLE.
@@ -226,7 +254,8 @@ impl TlsStream {
     /// Sends the alert rustls queued, notes why, and turns the error into an I/O error.
     fn failed(&mut self, error: rustls::Error) -> io::Error {
         let _ = self.push_records();
-        if self.tls.is_handshaking() && !std::mem::replace(&mut self.failed, true) {
+        let handshaking = self.tls.as_ref().is_some_and(|t| t.is_handshaking());
+        if handshaking && !std::mem::replace(&mut self.failed, true) {
             let client_cert = crate::tls::is_client_cert_error(&error);
             self.client_cert_rejected = client_cert;
             let result = if client_cert {
@@ -241,7 +270,11 @@ impl TlsStream {
 
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            let n = self.tls.writer().write(buf)?;
+            // Nothing is written before a request, so before a session either.
+            let Some(tls) = self.tls.as_mut() else {
+                return Err(io::ErrorKind::NotConnected.into());
+            };
+            let n = tls.writer().write(buf)?;
             if n > 0 {
                 self.push_records()?;
                 return Ok(n);
@@ -255,8 +288,11 @@ impl TlsStream {
 
     /// Writes rustls' pending records; true once none is left, false when the socket is full.
     fn push_records(&mut self) -> io::Result<bool> {
-        while self.tls.wants_write() {
-            match self.tls.write_tls(&mut self.sock) {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(true);
+        };
+        while tls.wants_write() {
+            match tls.write_tls(&mut self.sock) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
