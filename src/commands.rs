@@ -316,7 +316,8 @@ fn stdin_is_dev_null() -> bool {
     let (Ok(ours), Ok(null)) = (fstat(std::io::stdin()), stat("/dev/null")) else {
         return false;
     };
-    let is_char = |st: &rustix::fs::Stat| FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice;
+    let is_char =
+        |st: &rustix::fs::Stat| FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice;
     is_char(&ours) && is_char(&null) && ours.st_rdev == null.st_rdev
 }
 
@@ -593,7 +594,10 @@ mod tests {
     #[test]
     fn a_command_reads_end_of_file_on_stdin_by_default() {
         let outcome = run_shell("cat; echo done", 5000);
-        assert_eq!((outcome.code, outcome.stdout.as_slice()), (0, &b"done\n"[..]));
+        assert_eq!(
+            (outcome.code, outcome.stdout.as_slice()),
+            (0, &b"done\n"[..])
+        );
         assert!(!outcome.timed_out);
     }
 
@@ -611,7 +615,10 @@ mod tests {
     fn argv_spec(argv: &[&str], env: &[(&str, &str)], clear_env: bool) -> CommandSpec {
         CommandSpec {
             program: Program::Argv(argv.iter().map(|w| w.to_string()).collect()),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             clear_env,
             timeout: Duration::from_secs(5),
             ..CommandSpec::default()

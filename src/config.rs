@@ -6,6 +6,7 @@ use crate::cli::{AuthMode, FramingArg, ServeArgs};
 use crate::error::Fatal;
 use crate::framing::Framing;
 use crate::schedule::Schedule;
+use crate::tls::TlsFiles;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,7 +14,13 @@ use std::time::Duration;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub script: PathBuf,
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenSpec>,
+    /// Certificate, key and client CA of the `tls://` listeners; set exactly when one exists.
+    pub tls: Option<TlsFiles>,
+    /// Mode the `unix:` sockets are created with.
+    pub unix_mode: u32,
+    /// User ids served on `unix:` listeners; empty means any.
+    pub allow_uid: Vec<u32>,
     pub token_sources: Vec<TokenSource>,
     pub auth: AuthMode,
     pub framing: Framing,
@@ -64,16 +71,31 @@ impl Config {
         self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip))
     }
 
+    /// Whether `--allow-uid` admits a Unix client with user id `uid`.
+    pub fn allows_uid(&self, uid: u32) -> bool {
+        self.allow_uid.is_empty() || self.allow_uid.contains(&uid)
+    }
+
     pub fn from_args(args: ServeArgs) -> Result<Config, Fatal> {
         let listen = args
             .listen
             .iter()
-            .map(|a| parse_listen(a))
+            .map(|a| ListenSpec::parse(a))
             .collect::<Result<Vec<_>, _>>()?;
+        let tls = tls_files(&args, &listen)?;
         let token_sources = token_sources(&args.token_file, &args.token_env)?;
-        if token_sources.is_empty() && !args.insecure_no_token {
+        // A listener that authenticates its clients itself: mTLS, or a Unix socket's
+        // permissions and --allow-uid.
+        let authenticates = |spec: &ListenSpec| match spec {
+            ListenSpec::Tcp(_) => false,
+            ListenSpec::Tls(_) => args.tls_client_ca.is_some(),
+            ListenSpec::Unix(_) => true,
+        };
+        if token_sources.is_empty() && !args.insecure_no_token && !listen.iter().all(authenticates)
+        {
             return Err(Fatal::Usage(
-                "no token source: give --token-file or --token-env (or --insecure-no-token to accept anyone)".into(),
+                "no token source: give --token-file or --token-env (or --insecure-no-token to accept anyone; \
+                 no token is needed when every listener authenticates its clients: tls:// with --tls-client-ca, or unix:)".into(),
             ));
         }
         validate(&args)?;
@@ -99,6 +121,9 @@ impl Config {
             schedules,
             script: args.script,
             listen,
+            tls,
+            unix_mode: args.unix_mode,
+            allow_uid: args.allow_uid,
             token_sources,
             auth: args.auth,
             framing: match args.framing {
@@ -129,6 +154,54 @@ impl Config {
             metrics_listen: args.metrics_listen,
             state_file: args.state_file,
         })
+    }
+}
+
+/// One `--listen` value (SPEC §11).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenSpec {
+    Tcp(SocketAddr),
+    Tls(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ListenSpec {
+    pub fn parse(text: &str) -> Result<ListenSpec, Fatal> {
+        let usage = || {
+            Fatal::Usage(format!(
+                "--listen '{text}': expected IP:PORT, [IPv6]:PORT, tls://IP:PORT or unix:/PATH"
+            ))
+        };
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(usage());
+            }
+            return Ok(ListenSpec::Unix(path.into()));
+        }
+        if let Some(addr) = text.strip_prefix("tls://") {
+            return addr.parse().map(ListenSpec::Tls).map_err(|_| usage());
+        }
+        text.parse().map(ListenSpec::Tcp).map_err(|_| usage())
+    }
+}
+
+/// The TLS files, checked against the listeners: a certificate with no `tls://` listener is as
+/// wrong as a `tls://` listener with none (an operator who set one believes TLS is on).
+fn tls_files(args: &ServeArgs, listen: &[ListenSpec]) -> Result<Option<TlsFiles>, Fatal> {
+    let has_tls = listen.iter().any(|l| matches!(l, ListenSpec::Tls(_)));
+    let usage = |m: &str| Err(Fatal::Usage(m.into()));
+    match (&args.tls_cert, &args.tls_key, has_tls) {
+        (Some(cert), Some(key), true) => Ok(Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+        })),
+        (None, None, false) if args.tls_client_ca.is_none() => Ok(None),
+        (_, _, false) => usage(
+            "--tls-cert, --tls-key or --tls-client-ca given but no tls:// listener: add --listen tls://IP:PORT",
+        ),
+        (None, _, true) => usage("a tls:// listener needs --tls-cert FILE (and --tls-key FILE)"),
+        (_, None, true) => usage("a tls:// listener needs --tls-key FILE"),
     }
 }
 
@@ -224,14 +297,6 @@ fn check_range<T: PartialOrd + Default + Copy>(
         )));
     }
     Ok(())
-}
-
-fn parse_listen(text: &str) -> Result<SocketAddr, Fatal> {
-    text.parse().map_err(|_| {
-        Fatal::Usage(format!(
-            "--listen '{text}': expected IP:PORT or [IPv6]:PORT"
-        ))
-    })
 }
 
 fn token_sources(files: &[String], vars: &[String]) -> Result<Vec<TokenSource>, Fatal> {

@@ -2,15 +2,12 @@
 //! still have to send, and where it stands between accept and close.
 
 use crate::request::Endpoints;
-use mio::net::TcpStream;
-use mio::unix::SourceFd;
+use crate::transport::{ReplySocket, Stream};
 use mio::{Interest, Registry, Token};
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Where a connection stands. Each phase but `Handling` has a deadline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,9 +25,8 @@ pub enum Phase {
 }
 
 pub struct Connection {
-    /// Shared with the worker handling a request, which writes the reply itself (see
-    /// [`ReplyWriter`]); the socket closes when the last holder drops it.
-    shared: Arc<Shared>,
+    /// Plain TCP, TLS or Unix: the loop does not need to know which.
+    pub stream: Stream,
     pub endpoints: Arc<Endpoints>,
     /// Tells this connection from a later one in the same slab slot.
     pub serial: u64,
@@ -48,6 +44,9 @@ pub struct Connection {
     pub timer: Option<Instant>,
     /// HTTP: `100 Continue` already sent for the request being read.
     pub continue_sent: bool,
+    /// The hand-off state of the request being handled, shared with the worker that writes
+    /// its reply itself (see [`ReplyWriter`]); made with the first such request.
+    handoff: Option<Arc<AtomicU8>>,
 }
 
 /// Was the read stopped because the socket is empty, or because enough is buffered?
@@ -57,12 +56,9 @@ pub enum Filled {
 }
 
 impl Connection {
-    pub fn new(stream: TcpStream, endpoints: Arc<Endpoints>, serial: u64, phase: Phase) -> Self {
+    pub fn new(stream: Stream, endpoints: Arc<Endpoints>, serial: u64, phase: Phase) -> Self {
         Connection {
-            shared: Arc::new(Shared {
-                stream,
-                handoff: AtomicU8::new(0),
-            }),
+            stream,
             endpoints,
             serial,
             phase,
@@ -73,34 +69,38 @@ impl Connection {
             wants_writable: false,
             timer: None,
             continue_sent: false,
+            handoff: None,
         }
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        let fd = self.shared.stream.as_raw_fd();
-        registry.register(&mut SourceFd(&fd), token, Interest::READABLE)
+        registry.register(&mut self.stream, token, Interest::READABLE)
     }
 
     pub fn deregister(&mut self, registry: &Registry) {
-        let _ = registry.deregister(&mut SourceFd(&self.shared.stream.as_raw_fd()));
+        let _ = registry.deregister(&mut self.stream);
     }
 
-    /// The socket, for the worker to write this request's reply to itself, when it may: only
-    /// while nothing of ours waits to be sent before the reply, or the worker's bytes would
-    /// overtake it. The loop writes nothing to the connection while the request is handled
-    /// unless the handler streams output, and then the worker does not write (see
-    /// `workers::Worker::run`).
+    /// The socket, for the worker to write this request's reply to itself, when it may: a
+    /// plain socket (TLS records are made by the session the loop holds), and nothing of ours
+    /// waiting to be sent before the reply, or the worker's bytes would overtake it. The loop
+    /// writes nothing to the connection while the request is handled unless the handler
+    /// streams output, and then the worker does not write (see `workers::Worker::run`).
     /// `keep_open`: the connection stays open after a reply that does not say otherwise.
-    pub fn reply_writer(&self, keep_open: bool) -> Option<ReplyWriter> {
-        (self.pending_output() == 0).then(|| {
-            self.shared.handoff.store(0, Ordering::SeqCst);
-            ReplyWriter {
-                shared: self.shared.clone(),
-                keep_open,
-                // Input already buffered (pipelined requests) or already closed brings the
-                // loop no new event.
-                client_to_move: self.input.is_empty() && !self.input_closed,
-            }
+    pub fn reply_writer(&mut self, keep_open: bool) -> Option<ReplyWriter> {
+        if self.pending_output() > 0 {
+            return None;
+        }
+        let socket = self.stream.reply_socket()?;
+        let handoff = self.handoff.get_or_insert_with(Arc::default);
+        handoff.store(0, Ordering::SeqCst);
+        Some(ReplyWriter {
+            socket,
+            handoff: handoff.clone(),
+            keep_open,
+            // Input already buffered (pipelined requests) or already closed brings the loop
+            // no new event.
+            client_to_move: self.input.is_empty() && !self.input_closed,
         })
     }
 
@@ -109,7 +109,9 @@ impl Connection {
     /// loop's inbox with no wake, and the loop must take it now to serve that news. Otherwise
     /// the worker is told (by the same atomic step) to wake the loop when it is done.
     pub fn reply_went_quietly(&self) -> bool {
-        self.shared.handoff.fetch_or(WAITING, Ordering::SeqCst) & DONE != 0
+        self.handoff
+            .as_ref()
+            .is_some_and(|h| h.fetch_or(WAITING, Ordering::SeqCst) & DONE != 0)
     }
 
     pub fn deadline(&self) -> Option<Instant> {
@@ -128,7 +130,12 @@ impl Connection {
             if self.input.len() > limit {
                 return Ok(Filled::LimitReached);
             }
-            match (&self.shared.stream).read(scratch) {
+            let read = self.stream.read(scratch);
+            if let Some(info) = self.stream.take_tls_info() {
+                // The handshake finished during this read: requests from now on carry it.
+                self.endpoints = self.endpoints.with_tls(info);
+            }
+            match read {
                 Ok(0) => self.input_closed = true,
                 Ok(n) => self.input.extend_from_slice(&scratch[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -146,7 +153,7 @@ impl Connection {
         self.input = Vec::new();
         let mut drained = 0;
         loop {
-            match (&self.shared.stream).read(scratch) {
+            match self.stream.read(scratch) {
                 Ok(0) => return Ok(true),
                 Ok(n) if drained + n > DRAIN_BUDGET => return Ok(true),
                 Ok(n) => drained += n,
@@ -165,10 +172,11 @@ impl Connection {
         self.output.len() - self.written
     }
 
-    /// Writes what the socket takes now; true when nothing is left.
+    /// Writes what the socket takes now; true when nothing is left, in our buffer or in the
+    /// transport's (TLS records).
     pub fn flush(&mut self) -> io::Result<bool> {
         while self.written < self.output.len() {
-            match (&self.shared.stream).write(&self.output[self.written..]) {
+            match self.stream.write(&self.output[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -178,31 +186,30 @@ impl Connection {
         }
         self.output.clear();
         self.written = 0;
-        Ok(true)
+        self.stream.flush_transport()
     }
 
     /// Makes dropping the socket send a reset instead of a FIN. For a reply given up half
     /// written: after a FIN, the part the client got would look like the whole reply.
     pub fn reset_on_drop(&self) {
-        let _ = rustix::net::sockopt::set_socket_linger(&self.shared.stream, Some(Duration::ZERO));
+        self.stream.reset_on_drop();
     }
 
-    pub fn shutdown_output(&mut self) {
-        // ENOTCONN: the client is gone already; draining will find out.
-        let _ = self.shared.stream.shutdown(Shutdown::Write);
+    /// Shuts down our sending side (after `close_notify` on TLS); true once done.
+    pub fn shutdown_output(&mut self) -> io::Result<bool> {
+        self.stream.shutdown_output()
     }
 
-    /// Asks for WRITABLE events exactly while output is pending.
+    /// Asks for WRITABLE events exactly while output is pending, ours or the transport's.
     pub fn update_interest(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        let wants = self.pending_output() > 0;
+        let wants = self.pending_output() > 0 || self.stream.wants_write();
         if wants != self.wants_writable {
             let interest = if wants {
                 Interest::READABLE | Interest::WRITABLE
             } else {
                 Interest::READABLE
             };
-            let fd = self.shared.stream.as_raw_fd();
-            registry.reregister(&mut SourceFd(&fd), token, interest)?;
+            registry.reregister(&mut self.stream, token, interest)?;
             self.wants_writable = wants;
         }
         Ok(())
@@ -219,14 +226,8 @@ impl Connection {
     }
 }
 
-/// A connection's socket and the hand-off state of the request being handled.
-struct Shared {
-    stream: TcpStream,
-    /// `DONE` (the worker sent its reply quietly) and `WAITING` (the loop had news for this
-    /// connection while the request was handled); reset at each dispatch.
-    handoff: AtomicU8,
-}
-
+/// `DONE`: the worker sent its reply quietly. `WAITING`: the loop had news for the connection
+/// while the request was handled. Both reset at each dispatch.
 const DONE: u8 = 1;
 const WAITING: u8 = 2;
 
@@ -235,9 +236,10 @@ const WAITING: u8 = 2;
 /// every connection, does not pay for the `send` (on loopback the sender's system call also
 /// runs the receiver's TCP input: the largest single cost of a keep-alive request). Writes
 /// only what the socket takes now, so a slow client never holds a worker: the loop sends the
-/// rest. Plain sockets only; a transport that keeps state in the loop (TLS) gives none.
+/// rest. Plain TCP and Unix sockets only.
 pub struct ReplyWriter {
-    shared: Arc<Shared>,
+    socket: ReplySocket,
+    handoff: Arc<AtomicU8>,
     /// The connection stays open after a reply that does not say otherwise.
     keep_open: bool,
     /// The client's next move (a request, or its close) is still to come, and will bring the
@@ -252,7 +254,7 @@ impl ReplyWriter {
     pub fn write_now(&self, bytes: &mut Vec<u8>) {
         let mut written = 0;
         while written < bytes.len() {
-            match (&self.shared.stream).write(&bytes[written..]) {
+            match self.socket.write(&bytes[written..]) {
                 Ok(0) => break,
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -280,6 +282,6 @@ impl ReplyWriter {
     /// Marks the quiet reply as sent (its `Done` already queued); true when the loop had news
     /// for the connection meanwhile and must be woken after all.
     pub fn mark_done(&self) -> bool {
-        self.shared.handoff.fetch_or(DONE, Ordering::SeqCst) & WAITING != 0
+        self.handoff.fetch_or(DONE, Ordering::SeqCst) & WAITING != 0
     }
 }

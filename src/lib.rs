@@ -5,6 +5,8 @@
 //! - [`cli`]: the command line as typed (clap); [`config`]: the validated settings of `serve`.
 //! - [`app`]: what each subcommand does, start to finish; `main` only maps errors to exit codes.
 //! - [`server`]: the mio event loop: accept, read, frame, authenticate, dispatch, write, time out.
+//! - [`transport`]: plain TCP, TLS and Unix streams and listeners behind one type; [`tls`]:
+//!   certificates, their rotation, and the identity a handshake proves.
 //! - [`connection`]: one client connection's buffers and phase; [`framing`]: bytes to requests;
 //!   [`http`]: HTTP/1.x requests and responses; [`wire`]: a reply encoded for its framing.
 //! - [`auth`]: token sources and the constant-time check; [`backoff`]: `--auth-failures`.
@@ -56,6 +58,8 @@ pub mod script_test;
 pub mod server;
 pub mod signals;
 pub mod state;
+pub mod tls;
+pub mod transport;
 pub mod trigger;
 pub mod watch;
 pub mod wire;

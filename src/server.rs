@@ -14,15 +14,15 @@ use crate::reload::ReloadTrigger;
 use crate::request::{Endpoints, Reply, Request, ServerError, Verdict};
 use crate::script::Runtime;
 use crate::signals::{Signal, SignalSource};
+use crate::transport::{Accepted, Listener, ListenerKind, Stream};
 use crate::wire;
 use crate::workers::{ConnRef, Inbox, Job, Outbound, WorkerPool, log_request};
-use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -55,7 +55,8 @@ const QUIET_SETTLE: Duration = Duration::from_millis(10);
 /// Everything the loop needs that is built before it starts.
 pub struct Parts {
     pub poll: Poll,
-    pub listeners: Vec<TcpListener>,
+    /// Plain TCP, TLS and Unix listeners, in `--listen` order.
+    pub listeners: Vec<Listener>,
     pub signals: SignalSource,
     pub pool: WorkerPool,
     pub inbox: Inbox,
@@ -198,12 +199,13 @@ impl Server {
             let Some(listener) = self.parts.listeners.get(index) else {
                 return;
             };
+            let kind = listener.kind();
             match listener.accept() {
-                Ok((stream, peer)) => {
+                Ok(accepted) => {
                     if std::mem::take(&mut self.accept_failing) {
                         log::info!("accepting connections again");
                     }
-                    self.admit(stream, peer)
+                    self.admit(accepted, kind)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_per_connection_error(&e) => continue,
@@ -236,34 +238,33 @@ impl Server {
         }
     }
 
-    fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
-        if !self.config.allows(peer.ip()) {
-            metrics().record_refusal(Refusal::NotAllowed);
-            log::debug!("refusing {peer}: not in --allow");
+    fn admit(&mut self, accepted: Accepted, kind: ListenerKind) {
+        let Accepted { stream, endpoints } = accepted;
+        let peer = &endpoints.peer_text;
+        if let Some(why) = self.refused_at_accept(&endpoints, kind) {
+            log::debug!("refusing {peer}: {why}");
             return; // dropping the stream closes it, without a reply
         }
-        if let Some(why) = self.over_capacity(peer.ip()) {
-            return self.refuse_connection(stream, peer, why);
+        if let Some(why) = self.over_capacity(endpoints.ip()) {
+            return self.refuse_connection(stream, &endpoints, why);
         }
-        let local = match stream.local_addr() {
-            Ok(local) => local,
-            Err(e) => return log::debug!("dropping {peer}: {e}"),
-        };
-        self.per_ip.opened(peer.ip());
-        let _ = stream.set_nodelay(true);
+        if let Some(ip) = endpoints.ip() {
+            self.per_ip.opened(ip);
+        }
         self.next_serial += 1;
         let phase = Phase::Reading {
             deadline: Instant::now() + self.config.read_timeout,
         };
-        let connection =
-            Connection::new(stream, Endpoints::new(peer, local), self.next_serial, phase);
+        let connection = Connection::new(stream, endpoints.clone(), self.next_serial, phase);
         let key = self.connections.insert(connection);
         metrics().open_connections.inc();
         if let Err(e) = self.connections[key].register(self.parts.poll.registry(), Token(key)) {
             log::warn!("registering connection from {peer}: {e}");
             self.connections.remove(key);
             metrics().open_connections.dec();
-            self.per_ip.closed(peer.ip());
+            if let Some(ip) = endpoints.ip() {
+                self.per_ip.closed(ip);
+            }
             return;
         }
         log::debug!("connection from {peer}");
@@ -271,13 +272,33 @@ impl Server {
         self.drive(key);
     }
 
+    /// Why a new connection is closed at once, without a reply, if it is.
+    fn refused_at_accept(&self, endpoints: &Endpoints, kind: ListenerKind) -> Option<&'static str> {
+        if let Some(cred) = endpoints.peer_cred
+            && !self.config.allows_uid(cred.uid)
+        {
+            return Some("uid not in --allow-uid");
+        }
+        let ip = endpoints.ip()?;
+        if !self.config.allows(ip) {
+            metrics().record_refusal(Refusal::NotAllowed);
+            return Some("not in --allow");
+        }
+        // A backed-off client does not even get a handshake: that is the expensive part.
+        if kind == ListenerKind::Tls && self.backoff.is_blocked(ip, Instant::now()) {
+            return Some("backed off after failed authentications");
+        }
+        None
+    }
+
     /// Which connection limit a new connection from `ip` would pass, if any.
-    fn over_capacity(&self, ip: IpAddr) -> Option<Refusal> {
+    fn over_capacity(&self, ip: Option<IpAddr>) -> Option<Refusal> {
         if self.connections.len() >= self.config.max_connections {
             return Some(Refusal::MaxConnections);
         }
         let per_ip = self.config.max_connections_per_ip;
-        (per_ip > 0 && self.per_ip.count(ip) >= per_ip).then_some(Refusal::MaxConnectionsPerIp)
+        let count = ip.map_or(0, |ip| self.per_ip.count(ip));
+        (per_ip > 0 && count >= per_ip).then_some(Refusal::MaxConnectionsPerIp)
     }
 
     /// Answers a connection there is no room for with `ERR busy` (HTTP: 503), then closes it.
@@ -285,14 +306,18 @@ impl Server {
     /// a full server as a success. The connection never enters the slab, so a flood of them
     /// costs no memory: what the client sent already is read and dropped (unread input would
     /// turn the close into a reset); input arriving later does get a reset, after the reply.
-    fn refuse_connection(
-        &mut self,
-        mut stream: mio::net::TcpStream,
-        peer: SocketAddr,
-        why: Refusal,
-    ) {
+    /// A TLS client is closed without the reply: saying it would take a handshake, the very
+    /// cost a connection cap is there to avoid.
+    fn refuse_connection(&mut self, mut stream: Stream, endpoints: &Endpoints, why: Refusal) {
         metrics().record_refusal(why);
-        log::debug!("refusing {peer}: --{} reached", why.as_str());
+        log::debug!(
+            "refusing {}: --{} reached",
+            endpoints.peer_text,
+            why.as_str()
+        );
+        if stream.needs_handshake() {
+            return;
+        }
         let head = (self.config.framing == Framing::Http).then(|| HttpHead {
             minor_version: 1,
             ..HttpHead::default()
@@ -300,7 +325,7 @@ impl Server {
         let reply = wire::finish(Reply::error(ServerError::Busy), head.as_ref(), false);
         // A fresh socket's send buffer takes these few bytes whole.
         let _ = stream.write(&reply.bytes);
-        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let _ = stream.shutdown_output();
         for _ in 0..4 {
             match stream.read(&mut self.scratch) {
                 Ok(n) if n > 0 => {}
@@ -337,7 +362,10 @@ impl Server {
             }
             Ok(Step::WantsContinue) => self.on_expect_continue(key),
             Ok(Step::Close(why)) => self.close(key, why),
-            Err(e) => self.close(key, &format!("I/O error: {e}")),
+            Err(e) => {
+                self.count_rejected_certificate(key);
+                self.close(key, &format!("I/O error: {e}"))
+            }
         }
     }
 
@@ -347,13 +375,13 @@ impl Server {
     fn on_expect_continue(&mut self, key: usize) {
         let connection = &self.connections[key];
         let head = http::parse_head(&connection.input);
-        let ip = connection.endpoints.peer.ip();
+        let ip = connection.endpoints.ip();
         let token_ok = |head: &HttpHead| {
             let token = head.token().map(str::as_bytes);
             token.and_then(|t| self.parts.tokens.check(t)).is_some()
         };
         let refused = self.token_required()
-            && (self.backoff.is_blocked(ip, Instant::now())
+            && (ip.is_some_and(|ip| self.backoff.is_blocked(ip, Instant::now()))
                 || !head.as_ref().is_some_and(token_ok));
         let connection = &mut self.connections[key];
         if refused {
@@ -388,17 +416,39 @@ impl Server {
         }
     }
 
+    /// An mTLS handshake refused for the client's certificate counts for `--auth-failures`.
+    fn count_rejected_certificate(&mut self, key: usize) {
+        let connection = &self.connections[key];
+        if !connection.stream.client_cert_rejected() {
+            return;
+        }
+        metrics().auth_failures.inc();
+        if let Some(ip) = connection.endpoints.ip()
+            && self.backoff.record_failure(ip, Instant::now())
+        {
+            log::warn!(
+                "{ip}: {} failed authentications within 60 s; refusing this IP for 60 s",
+                self.config.auth_failures
+            );
+        }
+    }
+
     fn close(&mut self, key: usize, why: &str) {
         let mut connection = self.connections.remove(key);
-        if connection.pending_output() > 0 {
+        if connection.stream.handshake_abandoned() {
+            metrics().record_tls_handshake("abandoned");
+        }
+        if connection.pending_output() > 0 || connection.stream.wants_write() {
             connection.reset_on_drop(); // a timed-out or too slow reader gets no partial reply
         }
         metrics().open_connections.dec();
-        self.per_ip.closed(connection.endpoints.peer.ip());
+        if let Some(ip) = connection.endpoints.ip() {
+            self.per_ip.closed(ip);
+        }
         connection.deregister(self.parts.poll.registry());
         log::debug!(
             "closed connection from {}: {why}",
-            connection.endpoints.peer
+            connection.endpoints.peer_text
         );
     }
 
@@ -410,7 +460,10 @@ impl Server {
         let connection = &mut self.connections[key];
         connection.continue_sent = false;
         // A backed-off client's token is not even checked.
-        let blocked = self.backoff.is_blocked(connection.endpoints.peer.ip(), now);
+        let blocked = connection
+            .endpoints
+            .ip()
+            .is_some_and(|ip| self.backoff.is_blocked(ip, now));
         let insecure = self.config.token_sources.is_empty();
         let (token_name, payload) = authenticate(&self.parts.tokens, &raw, !blocked, insecure);
         let request = Request {
@@ -434,8 +487,11 @@ impl Server {
             key,
             serial: connection.serial,
         };
+        // Only where a connection may stay open: a reply that closes goes through the loop.
         let keep_open = self.config.keep_alive && self.config.framing != Framing::Stream;
-        let writer = connection.reply_writer(keep_open);
+        let writer = (keep_open || self.config.framing == Framing::Http)
+            .then(|| connection.reply_writer(keep_open))
+            .flatten();
         self.parts.pool.submit(Job {
             request,
             conn,
@@ -465,13 +521,11 @@ impl Server {
             return Some((ServerError::BackedOff, Verdict::Unauthorized));
         }
         if token_required && request.token_name.is_none() {
-            if self
-                .backoff
-                .record_failure(request.endpoints.peer.ip(), now)
+            if let Some(ip) = request.endpoints.ip()
+                && self.backoff.record_failure(ip, now)
             {
                 log::warn!(
-                    "{}: {} wrong tokens within 60 s; refusing this IP for 60 s",
-                    request.endpoints.peer.ip(),
+                    "{ip}: {} wrong tokens within 60 s; refusing this IP for 60 s",
                     self.config.auth_failures
                 );
             }
@@ -765,10 +819,9 @@ fn step(connection: &mut Connection, config: &Config, scratch: &mut [u8]) -> io:
                 return read_request(connection, config, scratch);
             }
             Phase::Closing { .. } => {
-                if !connection.flush()? {
+                if !connection.flush()? || !connection.shutdown_output()? {
                     return Ok(Step::Wait);
                 }
-                connection.shutdown_output();
                 connection.phase = Phase::Draining {
                     deadline: Instant::now() + DRAIN_TIME,
                 };
@@ -809,7 +862,10 @@ fn read_request(
                 return refuse_unreadable(connection, ServerError::HeadTooLarge, config, scratch);
             }
             Frame::Malformed(reason) => {
-                log::debug!("bad request from {}: {reason}", connection.endpoints.peer);
+                log::debug!(
+                    "bad request from {}: {reason}",
+                    connection.endpoints.peer_text
+                );
                 return refuse_unreadable(connection, ServerError::Malformed, config, scratch);
             }
             Frame::Incomplete | Frame::WantsContinue if connection.input_closed => {

@@ -361,7 +361,7 @@ pub fn log_request(
     }
     let line = RequestLog {
         id: request.id,
-        peer: request.endpoints.peer,
+        peer: &request.endpoints.peer_text,
         token_name: request.token_name.as_deref(),
         payload_bytes: request.payload.len() + request.body.len(),
         verdict,

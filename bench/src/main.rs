@@ -5,7 +5,8 @@
 //! # Layout
 //! - [`args`]: the command line; [`load`]: one mio event loop driving its share of the clients;
 //!   [`stats`]: counters, latencies and the report line; [`hold`]: idle connections for RSS;
-//!   [`startup`]: time from exec to listening; [`spawn`]: the spawn ceiling W2 is held to.
+//!   [`startup`]: time from exec to listening; [`spawn`]: the spawn ceiling W2 is held to;
+//!   [`tls`]: the same workloads over TLS.
 
 mod args;
 mod hold;
@@ -13,6 +14,7 @@ mod load;
 mod spawn;
 mod startup;
 mod stats;
+mod tls;
 
 use std::process::ExitCode;
 use std::thread;
@@ -41,6 +43,8 @@ fn main() -> ExitCode {
     };
     let outcome = match args.mode {
         Mode::Hold => hold::run(&args),
+        _ if args.tls.is_some() => tls::drive(&args)
+            .map(|stats| println!("{} cpu_s={:.2}", Report(stats), own_cpu_seconds())),
         _ => drive(&args).map(|stats| println!("{} cpu_s={:.2}", Report(stats), own_cpu_seconds())),
     };
     match outcome {
@@ -111,7 +115,11 @@ fn spawn_main(argv: &[String]) -> ExitCode {
         eprintln!("usage: ct-bench spawn THREADS DURATION PROGRAM (DURATION: 5s, 500ms)");
         return ExitCode::from(2);
     };
-    match spawn::run(threads, std::time::Duration::from_secs_f64(seconds), program) {
+    match spawn::run(
+        threads,
+        std::time::Duration::from_secs_f64(seconds),
+        program,
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ct-bench: spawn: {e}");

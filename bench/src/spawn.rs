@@ -19,9 +19,10 @@ pub fn run(threads: usize, duration: Duration, program: &str) -> io::Result<()> 
         let workers: Vec<_> = (0..threads)
             .map(|_| scope.spawn(|| spawn_until(&path, deadline, &spawned)))
             .collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().map_err(|_| io::Error::other("a thread panicked"))?)
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| io::Error::other("a thread panicked"))?
+        })
     })?;
     let elapsed = started.elapsed().as_secs_f64();
     let n = spawned.load(Ordering::Relaxed);
