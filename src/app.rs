@@ -1,11 +1,11 @@
-//! What each subcommand does, start to finish. Errors come back as [`Fatal`] so that `main`
-//! maps them to exit statuses in one place.
+//! What each subcommand does, start to finish. Each ends in an [`Outcome`] or a [`Fatal`]
+//! error, which `main` alone turns into an exit status.
 
 use crate::auth::Tokens;
-use crate::cli::{CallArgs, Cli, Command, TestArgs};
+use crate::cli::{Cli, Command, TestArgs};
 use crate::clock::SystemClock;
-use crate::config::{self, Config, Limits};
-use crate::error::Fatal;
+use crate::config::{CallConfig, CallInput, Config, Limits};
+use crate::error::{ConfigError, Fatal, Outcome};
 use crate::framing::Framing;
 use crate::request::{Endpoints, Request};
 use crate::script::context::ClientSink;
@@ -24,23 +24,21 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// Runs the subcommand; the `u8` is the exit status.
-pub fn run(cli: Cli) -> Result<u8, Fatal> {
+/// Runs the subcommand to its end.
+pub fn run(cli: Cli) -> Result<Outcome, Fatal> {
     match cli.command {
         Command::Serve(args) => serve(Config::from_args(args)?),
         Command::Check(args) => match args.file {
             Some(file) => Ok(check(&file)),
-            None => Err(Fatal::Usage(
-                "check: no script to compile: give its path (command-trigger check FILE) or set CT_SCRIPT".into(),
-            )),
+            None => Err(ConfigError::NoScript.into()),
         },
-        Command::Call(args) => call(args),
-        Command::Send(args) => client::send(args),
-        Command::Test(args) => Ok(test(args)),
+        Command::Call(args) => call(CallConfig::from_args(args)?),
+        Command::Send(args) => client::send(args).map(|code| Outcome::failed_if(code != 0)),
+        Command::Test(args) => test(args),
     }
 }
 
-fn test(args: TestArgs) -> u8 {
+fn test(args: TestArgs) -> Result<Outcome, Fatal> {
     let plan = script_test::TestPlan {
         handler: args.script,
         files: args.tests,
@@ -52,29 +50,29 @@ fn test(args: TestArgs) -> u8 {
         },
     };
     // Tests run handlers as workers do, so they need the stack the script limits fit in.
-    script::on_script_stack(|| script_test::run(&plan)).unwrap_or_else(|e| {
-        eprintln!("running the tests: {e}");
-        2
-    })
+    script::on_script_stack(|| script_test::run(&plan))
+        .map_err(|e| Fatal::io("running the tests", e))?
 }
 
-fn check(path: &std::path::Path) -> u8 {
+/// A script that does not compile is what `check` is for: its report goes to stderr, and
+/// the outcome is a failure (exit 1), not a usage error.
+fn check(path: &std::path::Path) -> Outcome {
     let limits = Limits::default();
     match ScriptHost::load(path, Runtime::new(limits)) {
         Ok(_) => {
             println!("ok");
-            0
+            Outcome::Success
         }
         Err(error) => {
             eprintln!("{error}");
-            1
+            Outcome::Failure
         }
     }
 }
 
 /// Runs the server. Must be called before the process starts any thread (see
 /// [`forget_token_variables`]); `main` does.
-fn serve(config: Config) -> Result<u8, Fatal> {
+fn serve(config: Config) -> Result<Outcome, Fatal> {
     let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
     forget_token_variables(&config);
     // Before any thread starts, so every thread inherits the handlers' view.
@@ -141,7 +139,10 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     let server =
         Server::new(config, parts).map_err(|e| runtime_error("registering listeners", e))?;
     let code = server.run().map_err(|e| runtime_error("event loop", e))?;
-    Ok(code as u8)
+    Ok(match code {
+        0 => Outcome::Success,
+        code => Outcome::Signalled(code - 128),
+    })
 }
 
 /// The script functions besides `handle` that the trigger flags call.
@@ -235,19 +236,15 @@ impl ClientSink for Stdout {
     }
 }
 
-fn call(args: CallArgs) -> Result<u8, Fatal> {
-    config::check_duration(args.handler_timeout, "--handler-timeout", false)?;
-    config::check_duration(args.command_timeout, "--command-timeout", false)?;
-    let request = local_request(&args)?;
+fn call(config: CallConfig) -> Result<Outcome, Fatal> {
+    let request = local_request(&config)?;
     // Whatever was read is what the script must be able to use whole.
     let limits = Limits {
-        handler_timeout: args.handler_timeout,
-        command_timeout: args.command_timeout,
         max_request_bytes: (request.payload.len() + request.body.len())
-            .max(Limits::default().max_request_bytes),
-        ..Limits::default()
+            .max(config.limits.max_request_bytes),
+        ..config.limits
     };
-    let runtime = match args.dry_run {
+    let runtime = match config.dry_run {
         true => Runtime::with_seams(
             limits,
             State::in_memory(limits.state_max_keys),
@@ -256,48 +253,45 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
         ),
         false => Runtime::new(limits),
     };
-    let host = ScriptHost::load(&args.script, runtime).map_err(Fatal::Usage)?;
+    let host = ScriptHost::load(&config.script, runtime).map_err(Fatal::Usage)?;
     let handled = script::on_script_stack(|| host.handle(&request, Box::new(Stdout)).0)
-        .map_err(|e| Fatal::Runtime(format!("running the script: {e}")))?;
-    let code = match handled {
+        .map_err(|e| Fatal::io("running the script", e))?;
+    let outcome = match handled {
         HandlerResult::Replied(reply) => {
             Stdout.send(reply.bytes);
-            0
+            Outcome::Success
         }
         HandlerResult::Failed(message) => {
             eprintln!("handler failed: {message}");
-            1
+            Outcome::Failure
         }
         HandlerResult::TimedOut => {
             eprintln!("handler timed out");
-            1
+            Outcome::Failure
         }
     };
-    settle_jobs(&host.runtime, args.no_wait);
-    Ok(code)
+    settle_jobs(&host.runtime, config.no_wait);
+    Ok(outcome)
 }
 
 /// The request `call` runs: the payload words, or (`-` alone) stdin as a stream-framing body.
-fn local_request(args: &CallArgs) -> Result<Request, Fatal> {
-    let peer = args
-        .peer
-        .parse()
-        .map_err(|_| Fatal::Usage(format!("--peer '{}': expected IP:PORT", args.peer)))?;
-    let (framing, payload, body) = if args.payload == ["-"] {
-        let mut body = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut body)
-            .map_err(|e| Fatal::Runtime(format!("reading stdin: {e}")))?;
-        (Framing::Stream, String::new(), body)
-    } else {
-        (Framing::Line, args.payload.join(" "), Vec::new())
+fn local_request(config: &CallConfig) -> Result<Request, Fatal> {
+    let (framing, payload, body) = match &config.input {
+        CallInput::Stdin => {
+            let mut body = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut body)
+                .map_err(|e| Fatal::io("reading stdin", e))?;
+            (Framing::Stream, String::new(), body)
+        }
+        CallInput::Words(words) => (Framing::Line, words.clone(), Vec::new()),
     };
     Ok(Request {
         id: 1,
-        token_name: Some(args.token_name.as_str().into()),
+        token_name: Some(config.token_name.as_str().into()),
         payload: payload.into_bytes(),
         body,
-        endpoints: Endpoints::new(peer, SocketAddr::from(([127, 0, 0, 1], 0))),
+        endpoints: Endpoints::new(config.peer, SocketAddr::from(([127, 0, 0, 1], 0))),
         framing,
         http: None,
     })

@@ -3,38 +3,59 @@
 
 use crate::auth::{TokenOrigin, TokenSource};
 use crate::cli::{AuthMode, FramingArg, ServeArgs};
-use crate::error::Fatal;
+use crate::error::{ConfigError, Fatal};
 use crate::framing::Framing;
 use crate::schedule::Schedule;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// What `serve` runs with. Every value is checked (see [`validate`]), so the loop can add any
+/// of these durations to an `Instant` and size any buffer by them without a second thought.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// `--script`: the file that defines `handle(req)`, loaded at start and on change.
     pub script: PathBuf,
+    /// `--listen`: the addresses to bind, in the order given (`--print-addr` keeps it).
     pub listen: Vec<SocketAddr>,
+    /// `--token-file` and `--token-env`; empty only with `--insecure-no-token`.
     pub token_sources: Vec<TokenSource>,
+    /// `--auth`: whether the server or the script turns away a wrong token.
     pub auth: AuthMode,
+    /// `--framing`: how a connection's bytes are cut into requests, and replies framed.
     pub framing: Framing,
+    /// `--keep-alive`: read another request after a reply (line framing; HTTP decides per
+    /// request, stream framing never can).
     pub keep_alive: bool,
+    /// `--workers`: handler threads, so requests running at once.
     pub workers: usize,
+    /// `--queue`: complete requests that may wait for a worker before `ERR busy`.
     pub queue: usize,
+    /// `--max-connections`: open client connections before new ones get `ERR busy`.
     pub max_connections: usize,
     /// Open connections from one client IP; 0 means no limit.
     pub max_connections_per_ip: usize,
+    /// `--max-request-bytes`: the largest request read; past it `ERR request too large`.
     pub max_request_bytes: usize,
+    /// `--read-timeout`: time to send a whole request, and the keep-alive idle time.
     pub read_timeout: Duration,
+    /// What each handler may use; `call` builds the same from its own flags.
     pub limits: Limits,
+    /// `--shutdown-timeout`: how long a stop waits for handlers and jobs before killing.
     pub shutdown_timeout: Duration,
+    /// `--print-addr`: print the bound addresses on stdout (how tests find port 0).
     pub print_addr: bool,
     /// Networks whose clients are served; empty means any.
     pub allow: Vec<ipnet::IpNet>,
+    /// `--auth-failures`: wrong tokens from one IP within 60 s before it is refused; 0 off.
     pub auth_failures: u32,
+    /// `--metrics-listen`: where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// `--watch`, made absolute; `on_change` runs when one changes.
     pub watch: Vec<PathBuf>,
+    /// `--watch-debounce`: quiet time after a change before `on_change` runs.
     pub watch_debounce: Duration,
+    /// `--watch-poll`: how often watched paths are compared by content as well.
     pub watch_poll: Duration,
     /// `--every` and `--cron`; `on_tick` runs on each.
     pub schedules: Vec<Schedule>,
@@ -45,9 +66,13 @@ pub struct Config {
 /// What one handler may use; shared by `serve` and `call`.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    /// Wall-clock limit of one `handle(req)` (or trigger) call, commands included.
     pub handler_timeout: Duration,
+    /// Default limit of one command; a script may ask for less or more per command.
     pub command_timeout: Duration,
+    /// Captured stdout and stderr of one command, each; the rest is dropped and flagged.
     pub max_output_bytes: usize,
+    /// Background jobs alive at once; `start` beyond it throws.
     pub max_jobs: usize,
     /// The largest request the script may be handed: its blob and string limits derive from it.
     pub max_request_bytes: usize,
@@ -72,17 +97,17 @@ impl Config {
             .collect::<Result<Vec<_>, _>>()?;
         let token_sources = token_sources(&args.token_file, &args.token_env)?;
         if token_sources.is_empty() && !args.insecure_no_token {
-            return Err(Fatal::Usage(
-                "no token source: give --token-file or --token-env (or --insecure-no-token to accept anyone)".into(),
-            ));
+            return Err(ConfigError::NoTokenSource.into());
         }
         validate(&args)?;
         let watch = args
             .watch
             .iter()
             .map(|path| {
-                std::path::absolute(path)
-                    .map_err(|e| Fatal::Usage(format!("--watch {}: {e}", path.display())))
+                std::path::absolute(path).map_err(|e| ConfigError::WatchPath {
+                    path: path.clone(),
+                    error: e.to_string(),
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let schedules = args
@@ -91,7 +116,7 @@ impl Config {
             .map(|period| Schedule::every(*period))
             .chain(args.cron.iter().map(|expr| Schedule::cron(expr)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(Fatal::Usage)?;
+            .map_err(ConfigError::Schedule)?;
         Ok(Config {
             watch,
             watch_debounce: args.watch_debounce,
@@ -145,7 +170,7 @@ const MAX_WORKERS: usize = 4096;
 
 /// Checks every duration and size flag of `serve` against what the server can honour, so an
 /// absurd value is an error at start (exit 2, naming the flag), never a panic or a hang later.
-fn validate(args: &ServeArgs) -> Result<(), Fatal> {
+fn validate(args: &ServeArgs) -> Result<(), ConfigError> {
     // (value, flag, whether zero means something)
     let durations = [
         (args.read_timeout, "--read-timeout", false),
@@ -200,7 +225,7 @@ fn validate(args: &ServeArgs) -> Result<(), Fatal> {
 }
 
 /// A duration flag (of any subcommand) within what the server can honour.
-pub fn check_duration(value: Duration, flag: &str, zero_ok: bool) -> Result<(), Fatal> {
+pub fn check_duration(value: Duration, flag: &'static str, zero_ok: bool) -> Result<(), ConfigError> {
     check_range(value, flag, zero_ok, MAX_DURATION, |d| {
         humantime::format_duration(d).to_string()
     })
@@ -208,42 +233,45 @@ pub fn check_duration(value: Duration, flag: &str, zero_ok: bool) -> Result<(), 
 
 fn check_range<T: PartialOrd + Default + Copy>(
     value: T,
-    flag: &str,
+    flag: &'static str,
     zero_ok: bool,
     max: T,
     show: impl Fn(T) -> String,
-) -> Result<(), Fatal> {
+) -> Result<(), ConfigError> {
     if !zero_ok && value == T::default() {
-        return Err(Fatal::Usage(format!("{flag} must be more than 0")));
+        return Err(ConfigError::Zero { flag });
     }
     if value > max {
-        return Err(Fatal::Usage(format!(
-            "{flag} {} is too large (at most {})",
-            show(value),
-            show(max)
-        )));
+        return Err(ConfigError::TooLarge {
+            flag,
+            value: show(value),
+            max: show(max),
+        });
     }
     Ok(())
 }
 
-fn parse_listen(text: &str) -> Result<SocketAddr, Fatal> {
-    text.parse().map_err(|_| {
-        Fatal::Usage(format!(
-            "--listen '{text}': expected IP:PORT or [IPv6]:PORT"
-        ))
+fn parse_listen(text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| ConfigError::Malformed {
+        flag: "--listen",
+        value: text.to_owned(),
+        expected: "IP:PORT or [IPv6]:PORT",
     })
 }
 
-fn token_sources(files: &[String], vars: &[String]) -> Result<Vec<TokenSource>, Fatal> {
-    let file = |spec: &String| {
-        TokenSource::parse(spec, |v| TokenOrigin::File(v.into()))
-            .map_err(|e| Fatal::Usage(format!("--token-file {e}")))
-    };
-    let var = |spec: &String| {
-        TokenSource::parse(spec, |v| TokenOrigin::Env(v.into()))
-            .map_err(|e| Fatal::Usage(format!("--token-env {e}")))
-    };
+fn token_sources(files: &[String], vars: &[String]) -> Result<Vec<TokenSource>, ConfigError> {
+    let file = |spec: &String| token_source(spec, "--token-file", |v| TokenOrigin::File(v.into()));
+    let var = |spec: &String| token_source(spec, "--token-env", |v| TokenOrigin::Env(v.into()));
     files.iter().map(file).chain(vars.iter().map(var)).collect()
+}
+
+/// One `[NAME=]VALUE` token flag; `send` reads its flags with the same rule.
+pub fn token_source(
+    spec: &str,
+    flag: &'static str,
+    origin: fn(&str) -> TokenOrigin,
+) -> Result<TokenSource, ConfigError> {
+    TokenSource::parse(spec, origin).map_err(|message| ConfigError::TokenSpec { flag, message })
 }
 
 impl Default for Limits {
@@ -258,5 +286,63 @@ impl Default for Limits {
             job_output_bytes: 64 * 1024,
             state_max_keys: 100_000,
         }
+    }
+}
+
+/// What `call` runs with: its flags checked, as `serve`'s are by [`Config::from_args`].
+#[derive(Clone, Debug)]
+pub struct CallConfig {
+    /// `--script`: the handler to run.
+    pub script: PathBuf,
+    /// `--token-name`: the `req.token_name` the script sees.
+    pub token_name: String,
+    /// `--peer`: the `req.peer` the script sees.
+    pub peer: SocketAddr,
+    /// `--handler-timeout` and `--command-timeout`; the request size limit is set once the
+    /// request is read, so the script can use whatever it is handed.
+    pub limits: Limits,
+    /// `--dry-run`: record commands instead of running them.
+    pub dry_run: bool,
+    /// `--no-wait`: exit without waiting for background jobs.
+    pub no_wait: bool,
+    /// Where the request comes from.
+    pub input: CallInput,
+}
+
+/// The request `call` runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallInput {
+    /// The payload words joined by spaces: a line-framing request.
+    Words(String),
+    /// `-` alone: stdin is the body of a stream-framing request.
+    Stdin,
+}
+
+impl CallConfig {
+    pub fn from_args(args: crate::cli::CallArgs) -> Result<CallConfig, ConfigError> {
+        check_duration(args.handler_timeout, "--handler-timeout", false)?;
+        check_duration(args.command_timeout, "--command-timeout", false)?;
+        let peer = args.peer.parse().map_err(|_| ConfigError::Malformed {
+            flag: "--peer",
+            value: args.peer.clone(),
+            expected: "IP:PORT",
+        })?;
+        let input = match args.payload.as_slice() {
+            [dash] if dash == "-" => CallInput::Stdin,
+            words => CallInput::Words(words.join(" ")),
+        };
+        Ok(CallConfig {
+            script: args.script,
+            token_name: args.token_name,
+            peer,
+            limits: Limits {
+                handler_timeout: args.handler_timeout,
+                command_timeout: args.command_timeout,
+                ..Limits::default()
+            },
+            dry_run: args.dry_run,
+            no_wait: args.no_wait,
+            input,
+        })
     }
 }

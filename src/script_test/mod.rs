@@ -8,6 +8,7 @@ mod helpers;
 pub use helpers::{TestState, command_json, command_map};
 
 use crate::config::Limits;
+use crate::error::{Fatal, Outcome};
 use crate::runner::Recorder;
 use crate::runtime::Runtime;
 use crate::script::context::{self, ClientSink, HandlerContext};
@@ -38,16 +39,10 @@ struct Suite {
     tests: Vec<String>,
 }
 
-/// Runs the plan, printing one line per test and the summary. Exit status: 0 all passed,
-/// 1 any failed, 2 a script that does not compile (reported on stderr).
-pub fn run(plan: &TestPlan) -> u8 {
-    let suites = match load(plan) {
-        Ok(suites) => suites,
-        Err(message) => {
-            eprintln!("{message}");
-            return 2;
-        }
-    };
+/// Runs the plan, printing one line per test and the summary: a failure when any test
+/// failed, a usage error (exit 2) when a script does not compile.
+pub fn run(plan: &TestPlan) -> Result<Outcome, Fatal> {
+    let suites = load(plan).map_err(Fatal::Usage)?;
     let prefix = suites.len() > 1;
     let (mut passed, mut failed) = (0, 0);
     for suite in &suites {
@@ -72,7 +67,7 @@ pub fn run(plan: &TestPlan) -> u8 {
         }
     }
     println!("{passed} passed, {failed} failed");
-    u8::from(failed > 0)
+    Ok(Outcome::failed_if(failed > 0))
 }
 
 fn file_name(path: &Path) -> String {

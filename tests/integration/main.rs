@@ -18,3 +18,4 @@ mod ops;
 mod rough_edges;
 mod script_tests;
 mod scripts;
+mod structure;
