@@ -293,6 +293,7 @@ fn local_request(config: &CallConfig) -> Result<Request, Fatal> {
         body,
         endpoints: Endpoints::new(config.peer, SocketAddr::from(([127, 0, 0, 1], 0))),
         framing,
+        keep_alive: false,
         http: None,
     })
 }

@@ -225,7 +225,11 @@ fn validate(args: &ServeArgs) -> Result<(), ConfigError> {
 }
 
 /// A duration flag (of any subcommand) within what the server can honour.
-pub fn check_duration(value: Duration, flag: &'static str, zero_ok: bool) -> Result<(), ConfigError> {
+pub fn check_duration(
+    value: Duration,
+    flag: &'static str,
+    zero_ok: bool,
+) -> Result<(), ConfigError> {
     check_range(value, flag, zero_ok, MAX_DURATION, |d| {
         humantime::format_duration(d).to_string()
     })

@@ -36,8 +36,6 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod footprint;
-pub mod framing;
-pub mod http;
 pub mod init;
 pub mod job_runner;
 pub mod jobs;
@@ -45,6 +43,7 @@ pub mod locks;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_server;
+pub mod protocol;
 pub mod ratelimit;
 pub mod reload;
 pub mod request;
@@ -58,5 +57,7 @@ pub mod signals;
 pub mod state;
 pub mod trigger;
 pub mod watch;
-pub mod wire;
 pub mod workers;
+
+/// Kept at the crate root, where tests, fuzz targets and older code name them.
+pub use protocol::{framing, http};

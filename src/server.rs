@@ -7,15 +7,15 @@ use crate::backoff::AuthBackoff;
 use crate::cli::AuthMode;
 use crate::config::Config;
 use crate::connection::{Connection, Filled, Phase};
-use crate::framing::{self, Frame, Framing, RawRequest};
+use crate::framing::{self, Frame, RawRequest};
 use crate::http::{self, HttpHead};
 use crate::metrics::{Refusal, metrics};
+use crate::protocol::{self, Encoded, Protocol};
 use crate::reload::ReloadTrigger;
-use crate::request::{Endpoints, Reply, Request, ServerError, Verdict};
+use crate::request::{Endpoints, Request, ServerError, Verdict, log_request};
 use crate::script::Runtime;
 use crate::signals::{Signal, SignalSource};
-use crate::wire;
-use crate::workers::{ConnRef, Inbox, Job, Outbound, WorkerPool, log_request};
+use crate::workers::{ConnRef, Inbox, Job, Outbound, WorkerPool};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
@@ -161,6 +161,11 @@ impl Server {
         }
     }
 
+    /// The protocol of a reply to no particular request (a refusal, `100 Continue`).
+    fn protocol(&self, head: Option<&HttpHead>) -> Protocol {
+        Protocol::new(self.config.framing, self.config.keep_alive, head)
+    }
+
     fn next_wake(&self) -> Option<Instant> {
         let timer = self.timers.peek().map(|Reverse((at, ..))| *at);
         let stop = self.stopping.map(|s| match s {
@@ -282,11 +287,7 @@ impl Server {
     ) {
         metrics().record_refusal(why);
         log::debug!("refusing {peer}: --{} reached", why.as_str());
-        let head = (self.config.framing == Framing::Http).then(|| HttpHead {
-            minor_version: 1,
-            ..HttpHead::default()
-        });
-        let reply = wire::finish(Reply::error(ServerError::Busy), head.as_ref(), false);
+        let reply = self.protocol(None).encode_error(ServerError::Busy);
         // A fresh socket's send buffer takes these few bytes whole.
         let _ = stream.write(&reply.bytes);
         let _ = stream.shutdown(std::net::Shutdown::Write);
@@ -343,8 +344,10 @@ impl Server {
             // another request.
             self.dispatch(key, raw);
         } else {
+            let protocol = self.protocol(None);
+            let connection = &mut self.connections[key];
             connection.continue_sent = true;
-            connection.push_output(b"HTTP/1.1 100 Continue\r\n\r\n");
+            connection.push_output(protocol.continue_bytes());
         }
         self.drive(key);
     }
@@ -397,10 +400,11 @@ impl Server {
             body: raw.body,
             endpoints: connection.endpoints.clone(),
             framing: self.config.framing,
+            keep_alive: self.config.keep_alive,
             http: raw.http,
         };
         if let Some((error, verdict)) = self.refusal(&request, blocked, now) {
-            let reply = wire::finish(Reply::error(error), request.http.as_ref(), false);
+            let reply = Protocol::of(&request).encode_error(error);
             log_request(&request, verdict, now, reply.bytes.len(), &[]);
             return answer(&mut self.connections[key], reply, &self.config, true);
         }
@@ -481,7 +485,7 @@ impl Server {
         self.drive(conn.key);
     }
 
-    fn on_reply(&mut self, conn: ConnRef, reply: Reply) {
+    fn on_reply(&mut self, conn: ConnRef, reply: Encoded) {
         let stopping = self.stopping.is_some();
         let Some(connection) = find(&mut self.connections, conn) else {
             return;
@@ -551,11 +555,7 @@ impl Server {
         self.parts.runtime.stop_jobs();
         for job in self.parts.pool.take_waiting() {
             self.in_flight -= 1;
-            let reply = wire::finish(
-                Reply::error(ServerError::ShuttingDown),
-                job.request.http.as_ref(),
-                false,
-            );
+            let reply = Protocol::of(&job.request).encode_error(ServerError::ShuttingDown);
             log_request(
                 &job.request,
                 Verdict::ShuttingDown,
@@ -686,14 +686,13 @@ fn authenticate(
     (matched(token), payload.to_vec())
 }
 
-/// Queues a reply and decides whether the connection stays open for another request.
-/// `force_close` overrides both the framing's default and the reply's own choice (a stop, or
-/// an answer the server gives itself).
-fn answer(connection: &mut Connection, reply: Reply, config: &Config, force_close: bool) {
+/// Queues a reply and moves the connection on: to read the next request, or to close as
+/// the protocol decided. `force_close` overrides that (a stop, or an answer the server gives
+/// itself).
+fn answer(connection: &mut Connection, reply: Encoded, config: &Config, force_close: bool) {
     connection.push_output(&reply.bytes);
-    let default_close = !config.keep_alive || config.framing == Framing::Stream;
     let now = Instant::now();
-    connection.phase = if force_close || reply.close.unwrap_or(default_close) {
+    connection.phase = if force_close || reply.close {
         Phase::Closing {
             deadline: now + config.read_timeout,
         }
@@ -761,7 +760,7 @@ fn read_request(
     loop {
         // One byte of slack: a line of exactly `limit` bytes may still wait for its `\n`.
         let filled = connection.fill_input(scratch, limit + 1)?;
-        let frame = framing::next_frame(
+        let frame = protocol::decode(
             config.framing,
             &mut connection.input,
             connection.input_closed,
@@ -812,16 +811,8 @@ fn refuse_unreadable(
     scratch: &mut [u8],
 ) -> io::Result<Step> {
     connection.input.clear();
-    // No request head to answer in kind: HTTP framing answers as HTTP/1.1.
-    let head = (config.framing == Framing::Http).then(|| HttpHead {
-        minor_version: 1,
-        ..HttpHead::default()
-    });
-    answer(
-        connection,
-        wire::finish(Reply::error(error), head.as_ref(), false),
-        config,
-        true,
-    );
+    // No request to answer in kind: the protocol answers as its framing does by default.
+    let reply = Protocol::new(config.framing, config.keep_alive, None).encode_error(error);
+    answer(connection, reply, config, true);
     step(connection, config, scratch)
 }

@@ -1,13 +1,12 @@
 //! The worker pool: threads that run `handle(req)` off the event loop, fed by a queue, and the outbox through which they hand replies (and live output) back to the loop.
 
 use crate::auth::Tokens;
-use crate::http;
 use crate::metrics::metrics;
-use crate::request::{Reply, Request, RequestLog, ServerError, Verdict};
+use crate::protocol::{Encoded, Protocol};
+use crate::request::{Reply, Request, ServerError, Verdict, log_request};
 use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, ScriptHost};
 use crate::trigger::{self, TriggerCall};
-use crate::wire;
 use mio::Waker;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +27,7 @@ pub enum Outbound {
     /// Bytes to send now (`write()`, streamed output); more will follow.
     Data { conn: ConnRef, bytes: Vec<u8> },
     /// The request is finished; this is the last of its bytes.
-    Done { conn: ConnRef, reply: Reply },
+    Done { conn: ConnRef, reply: Encoded },
     /// Token files were read again.
     Tokens(Arc<Tokens>),
 }
@@ -253,11 +252,11 @@ impl Worker {
                 log::error!("request {} failed: internal error (panic)", job.request.id);
                 Reply::error(ServerError::HandlerFailed(job.request.id))
             });
-            let reply = wire::finish(
-                reply,
-                job.request.http.as_ref(),
-                streamed.load(Ordering::SeqCst),
-            );
+            let protocol = Protocol::of(&job.request);
+            let reply = match streamed.load(Ordering::SeqCst) {
+                true => protocol.encode_end(reply),
+                false => protocol.encode_reply(reply),
+            };
             self.outbox.send(Outbound::Done {
                 conn: job.conn,
                 reply,
@@ -279,7 +278,7 @@ impl Worker {
         let client = Box::new(ConnectionSink {
             conn,
             outbox: self.outbox.clone(),
-            http: request.http.as_ref().map(wire::LiveStream::of),
+            protocol: Protocol::of(request),
             streamed: streamed.clone(),
             trailer_names: Vec::new(),
         });
@@ -307,48 +306,12 @@ impl Worker {
     }
 }
 
-/// The one info line per request; its fields also go to JSON logs as fields.
-pub fn log_request(
-    request: &Request,
-    verdict: Verdict,
-    started: Instant,
-    reply_bytes: usize,
-    exit_codes: &[i32],
-) {
-    let metrics = crate::metrics::metrics();
-    metrics.record_request(verdict, started.elapsed());
-    if verdict == Verdict::Unauthorized {
-        metrics.auth_failures.inc();
-    }
-    let line = RequestLog {
-        id: request.id,
-        peer: request.endpoints.peer,
-        token_name: request.token_name.as_deref(),
-        payload_bytes: request.payload.len() + request.body.len(),
-        verdict,
-        duration: started.elapsed(),
-        reply_bytes,
-        exit_codes,
-    };
-    log::info!(
-        request_id = line.id,
-        peer:% = line.peer,
-        token_name:serde = line.token_name,
-        payload_bytes = line.payload_bytes,
-        outcome:% = line.verdict,
-        duration_ms = line.duration.as_secs_f64() * 1000.0,
-        reply_bytes = line.reply_bytes,
-        exit_codes:serde = line.exit_codes;
-        "{line}"
-    );
-}
-
 /// Sends a handler's live output to its connection through the loop.
 struct ConnectionSink {
     conn: ConnRef,
     outbox: Outbox,
-    /// HTTP framing: live output goes out as the chunked body of a `200` response.
-    http: Option<wire::LiveStream>,
+    /// How live output is framed (HTTP: as the chunked body of a `200` response).
+    protocol: Protocol,
     /// Set once live output has started the response, so the final reply only ends it.
     streamed: Arc<AtomicBool>,
     /// What `announce_trailers` named, for the head of the streamed response.
@@ -360,17 +323,10 @@ impl ClientSink for ConnectionSink {
         if bytes.is_empty() {
             return;
         }
-        let bytes = match &self.http {
-            None => bytes,
-            Some(head) => {
-                let mut framed = Vec::new();
-                if !self.streamed.swap(true, Ordering::SeqCst) {
-                    framed = wire::stream_start(*head, &self.trailer_names);
-                }
-                framed.extend_from_slice(&http::chunk(&bytes, head.minor_version));
-                framed
-            }
-        };
+        let first = !self.streamed.swap(true, Ordering::SeqCst);
+        let bytes = self
+            .protocol
+            .encode_live(&bytes, first, &self.trailer_names);
         self.outbox.send(Outbound::Data {
             conn: self.conn,
             bytes,

@@ -53,7 +53,10 @@ fn serve_usage_errors_show_with_logging_off() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--workers must be more than 0"), "{stderr:?}");
+    assert!(
+        stderr.contains("--workers must be more than 0"),
+        "{stderr:?}"
+    );
 }
 
 #[test]
@@ -63,7 +66,10 @@ fn call_checks_its_flags_before_running_the_script() {
     let mark = scratch.path("ran");
     let script = scratch.write(
         "h.rhai",
-        &format!("fn handle(req) {{ exec([\"touch\", \"{}\"]); \"ok\" }}", mark.display()),
+        &format!(
+            "fn handle(req) {{ exec([\"touch\", \"{}\"]); \"ok\" }}",
+            mark.display()
+        ),
     );
     let script = script.to_str().expect("utf-8 path");
     for bad in [
