@@ -36,6 +36,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod footprint;
+pub mod gate;
 pub mod init;
 pub mod job_runner;
 pub mod jobs;
