@@ -73,7 +73,7 @@ fn check(path: &std::path::Path) -> Outcome {
 /// Runs the server. Must be called before the process starts any thread (see
 /// [`forget_token_variables`]); `main` does.
 fn serve(config: Config) -> Result<Outcome, Fatal> {
-    let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
+    let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Tokens)?;
     forget_token_variables(&config);
     // Before any thread starts, so every thread inherits the handlers' view.
     let signals = SignalSource::install()

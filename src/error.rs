@@ -45,6 +45,8 @@ pub enum Fatal {
     /// The user's files are wrong (a script that does not compile, an unreadable token file):
     /// exit 2.
     Usage(String),
+    /// A token source gave no token at start: exit 2.
+    Tokens(crate::auth::TokenError),
     /// The machine said no while doing something (binding, starting a thread): exit 1.
     Io {
         /// What was being done, as a phrase: `binding 0.0.0.0:9000`.
@@ -58,7 +60,7 @@ pub enum Fatal {
 impl Fatal {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Fatal::Config(_) | Fatal::Usage(_) => 2,
+            Fatal::Config(_) | Fatal::Usage(_) | Fatal::Tokens(_) => 2,
             Fatal::Io { .. } | Fatal::Runtime(_) => 1,
         }
     }
@@ -76,6 +78,7 @@ impl fmt::Display for Fatal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Fatal::Config(error) => error.fmt(f),
+            Fatal::Tokens(error) => error.fmt(f),
             Fatal::Usage(message) | Fatal::Runtime(message) => f.write_str(message),
             Fatal::Io { doing, error } => write!(f, "{doing}: {error}"),
         }
