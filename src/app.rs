@@ -89,7 +89,7 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
     let runtime = match &config.state_file {
         Some(path) => Runtime::with_state(
             config.limits,
-            State::open(path, config.limits.state_max_keys).map_err(Fatal::Usage)?,
+            State::open(path, config.limits.state_max_keys).map_err(Fatal::State)?,
         ),
         None => Runtime::new(config.limits),
     };

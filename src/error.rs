@@ -47,6 +47,8 @@ pub enum Fatal {
     Usage(String),
     /// A token source gave no token at start: exit 2.
     Tokens(crate::auth::TokenError),
+    /// `--state-file` cannot be used: exit 2.
+    State(crate::state::StateError),
     /// The machine said no while doing something (binding, starting a thread): exit 1.
     Io {
         /// What was being done, as a phrase: `binding 0.0.0.0:9000`.
@@ -60,7 +62,7 @@ pub enum Fatal {
 impl Fatal {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Fatal::Config(_) | Fatal::Usage(_) | Fatal::Tokens(_) => 2,
+            Fatal::Config(_) | Fatal::Usage(_) | Fatal::Tokens(_) | Fatal::State(_) => 2,
             Fatal::Io { .. } | Fatal::Runtime(_) => 1,
         }
     }
@@ -79,6 +81,7 @@ impl fmt::Display for Fatal {
         match self {
             Fatal::Config(error) => error.fmt(f),
             Fatal::Tokens(error) => error.fmt(f),
+            Fatal::State(error) => error.fmt(f),
             Fatal::Usage(message) | Fatal::Runtime(message) => f.write_str(message),
             Fatal::Io { doing, error } => write!(f, "{doing}: {error}"),
         }
