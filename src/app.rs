@@ -94,7 +94,7 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
         None => Runtime::new(config.limits),
     };
     let host = ScriptHost::load_requiring(&config.script, runtime.clone(), required(&config));
-    let host = Arc::new(host.map_err(Fatal::Usage)?);
+    let host = Arc::new(host.map_err(Fatal::Script)?);
     warnings.iter().for_each(|w| log::warn!("{w}"));
     if config.token_sources.is_empty() {
         log::warn!(
@@ -253,7 +253,7 @@ fn call(config: CallConfig) -> Result<Outcome, Fatal> {
         ),
         false => Runtime::new(limits),
     };
-    let host = ScriptHost::load(&config.script, runtime).map_err(Fatal::Usage)?;
+    let host = ScriptHost::load(&config.script, runtime).map_err(Fatal::Script)?;
     let handled = script::on_script_stack(|| host.handle(&request, Box::new(Stdout)).0)
         .map_err(|e| Fatal::io("running the script", e))?;
     let outcome = match handled {

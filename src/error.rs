@@ -47,6 +47,8 @@ pub enum Fatal {
     Usage(String),
     /// A token source gave no token at start: exit 2.
     Tokens(crate::auth::TokenError),
+    /// The script cannot be used (unreadable, does not compile): exit 2.
+    Script(crate::script::ScriptError),
     /// `--state-file` cannot be used: exit 2.
     State(crate::state::StateError),
     /// The machine said no while doing something (binding, starting a thread): exit 1.
@@ -62,7 +64,11 @@ pub enum Fatal {
 impl Fatal {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Fatal::Config(_) | Fatal::Usage(_) | Fatal::Tokens(_) | Fatal::State(_) => 2,
+            Fatal::Config(_)
+            | Fatal::Usage(_)
+            | Fatal::Tokens(_)
+            | Fatal::State(_)
+            | Fatal::Script(_) => 2,
             Fatal::Io { .. } | Fatal::Runtime(_) => 1,
         }
     }
@@ -82,6 +88,7 @@ impl fmt::Display for Fatal {
             Fatal::Config(error) => error.fmt(f),
             Fatal::Tokens(error) => error.fmt(f),
             Fatal::State(error) => error.fmt(f),
+            Fatal::Script(error) => error.fmt(f),
             Fatal::Usage(message) | Fatal::Runtime(message) => f.write_str(message),
             Fatal::Io { doing, error } => write!(f, "{doing}: {error}"),
         }

@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),
         Err(fatal) => {
             // Not through the logger: a fatal error must be seen even with `RUST_LOG=off`.
-            eprintln!("command-trigger: {fatal}");
+            eprintln!("{fatal}");
             ExitCode::from(fatal.exit_code())
         }
     }

@@ -7,6 +7,7 @@
 
 pub(crate) mod api;
 pub mod budget;
+mod compile;
 pub mod context;
 pub(crate) mod diagnose;
 mod jobs_api;
@@ -17,6 +18,8 @@ mod webhook;
 use crate::http::HttpHead;
 use crate::request::{Content, Reply, Request};
 pub use crate::runtime::Runtime;
+pub use compile::ScriptError;
+pub(crate) use compile::{check_calls, compile, compile_source, read_source};
 use context::{ClientSink, HandlerContext};
 use rhai::packages::{Package, StandardPackage};
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
@@ -50,7 +53,7 @@ pub struct ScriptHost {
 
 impl ScriptHost {
     /// Compiles the script at `path`; the error names file, line and column.
-    pub fn load(path: &Path, runtime: Arc<Runtime>) -> Result<ScriptHost, String> {
+    pub fn load(path: &Path, runtime: Arc<Runtime>) -> Result<ScriptHost, ScriptError> {
         ScriptHost::load_requiring(path, runtime, Vec::new())
     }
 
@@ -60,7 +63,7 @@ impl ScriptHost {
         path: &Path,
         runtime: Arc<Runtime>,
         required: Vec<&'static str>,
-    ) -> Result<ScriptHost, String> {
+    ) -> Result<ScriptHost, ScriptError> {
         let engine = build_engine(&runtime);
         let ast = compile(&engine, path, &required)?;
         let limits = &runtime.limits;
@@ -81,7 +84,7 @@ impl ScriptHost {
     }
 
     /// Compiles the file again; on success new requests use it, on failure nothing changes.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), ScriptError> {
         let ast = compile(&self.engine, &self.path, &self.required)?;
         *self.ast.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ast);
         Ok(())
@@ -234,79 +237,6 @@ pub(crate) fn build_engine(runtime: &Arc<Runtime>) -> Engine {
     api::register(&mut engine, runtime.clone());
     webhook::register(&mut engine, sizes.string_bytes);
     engine
-}
-
-/// Compiles the handler at `path`: syntax, `handle(req)`, the functions the trigger flags
-/// need (`required`), and calls to unknown functions.
-pub(crate) fn compile(engine: &Engine, path: &Path, required: &[&str]) -> Result<AST, String> {
-    let source = read_source(path)?;
-    let ast = compile_source(engine, path, &source)?;
-    let has = |name: &str| {
-        ast.iter_functions()
-            .any(|f| f.name == name && f.params.len() == 1)
-    };
-    if !has("handle") {
-        return Err(format!(
-            "{}: no function handle(req) with one parameter",
-            path.display()
-        ));
-    }
-    if let Some(missing) = required.iter().find(|name| !has(name)) {
-        let flag = if *missing == "on_tick" {
-            "--every/--cron"
-        } else {
-            "--watch"
-        };
-        return Err(format!(
-            "{}: no function {missing}(..) with one parameter, which {flag} calls",
-            path.display()
-        ));
-    }
-    check_calls(engine, path, &source, &ast, None)?;
-    Ok(ast)
-}
-
-/// The text of a script file; a `#!` first line is blanked (not removed, so lines keep their
-/// numbers), as Rhai does for files.
-pub(crate) fn read_source(path: &Path) -> Result<String, String> {
-    let mut source = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: reading the script: {e}", path.display()))?;
-    if source.starts_with("#!") {
-        let end = source.find('\n').unwrap_or(source.len());
-        source.replace_range(..end, "");
-    }
-    Ok(source)
-}
-
-/// Compiles `source`; a syntax error names `path`, line and column, and shows the line.
-pub(crate) fn compile_source(engine: &Engine, path: &Path, source: &str) -> Result<AST, String> {
-    engine.compile(source).map_err(|e| {
-        let error = EvalAltResult::from(e);
-        diagnose::with_excerpt(describe(path, &error), source, error.position())
-    })
-}
-
-/// Fails on calls in `ast` to functions that neither it, `also` (the handler a test file is
-/// compiled with) nor the engine define, each shown with its line.
-pub(crate) fn check_calls(
-    engine: &Engine,
-    path: &Path,
-    source: &str,
-    ast: &AST,
-    also: Option<&AST>,
-) -> Result<(), String> {
-    let unknown = diagnose::unknown_calls(engine, ast, also);
-    if unknown.is_empty() {
-        return Ok(());
-    }
-    let reports: Vec<String> = unknown
-        .iter()
-        .map(|call| {
-            let message = located(path, call.position, &call.message());
-            diagnose::with_excerpt(message, source, call.position)
-        })
-        .collect();
-    Err(reports.join("\n"))
 }
 
 /// Whether `on_progress` stopped the handler for its memory budget (not its deadline).

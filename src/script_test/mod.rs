@@ -12,7 +12,7 @@ use crate::error::{Fatal, Outcome};
 use crate::runner::Recorder;
 use crate::runtime::Runtime;
 use crate::script::context::{self, ClientSink, HandlerContext};
-use crate::script::{self, build_engine};
+use crate::script::{self, ScriptError, build_engine};
 use crate::state::State;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Scope};
 use std::collections::HashSet;
@@ -42,7 +42,7 @@ struct Suite {
 /// Runs the plan, printing one line per test and the summary: a failure when any test
 /// failed, a usage error (exit 2) when a script does not compile.
 pub fn run(plan: &TestPlan) -> Result<Outcome, Fatal> {
-    let suites = load(plan).map_err(Fatal::Usage)?;
+    let suites = load(plan).map_err(Fatal::Script)?;
     let prefix = suites.len() > 1;
     let (mut passed, mut failed) = (0, 0);
     for suite in &suites {
@@ -77,7 +77,7 @@ fn file_name(path: &Path) -> String {
 }
 
 /// Compiles the handler (as `check` would) and each test file with it.
-fn load(plan: &TestPlan) -> Result<Vec<Suite>, String> {
+fn load(plan: &TestPlan) -> Result<Vec<Suite>, ScriptError> {
     let server_engine = build_engine(&Runtime::new(plan.limits));
     let handler = script::compile(&server_engine, &plan.handler, &[])?;
     let state = TestState::new(plan.limits.command_timeout);
@@ -88,7 +88,7 @@ fn load(plan: &TestPlan) -> Result<Vec<Suite>, String> {
         .collect()
 }
 
-fn load_suite(engine: &Engine, handler: &AST, path: &Path) -> Result<Suite, String> {
+fn load_suite(engine: &Engine, handler: &AST, path: &Path) -> Result<Suite, ScriptError> {
     let source = script::read_source(path)?;
     let tests_ast = script::compile_source(engine, path, &source)?;
     script::check_calls(engine, path, &source, &tests_ast, Some(handler))?;
