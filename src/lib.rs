@@ -56,6 +56,7 @@ pub mod script_test;
 pub mod server;
 pub mod signals;
 pub mod state;
+pub mod stop;
 pub mod trigger;
 pub mod watch;
 pub mod workers;
