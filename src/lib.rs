@@ -1,12 +1,33 @@
 //! `command-trigger`: trigger commands in a pod over TCP, decided by a Rhai script.
 //!
+//! # A request, from accept to reply
+//!
+//! 1. [`server`] polls; a ready listener is accepted from, at most 64 connections a turn.
+//! 2. [`gate::Gate::admit`] (`Knock::Connection`): `--allow`, then the connection caps; a
+//!    refused connection is answered `ERR busy` (or nothing) and never enters the slab.
+//! 3. On readiness, [`connection::Connection::advance`] reads, and [`protocol::decode`] cuts
+//!    a request out (input that never will be one is answered and closed right there).
+//! 4. HTTP `Expect: 100-continue`: the gate judges the head's token before the body is sent.
+//! 5. [`gate::Gate::identify`] checks the token; `admit` (`Knock::Request`) decides stop,
+//!    backoff, token and busy. A refusal is encoded by [`protocol`] and logged by the loop.
+//! 6. The [`request::Request`] is queued for the [`workers`]; the connection waits.
+//! 7. A worker runs `handle(req)` ([`script`]); `write()` output is framed by
+//!    [`protocol::Protocol::encode_live`] and handed to the loop through the outbox.
+//! 8. The reply is framed by `encode_reply` (or `encode_end` after live output), which decides
+//!    once whether the connection closes after it; [`request::log_request`] logs the request.
+//! 9. The loop queues the bytes ([`connection::Connection::answer`]), `advance` writes them,
+//!    asking for WRITABLE only while some are pending; then the next request, or the close.
+//!
 //! # Layout
 //!
-//! - [`cli`]: the command line as typed (clap); [`config`]: the validated settings of `serve`.
-//! - [`app`]: what each subcommand does, start to finish; `main` only maps errors to exit codes.
-//! - [`server`]: the mio event loop: accept, read, frame, authenticate, dispatch, write, time out.
-//! - [`connection`]: one client connection's buffers and phase; [`framing`]: bytes to requests;
-//!   [`http`]: HTTP/1.x requests and responses; [`wire`]: a reply encoded for its framing.
+//! - [`cli`]: the command line as typed (clap); [`config`]: the validated settings of `serve`
+//!   and `call`; [`error`]: how a run ends ([`error::Outcome`], [`error::Fatal`]).
+//! - [`app`]: what each subcommand does, start to finish; `main` alone picks exit statuses.
+//! - [`server`]: the mio event loop: accept, drive connections, dispatch, timers, stop.
+//! - [`gate`]: admission, one function over the request and the connection's facts.
+//! - [`connection`]: one client connection's buffers and phases, advanced in one loop.
+//! - [`protocol`]: framings: [`framing`] (line, stream), [`http`] requests, responses;
+//!   every reply, live output and close decision is encoded there.
 //! - [`auth`]: token sources and the constant-time check; [`backoff`]: `--auth-failures`.
 //! - [`workers`]: the threads that run handlers, and the outbox back to the loop.
 //! - [`script`]: the Rhai engine, `handle(req)`, and the functions scripts call.
@@ -17,13 +38,14 @@
 //! - [`runner`]: the seam where commands run (processes, or a recorder with mocks);
 //!   [`clock`]: the seam where time is read (real, or virtual in tests).
 //! - [`script_test`]: `command-trigger test`, the helpers test scripts call, `call --dry-run`.
-//! - [`signals`]: SIGTERM/SIGINT/SIGHUP as loop events; [`reload`]: hot reload of files.
+//! - [`stop`]: what stops the loop ([`signals`] in the binary, a [`stop::Switch`] in-process);
+//!   [`reload`]: hot reload of files.
 //! - [`client`]: the `send` subcommand; [`init`]: the built-in init when running as PID 1.
-//! - [`request`]: the request, the reply and the request log line; [`error`]: exit statuses.
+//! - [`request`]: the request, the reply and the request log line.
 //! - Local triggers: [`watch`] (`--watch`, `on_change`) and [`schedule`] (`--every`, `--cron`,
 //!   `on_tick`) queue calls on the worker pool through [`trigger`].
-//! - [`footprint`]: keeping idle memory small; [`logging`]: text or JSON log lines on stderr; [`metrics`]: Prometheus and health state;
-//!   [`metrics_server`]: the `--metrics-listen` port.
+//! - [`footprint`]: keeping idle memory small; [`logging`]: text or JSON log lines on stderr;
+//!   [`metrics`]: Prometheus and health state; [`metrics_server`]: the `--metrics-listen` port.
 
 pub mod app;
 pub mod auth;
