@@ -6,11 +6,11 @@ use crate::auth::Tokens;
 use crate::backoff::AuthBackoff;
 use crate::cli::AuthMode;
 use crate::config::Config;
-use crate::connection::{Connection, Filled, Phase};
-use crate::framing::{self, Frame, RawRequest};
+use crate::connection::{Connection, Phase, Rules, Step};
+use crate::framing::{self, RawRequest};
 use crate::http::{self, HttpHead};
 use crate::metrics::{Refusal, metrics};
-use crate::protocol::{self, Encoded, Protocol};
+use crate::protocol::{Encoded, Protocol};
 use crate::reload::ReloadTrigger;
 use crate::request::{Endpoints, Request, ServerError, Verdict, log_request};
 use crate::script::Runtime;
@@ -33,8 +33,6 @@ const SIGNALS: Token = Token(usize::MAX - 1);
 /// Listener `i` has token `LISTENER_BASE - i`; connections use their slab key.
 const LISTENER_BASE: usize = usize::MAX - 2;
 
-/// How long a closed connection may keep sending before we stop draining it.
-const DRAIN_TIME: Duration = Duration::from_secs(2);
 /// After an accept error such as EMFILE, how long before accepting again.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// After the shutdown timeout has killed what was left, how long replies get to flush.
@@ -45,8 +43,6 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Connections accepted per turn of the loop. Accepting until the queue is empty never ends
 /// while a flood keeps it full, and starves the replies of requests already taken.
 const ACCEPTS_PER_TURN: usize = 64;
-/// Unsent reply bytes beyond which a keep-alive connection's next request is not read yet.
-const MAX_UNREAD_REPLY: usize = 64 * 1024;
 
 /// Everything the loop needs that is built before it starts.
 pub struct Parts {
@@ -85,6 +81,8 @@ pub struct Server {
     /// Accepting fails (out of descriptors): warned about once until it works again.
     accept_failing: bool,
     stopping: Option<Stopping>,
+    /// What `Connection::advance` needs of the configuration, copied once.
+    rules: Rules,
     backoff: AuthBackoff,
     /// Open connections per client IP, for `--max-connections-per-ip`.
     per_ip: PerIp,
@@ -106,6 +104,7 @@ impl Server {
         Ok(Server {
             backoff: AuthBackoff::new(config.auth_failures),
             per_ip: PerIp::new(config.max_connections_per_ip > 0),
+            rules: Rules::of(&config),
             config,
             parts,
             connections: Slab::new(),
@@ -306,7 +305,7 @@ impl Server {
         let Some(connection) = self.connections.get_mut(key) else {
             return;
         };
-        let result = step(connection, &self.config, &mut self.scratch);
+        let result = connection.advance(&self.rules, &mut self.scratch);
         match result {
             Ok(Step::Wait) => self.after_step(key),
             Ok(Step::Dispatch(raw)) => {
@@ -406,7 +405,8 @@ impl Server {
         if let Some((error, verdict)) = self.refusal(&request, blocked, now) {
             let reply = Protocol::of(&request).encode_error(error);
             log_request(&request, verdict, now, reply.bytes.len(), &[]);
-            return answer(&mut self.connections[key], reply, &self.config, true);
+            let read_timeout = self.config.read_timeout;
+            return self.connections[key].answer(reply, true, read_timeout);
         }
         let connection = &mut self.connections[key];
         connection.phase = Phase::Handling;
@@ -490,7 +490,7 @@ impl Server {
         let Some(connection) = find(&mut self.connections, conn) else {
             return;
         };
-        answer(connection, reply, &self.config, stopping);
+        connection.answer(reply, stopping, self.config.read_timeout);
         self.drive(conn.key);
     }
 
@@ -684,135 +684,4 @@ fn authenticate(
     }
     let (token, payload) = framing::split_token(&raw.line);
     (matched(token), payload.to_vec())
-}
-
-/// Queues a reply and moves the connection on: to read the next request, or to close as
-/// the protocol decided. `force_close` overrides that (a stop, or an answer the server gives
-/// itself).
-fn answer(connection: &mut Connection, reply: Encoded, config: &Config, force_close: bool) {
-    connection.push_output(&reply.bytes);
-    let now = Instant::now();
-    connection.phase = if force_close || reply.close {
-        Phase::Closing {
-            deadline: now + config.read_timeout,
-        }
-    } else {
-        Phase::Reading {
-            deadline: now + config.read_timeout,
-        }
-    };
-}
-
-/// What `step` found for the loop to do.
-enum Step {
-    /// Nothing more until the next event or timer.
-    Wait,
-    /// A complete request to hand on.
-    Dispatch(RawRequest),
-    /// HTTP: a complete head whose client waits for `100 Continue` before sending the body.
-    WantsContinue,
-    Close(&'static str),
-}
-
-/// Advances one connection by what its socket allows now.
-fn step(connection: &mut Connection, config: &Config, scratch: &mut [u8]) -> io::Result<Step> {
-    loop {
-        match connection.phase {
-            Phase::Handling => {
-                connection.flush()?;
-                return Ok(Step::Wait);
-            }
-            Phase::Reading { .. } => {
-                // Backpressure: a client that pipelines requests without reading the replies
-                // gets no new request read while a reply is still stuck in our buffer.
-                if !connection.flush()? && connection.pending_output() > MAX_UNREAD_REPLY {
-                    return Ok(Step::Wait);
-                }
-                return read_request(connection, config, scratch);
-            }
-            Phase::Closing { .. } => {
-                if !connection.flush()? {
-                    return Ok(Step::Wait);
-                }
-                connection.shutdown_output();
-                connection.phase = Phase::Draining {
-                    deadline: Instant::now() + DRAIN_TIME,
-                };
-            }
-            Phase::Draining { .. } => {
-                let closed = connection.input_closed || connection.discard_input(scratch)?;
-                return Ok(if closed {
-                    Step::Close("done")
-                } else {
-                    Step::Wait
-                });
-            }
-        }
-    }
-}
-
-fn read_request(
-    connection: &mut Connection,
-    config: &Config,
-    scratch: &mut [u8],
-) -> io::Result<Step> {
-    let limit = config.max_request_bytes;
-    loop {
-        // One byte of slack: a line of exactly `limit` bytes may still wait for its `\n`.
-        let filled = connection.fill_input(scratch, limit + 1)?;
-        let frame = protocol::decode(
-            config.framing,
-            &mut connection.input,
-            connection.input_closed,
-            limit,
-        );
-        match frame {
-            Frame::Request(raw) => return Ok(Step::Dispatch(raw)),
-            Frame::TooLarge => {
-                return refuse_unreadable(connection, ServerError::TooLarge, config, scratch);
-            }
-            Frame::HeadTooLarge => {
-                return refuse_unreadable(connection, ServerError::HeadTooLarge, config, scratch);
-            }
-            Frame::Malformed(reason) => {
-                log::debug!("bad request from {}: {reason}", connection.endpoints.peer);
-                return refuse_unreadable(connection, ServerError::Malformed, config, scratch);
-            }
-            Frame::Incomplete | Frame::WantsContinue if connection.input_closed => {
-                if connection.pending_output() == 0 {
-                    return Ok(Step::Close("client closed without a complete request"));
-                }
-                connection.phase = Phase::Closing {
-                    deadline: Instant::now() + config.read_timeout,
-                };
-                return step(connection, config, scratch);
-            }
-            // The loop checks the token first (`Server::on_expect_continue`).
-            Frame::WantsContinue if !connection.continue_sent => return Ok(Step::WantsContinue),
-            Frame::Incomplete | Frame::WantsContinue => match filled {
-                Filled::Drained => return Ok(Step::Wait),
-                // Nothing more is read past the limit, so a framer still waiting would wait
-                // forever and this loop would spin (HTTP chunk extensions did that).
-                Filled::LimitReached if connection.input.len() > limit + 1 => {
-                    return refuse_unreadable(connection, ServerError::TooLarge, config, scratch);
-                }
-                // Empty lines were dropped: there is room to read again.
-                Filled::LimitReached => {}
-            },
-        }
-    }
-}
-
-/// Answers input that will never be a request (too large, not HTTP), then closes.
-fn refuse_unreadable(
-    connection: &mut Connection,
-    error: ServerError,
-    config: &Config,
-    scratch: &mut [u8],
-) -> io::Result<Step> {
-    connection.input.clear();
-    // No request to answer in kind: the protocol answers as its framing does by default.
-    let reply = Protocol::new(config.framing, config.keep_alive, None).encode_error(error);
-    answer(connection, reply, config, true);
-    step(connection, config, scratch)
 }
