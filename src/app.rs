@@ -129,7 +129,7 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
     let parts = Parts {
         poll,
         listeners,
-        signals,
+        stop: Box::new(signals),
         pool,
         inbox,
         tokens,
@@ -138,11 +138,7 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
     };
     let server =
         Server::new(config, parts).map_err(|e| runtime_error("registering listeners", e))?;
-    let code = server.run().map_err(|e| runtime_error("event loop", e))?;
-    Ok(match code {
-        0 => Outcome::Success,
-        code => Outcome::Signalled(code - 128),
-    })
+    server.run().map_err(|e| runtime_error("event loop", e))
 }
 
 /// The script functions besides `handle` that the trigger flags call.

@@ -7,6 +7,7 @@ use crate::backoff::AuthBackoff;
 use crate::cli::AuthMode;
 use crate::config::Config;
 use crate::connection::{Connection, Phase, Rules, Step};
+use crate::error::Outcome;
 use crate::framing::{self, RawRequest};
 use crate::http::{self, HttpHead};
 use crate::metrics::{Refusal, metrics};
@@ -14,7 +15,8 @@ use crate::protocol::{Encoded, Protocol};
 use crate::reload::ReloadTrigger;
 use crate::request::{Endpoints, Request, ServerError, Verdict, log_request};
 use crate::script::Runtime;
-use crate::signals::{Signal, SignalSource};
+use crate::signals::Signal;
+use crate::stop::Stop;
 use crate::workers::{ConnRef, Inbox, Job, Outbound, WorkerPool};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
@@ -29,7 +31,8 @@ use std::time::{Duration, Instant};
 
 /// The token of the `Waker` through which workers wake the loop.
 pub const WAKER: Token = Token(usize::MAX);
-const SIGNALS: Token = Token(usize::MAX - 1);
+/// The token of the [`Stop`] source (signals in the binary).
+const STOP: Token = Token(usize::MAX - 1);
 /// Listener `i` has token `LISTENER_BASE - i`; connections use their slab key.
 const LISTENER_BASE: usize = usize::MAX - 2;
 
@@ -48,7 +51,8 @@ const ACCEPTS_PER_TURN: usize = 64;
 pub struct Parts {
     pub poll: Poll,
     pub listeners: Vec<TcpListener>,
-    pub signals: SignalSource,
+    /// What tells the loop to reload or stop: the process's signals, or a `stop::Switch`.
+    pub stop: Box<dyn Stop + Send>,
     pub pool: WorkerPool,
     pub inbox: Inbox,
     pub tokens: Arc<Tokens>,
@@ -100,7 +104,7 @@ impl Server {
         for (index, listener) in parts.listeners.iter_mut().enumerate() {
             registry.register(listener, Token(LISTENER_BASE - index), Interest::READABLE)?;
         }
-        parts.signals.register(registry, SIGNALS)?;
+        parts.stop.register(registry, STOP)?;
         Ok(Server {
             backoff: AuthBackoff::new(config.auth_failures),
             per_ip: PerIp::new(config.max_connections_per_ip > 0),
@@ -121,7 +125,7 @@ impl Server {
     }
 
     /// Serves until a stop completes. Returns the exit status.
-    pub fn run(mut self) -> io::Result<i32> {
+    pub fn run(mut self) -> io::Result<Outcome> {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.accept_more.is_empty() {
@@ -138,9 +142,9 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     WAKER => self.take_worker_messages(),
-                    SIGNALS => {
-                        if let Some(code) = self.on_signals() {
-                            return Ok(code);
+                    STOP => {
+                        if let Some(outcome) = self.on_stop_orders() {
+                            return Ok(outcome);
                         }
                     }
                     Token(t) if t > LISTENER_BASE - self.parts.listeners.len() => {
@@ -155,7 +159,7 @@ impl Server {
                 self.accept(index);
             }
             if let Next::Exit = self.check_stop(now) {
-                return Ok(0);
+                return Ok(Outcome::Success);
             }
         }
     }
@@ -521,9 +525,10 @@ impl Server {
 
     // ---- signals and stopping ----
 
-    /// Returns an exit status when the process must end at once.
-    fn on_signals(&mut self) -> Option<i32> {
-        for signal in self.parts.signals.pending() {
+    /// Acts on reload and stop orders; returns how the run ended when it must end at once
+    /// (a second stop order).
+    fn on_stop_orders(&mut self) -> Option<Outcome> {
+        for signal in self.parts.stop.pending() {
             match signal {
                 Signal::Reload => self.parts.reload.reload_now(),
                 Signal::Stop(number) if self.stopping.is_some() => {
@@ -532,7 +537,7 @@ impl Server {
                         .runtime
                         .groups
                         .signal_all(rustix::process::Signal::KILL);
-                    return Some(128 + number);
+                    return Some(Outcome::Signalled(number));
                 }
                 Signal::Stop(_) => self.begin_stop(),
             }
