@@ -83,12 +83,6 @@ pub struct Limits {
 }
 
 impl Config {
-    /// Whether `--allow` admits a client from `ip` (IPv4-mapped IPv6 counts as IPv4).
-    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip))
-    }
-
     pub fn from_args(args: ServeArgs) -> Result<Config, Fatal> {
         let listen = args
             .listen

@@ -79,10 +79,11 @@ pub enum Knock<'a> {
     Connection,
     /// A complete request; `token_name` is what [`Gate::identify`] found.
     Request { token_name: Option<&'a str> },
-    /// HTTP: a complete head whose client waits for `100 Continue` before sending its body.
-    /// Only who is asking is judged now (token, backoff); busy and stopping are judged when
-    /// the body is there, since either may change meanwhile.
-    Continue(&'a HttpHead),
+    /// HTTP: a complete head whose client waits for `100 Continue` before sending its body
+    /// (`None`: the head did not parse, so it carries no token). Only who is asking is judged
+    /// now (token, backoff); busy and stopping are judged when the body is there, since either
+    /// may change meanwhile.
+    Continue(Option<&'a HttpHead>),
 }
 
 /// Let in.
@@ -177,7 +178,7 @@ impl Gate {
             }
             Knock::Continue(head) => {
                 let valid = head
-                    .token()
+                    .and_then(HttpHead::token)
                     .is_some_and(|t| self.tokens.check(t.as_bytes()).is_some());
                 self.check_token(valid, facts, false).map(|_| Admitted)
             }
@@ -473,16 +474,16 @@ mod tests {
             ..facts("127.0.0.4")
         };
         assert_eq!(
-            gate.admit(Knock::Continue(&head(TOKEN)), &busy_stopping),
+            gate.admit(Knock::Continue(Some(&head(TOKEN))), &busy_stopping),
             Ok(Admitted)
         );
         for _ in 0..5 {
-            let refused = gate.admit(Knock::Continue(&head("nope")), &busy_stopping);
+            let refused = gate.admit(Knock::Continue(Some(&head("nope"))), &busy_stopping);
             assert_eq!(answer(refused), Some(ServerError::Unauthorized));
         }
         // Five refusals, no backoff: the request they are answered as is what counts.
         assert_eq!(
-            gate.admit(Knock::Continue(&head(TOKEN)), &busy_stopping),
+            gate.admit(Knock::Continue(Some(&head(TOKEN))), &busy_stopping),
             Ok(Admitted)
         );
     }

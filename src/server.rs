@@ -3,14 +3,13 @@
 //! cleanly. Nothing here blocks: scripts, commands and file reads run on other threads.
 
 use crate::auth::Tokens;
-use crate::backoff::AuthBackoff;
-use crate::cli::AuthMode;
 use crate::config::Config;
 use crate::connection::{Connection, Phase, Rules, Step};
 use crate::error::Outcome;
-use crate::framing::{self, RawRequest};
+use crate::framing::RawRequest;
+use crate::gate::{self, Facts, Gate, Knock};
 use crate::http::{self, HttpHead};
-use crate::metrics::{Refusal, metrics};
+use crate::metrics::metrics;
 use crate::protocol::{Encoded, Protocol};
 use crate::reload::ReloadTrigger;
 use crate::request::{Endpoints, Request, ServerError, Verdict, log_request};
@@ -22,7 +21,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -87,9 +86,8 @@ pub struct Server {
     stopping: Option<Stopping>,
     /// What `Connection::advance` needs of the configuration, copied once.
     rules: Rules,
-    backoff: AuthBackoff,
-    /// Open connections per client IP, for `--max-connections-per-ip`.
-    per_ip: PerIp,
+    /// Admission: allow-list, caps, backoff, tokens, busy.
+    gate: Gate,
     scratch: Vec<u8>,
 }
 
@@ -106,8 +104,7 @@ impl Server {
         }
         parts.stop.register(registry, STOP)?;
         Ok(Server {
-            backoff: AuthBackoff::new(config.auth_failures),
-            per_ip: PerIp::new(config.max_connections_per_ip > 0),
+            gate: Gate::new(gate::Policy::of(&config), parts.tokens.clone()),
             rules: Rules::of(&config),
             config,
             parts,
@@ -234,19 +231,15 @@ impl Server {
     }
 
     fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
-        if !self.config.allows(peer.ip()) {
-            metrics().record_refusal(Refusal::NotAllowed);
-            log::debug!("refusing {peer}: not in --allow");
-            return; // dropping the stream closes it, without a reply
-        }
-        if let Some(why) = self.over_capacity(peer.ip()) {
-            return self.refuse_connection(stream, peer, why);
+        let facts = self.facts(peer.ip(), Instant::now());
+        if let Err(refusal) = self.gate.admit(Knock::Connection, &facts) {
+            return self.refuse_connection(stream, peer, refusal);
         }
         let local = match stream.local_addr() {
             Ok(local) => local,
             Err(e) => return log::debug!("dropping {peer}: {e}"),
         };
-        self.per_ip.opened(peer.ip());
+        self.gate.opened(peer.ip());
         let _ = stream.set_nodelay(true);
         self.next_serial += 1;
         let phase = Phase::Reading {
@@ -260,7 +253,7 @@ impl Server {
             log::warn!("registering connection from {peer}: {e}");
             self.connections.remove(key);
             metrics().open_connections.dec();
-            self.per_ip.closed(peer.ip());
+            self.gate.closed(peer.ip());
             return;
         }
         log::debug!("connection from {peer}");
@@ -268,13 +261,15 @@ impl Server {
         self.drive(key);
     }
 
-    /// Which connection limit a new connection from `ip` would pass, if any.
-    fn over_capacity(&self, ip: IpAddr) -> Option<Refusal> {
-        if self.connections.len() >= self.config.max_connections {
-            return Some(Refusal::MaxConnections);
+    /// What the gate weighs besides the request itself.
+    fn facts(&self, peer: IpAddr, now: Instant) -> Facts {
+        Facts {
+            peer,
+            now,
+            open_connections: self.connections.len(),
+            in_flight: self.in_flight,
+            stopping: self.stopping.is_some(),
         }
-        let per_ip = self.config.max_connections_per_ip;
-        (per_ip > 0 && self.per_ip.count(ip) >= per_ip).then_some(Refusal::MaxConnectionsPerIp)
     }
 
     /// Answers a connection there is no room for with `ERR busy` (HTTP: 503), then closes it.
@@ -286,11 +281,19 @@ impl Server {
         &mut self,
         mut stream: mio::net::TcpStream,
         peer: SocketAddr,
-        why: Refusal,
+        refusal: gate::Refusal,
     ) {
-        metrics().record_refusal(why);
-        log::debug!("refusing {peer}: --{} reached", why.as_str());
-        let reply = self.protocol(None).encode_error(ServerError::Busy);
+        if let Some(counted) = refusal.counted {
+            metrics().record_refusal(counted);
+        }
+        let Some(answer) = refusal.answer else {
+            log::debug!("refusing {peer}: not in --allow");
+            return; // dropping the stream closes it, without a reply
+        };
+        if let Some(counted) = refusal.counted {
+            log::debug!("refusing {peer}: --{} reached", counted.as_str());
+        }
+        let reply = self.protocol(None).encode_error(answer);
         // A fresh socket's send buffer takes these few bytes whole.
         let _ = stream.write(&reply.bytes);
         let _ = stream.shutdown(std::net::Shutdown::Write);
@@ -328,23 +331,19 @@ impl Server {
     fn on_expect_continue(&mut self, key: usize) {
         let connection = &self.connections[key];
         let head = http::parse_head(&connection.input);
-        let ip = connection.endpoints.peer.ip();
-        let token_ok = |head: &HttpHead| {
-            let token = head.token().map(str::as_bytes);
-            token.and_then(|t| self.parts.tokens.check(t)).is_some()
-        };
-        let refused = self.token_required()
-            && (self.backoff.is_blocked(ip, Instant::now())
-                || !head.as_ref().is_some_and(token_ok));
-        let connection = &mut self.connections[key];
-        if refused {
-            connection.input.clear();
+        let facts = self.facts(connection.endpoints.peer.ip(), Instant::now());
+        if self
+            .gate
+            .admit(Knock::Continue(head.as_ref()), &facts)
+            .is_err()
+        {
+            self.connections[key].input.clear();
             let raw = RawRequest {
                 http: head,
                 ..RawRequest::default()
             };
-            // Answered by `refusal` and closed: the unsent body is drained, never read as
-            // another request.
+            // Answered as a request, refused, and closed: the unsent body is drained, never
+            // read as another request.
             self.dispatch(key, raw);
         } else {
             let protocol = self.protocol(None);
@@ -377,7 +376,7 @@ impl Server {
             connection.reset_on_drop(); // a timed-out or too slow reader gets no partial reply
         }
         metrics().open_connections.dec();
-        self.per_ip.closed(connection.endpoints.peer.ip());
+        self.gate.closed(connection.endpoints.peer.ip());
         connection.deregister(self.parts.poll.registry());
         log::debug!(
             "closed connection from {}: {why}",
@@ -389,28 +388,25 @@ impl Server {
 
     fn dispatch(&mut self, key: usize, raw: RawRequest) {
         self.next_request_id += 1;
-        let now = Instant::now();
-        let connection = &mut self.connections[key];
-        connection.continue_sent = false;
-        // A backed-off client's token is not even checked.
-        let blocked = self.backoff.is_blocked(connection.endpoints.peer.ip(), now);
-        let insecure = self.config.token_sources.is_empty();
-        let (token_name, payload) = authenticate(&self.parts.tokens, &raw, !blocked, insecure);
+        self.connections[key].continue_sent = false;
+        let peer = self.connections[key].endpoints.peer.ip();
+        let facts = self.facts(peer, Instant::now());
+        let who = self.gate.identify(&raw, facts.peer, facts.now);
         let request = Request {
             id: self.next_request_id,
-            token_name,
-            payload,
+            token_name: who.token_name,
+            payload: who.payload,
             body: raw.body,
-            endpoints: connection.endpoints.clone(),
+            endpoints: self.connections[key].endpoints.clone(),
             framing: self.config.framing,
             keep_alive: self.config.keep_alive,
             http: raw.http,
         };
-        if let Some((error, verdict)) = self.refusal(&request, blocked, now) {
-            let reply = Protocol::of(&request).encode_error(error);
-            log_request(&request, verdict, now, reply.bytes.len(), &[]);
-            let read_timeout = self.config.read_timeout;
-            return self.connections[key].answer(reply, true, read_timeout);
+        let knock = Knock::Request {
+            token_name: request.token_name.as_deref(),
+        };
+        if let Err(refusal) = self.gate.admit(knock, &facts) {
+            return self.refuse_request(key, &request, refusal, facts.now);
         }
         let connection = &mut self.connections[key];
         connection.phase = Phase::Handling;
@@ -422,45 +418,22 @@ impl Server {
         self.parts.pool.submit(Job { request, conn });
     }
 
-    /// Whether the server rejects a wrong token itself. Decided by the configuration, never by
-    /// how many tokens are valid now: an emptied token file must lock everyone out, not in.
-    fn token_required(&self) -> bool {
-        self.config.auth == AuthMode::Required && !self.config.token_sources.is_empty()
-    }
-
-    /// Why the server answers a request itself instead of running the script, if it does.
-    fn refusal(
+    /// Answers a request the gate turned away, logs it, and closes after the answer.
+    fn refuse_request(
         &mut self,
+        key: usize,
         request: &Request,
-        blocked: bool,
+        refusal: gate::Refusal,
         now: Instant,
-    ) -> Option<(ServerError, Verdict)> {
-        if self.stopping.is_some() {
-            return Some((ServerError::ShuttingDown, Verdict::ShuttingDown));
+    ) {
+        if let Some(counted) = refusal.counted {
+            metrics().record_refusal(counted);
         }
-        let token_required = self.token_required();
-        if token_required && blocked {
-            metrics().record_refusal(Refusal::AuthBackoff);
-            return Some((ServerError::BackedOff, Verdict::Unauthorized));
-        }
-        if token_required && request.token_name.is_none() {
-            if self
-                .backoff
-                .record_failure(request.endpoints.peer.ip(), now)
-            {
-                log::warn!(
-                    "{}: {} wrong tokens within 60 s; refusing this IP for 60 s",
-                    request.endpoints.peer.ip(),
-                    self.config.auth_failures
-                );
-            }
-            return Some((ServerError::Unauthorized, Verdict::Unauthorized));
-        }
-        if self.in_flight >= self.config.workers + self.config.queue {
-            metrics().record_refusal(Refusal::QueueFull);
-            return Some((ServerError::Busy, Verdict::Busy));
-        }
-        None
+        let error = refusal.answer.unwrap_or(ServerError::Unauthorized);
+        let reply = Protocol::of(request).encode_error(error);
+        log_request(request, refusal.verdict, now, reply.bytes.len(), &[]);
+        let read_timeout = self.config.read_timeout;
+        self.connections[key].answer(reply, true, read_timeout);
     }
 
     fn take_worker_messages(&mut self) {
@@ -472,7 +445,7 @@ impl Server {
                     self.in_flight -= 1;
                     self.on_reply(conn, reply);
                 }
-                Outbound::Tokens(tokens) => self.parts.tokens = tokens,
+                Outbound::Tokens(tokens) => self.gate.set_tokens(tokens),
             }
         }
     }
@@ -618,42 +591,6 @@ impl Server {
     }
 }
 
-/// Open connections per client IP (IPv4-mapped IPv6 counted as IPv4). Tracked only while
-/// `--max-connections-per-ip` is on; an IP leaves the map with its last connection.
-struct PerIp {
-    enabled: bool,
-    open: HashMap<IpAddr, usize>,
-}
-
-impl PerIp {
-    fn new(enabled: bool) -> PerIp {
-        PerIp {
-            enabled,
-            open: HashMap::new(),
-        }
-    }
-
-    fn count(&self, ip: IpAddr) -> usize {
-        self.open.get(&ip.to_canonical()).copied().unwrap_or(0)
-    }
-
-    fn opened(&mut self, ip: IpAddr) {
-        if self.enabled {
-            *self.open.entry(ip.to_canonical()).or_default() += 1;
-        }
-    }
-
-    fn closed(&mut self, ip: IpAddr) {
-        let ip = ip.to_canonical();
-        if let Some(count) = self.open.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
-                self.open.remove(&ip);
-            }
-        }
-    }
-}
-
 /// The connection a worker message is for, unless it has closed since.
 fn find(connections: &mut Slab<Connection>, conn: ConnRef) -> Option<&mut Connection> {
     connections
@@ -668,25 +605,4 @@ fn is_per_connection_error(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::ConnectionReset
     )
-}
-
-/// The token's name and the payload of a request (SPEC §3, §10). With `check` false the token
-/// is split off but not compared (a backed-off client). `insecure`: no token source is
-/// configured (`--insecure-no-token`). Not "no valid token": token files emptied to revoke
-/// every token leave none, and then nothing may pass.
-fn authenticate(
-    tokens: &Tokens,
-    raw: &RawRequest,
-    check: bool,
-    insecure: bool,
-) -> (Option<Arc<str>>, Vec<u8>) {
-    let matched = |token: &[u8]| if check { tokens.check(token) } else { None };
-    if let Some(head) = &raw.http {
-        return (head.token().and_then(|t| matched(t.as_bytes())), Vec::new());
-    }
-    if insecure {
-        return (None, raw.line.clone()); // --insecure-no-token: the whole line is the payload
-    }
-    let (token, payload) = framing::split_token(&raw.line);
-    (matched(token), payload.to_vec())
 }
