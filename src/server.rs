@@ -48,14 +48,21 @@ const ACCEPTS_PER_TURN: usize = 64;
 
 /// Everything the loop needs that is built before it starts.
 pub struct Parts {
+    /// The loop's poll; its registry already holds the workers' waker (token [`WAKER`]).
     pub poll: Poll,
+    /// The bound listeners, in `--listen` order; registered by [`Server::new`].
     pub listeners: Vec<TcpListener>,
     /// What tells the loop to reload or stop: the process's signals, or a `stop::Switch`.
     pub stop: Box<dyn Stop + Send>,
+    /// The handler threads; requests are submitted here, and taken back at a stop.
     pub pool: WorkerPool,
+    /// Where replies, live output and reloaded tokens come back from other threads.
     pub inbox: Inbox,
+    /// The tokens read at start; reloads arrive through the inbox.
     pub tokens: Arc<Tokens>,
+    /// What handlers and jobs share: the process groups a stop kills, the jobs it stops.
     pub runtime: Arc<Runtime>,
+    /// SIGHUP: asks the reload thread to read the script and token files again.
     pub reload: ReloadTrigger,
 }
 
