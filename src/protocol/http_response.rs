@@ -1,6 +1,76 @@
 //! HTTP/1.x responses: the head for a reply a script returned, a streamed body in chunks, and
 //! trailers. Only headers that cannot split or re-frame the response are ever written.
 
+use crate::request::{Content, Reply};
+
+/// What an HTTP reply needs to know of its request, copied out of the head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpExchange {
+    /// 0 for HTTP/1.0 (no chunks: a streamed body ends with the close), 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// Whether the request asked for the connection to stay open, as HTTP reads it.
+    pub keep_alive: bool,
+    /// `HEAD`: the response carries no body.
+    pub head_only: bool,
+}
+
+impl HttpExchange {
+    /// A complete response for `reply`; `close` is what [`super::Protocol::closes_after`]
+    /// decided, and the head says so.
+    pub fn response(self, reply: Reply, close: bool) -> Vec<u8> {
+        // The result is known before the head goes out, so trailers travel in it.
+        let mut headers = reply.headers;
+        headers.extend(reply.trailers);
+        let status = reply.status.unwrap_or(match reply.content {
+            Content::Nothing => 204,
+            _ => 200,
+        });
+        let response = ResponseHead {
+            status,
+            headers: &headers,
+            default_content_type: match reply.content {
+                Content::Binary => "application/octet-stream",
+                _ => "text/plain; charset=utf-8",
+            },
+            keep_alive: !close,
+            minor_version: self.minor_version,
+        };
+        response.complete(&reply.bytes, self.head_only)
+    }
+
+    /// A piece of a streamed body; the first starts a `200` response, chunked (until the close
+    /// on HTTP/1.0), that announces `trailer_names`.
+    pub fn live(self, bytes: &[u8], first: bool, trailer_names: &[String]) -> Vec<u8> {
+        let mut out = Vec::new();
+        if first {
+            let announce = match trailer_names {
+                [] => Vec::new(),
+                names => vec![("trailer".to_owned(), names.join(", "))],
+            };
+            let response = ResponseHead {
+                status: 200,
+                headers: &announce,
+                default_content_type: "text/plain; charset=utf-8",
+                keep_alive: self.minor_version == 1 && self.keep_alive,
+                minor_version: self.minor_version,
+            };
+            out = response.streaming();
+        }
+        out.extend_from_slice(&chunk(bytes, self.minor_version));
+        out
+    }
+
+    /// The end of a streamed body: the reply's last bytes, then the last chunk with trailers.
+    pub fn end(self, reply: Reply) -> Vec<u8> {
+        let mut bytes = chunk(&reply.bytes, self.minor_version);
+        bytes.extend_from_slice(&last_chunk_with_trailers(
+            self.minor_version,
+            &reply.trailers,
+        ));
+        bytes
+    }
+}
+
 /// How a response is shaped on the wire.
 pub struct ResponseHead<'a> {
     pub status: u16,

@@ -12,9 +12,10 @@ pub mod http;
 pub mod http_response;
 
 pub use framing::{Frame, Framing, RawRequest};
+pub use http_response::HttpExchange;
 
-use crate::request::{Content, Reply, Request, ServerError};
-use http::{HttpHead, ResponseHead};
+use crate::request::{Reply, Request, ServerError};
+use http::HttpHead;
 
 /// Cuts the next request out of `buf` (see [`framing::next_frame`]).
 pub fn decode(framing: Framing, buf: &mut Vec<u8>, eof: bool, max_bytes: usize) -> Frame {
@@ -32,17 +33,6 @@ pub enum Protocol {
     /// One request per connection: the client's half-close ended it.
     Stream,
     Http(HttpExchange),
-}
-
-/// What an HTTP reply needs to know of its request, copied out of the head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HttpExchange {
-    /// 0 for HTTP/1.0 (no chunks: a streamed body ends with the close), 1 for HTTP/1.1.
-    pub minor_version: u8,
-    /// Whether the request asked for the connection to stay open, as HTTP reads it.
-    pub keep_alive: bool,
-    /// `HEAD`: the response carries no body.
-    pub head_only: bool,
 }
 
 /// A reply as bytes for the socket, and whether the connection closes once they are out.
@@ -95,76 +85,30 @@ impl Protocol {
     /// A whole reply, when no live output went before it.
     pub fn encode_reply(self, reply: Reply) -> Encoded {
         let close = self.closes_after(reply.close, false);
-        let Protocol::Http(http) = self else {
-            return Encoded {
-                bytes: reply.bytes,
-                close,
-            };
+        let bytes = match self {
+            Protocol::Http(http) => http.response(reply, close),
+            _ => reply.bytes,
         };
-        // The result is known before the head goes out, so trailers travel in it.
-        let mut headers = reply.headers;
-        headers.extend(reply.trailers);
-        let status = reply.status.unwrap_or(match reply.content {
-            Content::Nothing => 204,
-            _ => 200,
-        });
-        let response = ResponseHead {
-            status,
-            headers: &headers,
-            default_content_type: match reply.content {
-                Content::Binary => "application/octet-stream",
-                _ => "text/plain; charset=utf-8",
-            },
-            keep_alive: !close,
-            minor_version: http.minor_version,
-        };
-        Encoded {
-            bytes: response.complete(&reply.bytes, http.head_only),
-            close,
-        }
+        Encoded { bytes, close }
     }
 
     /// A piece of live output (`write()`). `first`: nothing has gone out for this request
-    /// yet, so HTTP starts a `200` response, chunked (until the close on HTTP/1.0), that
-    /// announces `trailer_names`.
+    /// yet (HTTP then starts the response, announcing `trailer_names`).
     pub fn encode_live(self, bytes: &[u8], first: bool, trailer_names: &[String]) -> Vec<u8> {
-        let Protocol::Http(http) = self else {
-            return bytes.to_vec();
-        };
-        let mut out = Vec::new();
-        if first {
-            let announce = match trailer_names {
-                [] => Vec::new(),
-                names => vec![("trailer".to_owned(), names.join(", "))],
-            };
-            let response = ResponseHead {
-                status: 200,
-                headers: &announce,
-                default_content_type: "text/plain; charset=utf-8",
-                keep_alive: http.minor_version == 1 && http.keep_alive,
-                minor_version: http.minor_version,
-            };
-            out = response.streaming();
+        match self {
+            Protocol::Http(http) => http.live(bytes, first, trailer_names),
+            _ => bytes.to_vec(),
         }
-        out.extend_from_slice(&http::chunk(bytes, http.minor_version));
-        out
     }
 
-    /// The last of a reply whose live output went first: its final bytes and, for HTTP, the
-    /// last chunk with the trailers.
+    /// The last of a reply whose live output went first (HTTP: with the last chunk and the
+    /// trailers).
     pub fn encode_end(self, reply: Reply) -> Encoded {
         let close = self.closes_after(reply.close, true);
-        let Protocol::Http(http) = self else {
-            return Encoded {
-                bytes: reply.bytes,
-                close,
-            };
+        let bytes = match self {
+            Protocol::Http(http) => http.end(reply),
+            _ => reply.bytes,
         };
-        let mut bytes = http::chunk(&reply.bytes, http.minor_version);
-        bytes.extend_from_slice(&http::last_chunk_with_trailers(
-            http.minor_version,
-            &reply.trailers,
-        ));
         Encoded { bytes, close }
     }
 
@@ -245,6 +189,7 @@ mod tests {
 
     #[test]
     fn http_reply_head_matches_the_close_decision() {
+        use crate::request::Content;
         let kept = text(&HTTP11.encode_reply(reply("hi", None)).bytes);
         assert!(kept.starts_with("HTTP/1.1 200 OK\r\n"), "{kept}");
         assert!(!kept.contains("connection: close") && kept.ends_with("\r\n\r\nhi"));

@@ -62,15 +62,13 @@ fn serve_usage_errors_show_with_logging_off() {
 #[test]
 fn call_checks_its_flags_before_running_the_script() {
     let scratch = Scratch::new();
-    // The script would leave a mark if it ran.
     let mark = scratch.path("ran");
-    let script = scratch.write(
-        "h.rhai",
-        &format!(
-            "fn handle(req) {{ exec([\"touch\", \"{}\"]); \"ok\" }}",
-            mark.display()
-        ),
+    // The script would leave a mark if it ran.
+    let source = format!(
+        r#"fn handle(req) {{ exec(["touch", "{}"]); "ok" }}"#,
+        mark.display()
     );
+    let script = scratch.write("h.rhai", &source);
     let script = script.to_str().expect("utf-8 path");
     for bad in [
         ["--peer", "nowhere"],
