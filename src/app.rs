@@ -128,16 +128,14 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
     footprint::release_startup_code();
     let parts = Parts {
         poll,
-        listeners,
-        stop: Box::new(signals),
         pool,
         inbox,
         tokens,
         runtime,
         reload,
     };
-    let server =
-        Server::new(config, parts).map_err(|e| runtime_error("registering listeners", e))?;
+    let server = Server::new(config, listeners, parts, Box::new(signals))
+        .map_err(|e| runtime_error("registering listeners", e))?;
     server.run().map_err(|e| runtime_error("event loop", e))
 }
 
