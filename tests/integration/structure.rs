@@ -1,8 +1,22 @@
 //! Issue 11: `main` alone picks exit statuses and prints fatal errors itself, so they show
-//! whatever the log level; `call` checks its flags before it runs anything.
+//! whatever the log level; `call` checks its flags before it runs anything; the loop runs
+//! in-process with a stop of the test's own.
 
 use crate::util::*;
+use clap::Parser;
+use command_trigger::auth::Tokens;
+use command_trigger::cli::{Cli, Command};
+use command_trigger::config::Config;
+use command_trigger::error::Outcome;
+use command_trigger::script::{Runtime, ScriptHost};
+use command_trigger::server::{self, Parts};
+use command_trigger::signals::Signal;
+use command_trigger::workers::{self, WorkerPool};
+use command_trigger::{reload, stop};
+use mio::net::TcpListener;
+use mio::{Poll, Waker};
 use std::process::Output;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Runs the binary with logging off, bounded in time.
@@ -84,4 +98,64 @@ fn call_checks_its_flags_before_running_the_script() {
         assert!(stderr.contains(bad[0]), "{bad:?}: {stderr:?}");
     }
     assert!(!mark.exists(), "the script ran despite a bad flag");
+}
+
+/// Builds what `serve` builds, by hand, for a server run in this process.
+fn in_process(script: &str) -> (Config, Vec<TcpListener>, Parts) {
+    let cli = Cli::try_parse_from([
+        "command-trigger",
+        "serve",
+        "--script",
+        script,
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure-no-token",
+        "--workers",
+        "1",
+    ])
+    .expect("parsing the flags");
+    let Command::Serve(args) = cli.command else {
+        panic!("not serve")
+    };
+    let config = Config::from_args(args).expect("valid flags");
+    let runtime = Runtime::new(config.limits);
+    let host = ScriptHost::load(&config.script, runtime.clone()).expect("the script compiles");
+    let host = Arc::new(host);
+    let poll = Poll::new().expect("a poll");
+    let waker = Waker::new(poll.registry(), server::WAKER).expect("a waker");
+    let (outbox, inbox) = workers::outbox(Arc::new(waker));
+    let pool = WorkerPool::start(1, host.clone(), outbox.clone()).expect("a worker");
+    let tokens = Arc::new(Tokens::default());
+    let reload = reload::spawn(host, Vec::new(), tokens.clone(), outbox).expect("reloads");
+    let listener = TcpListener::bind(config.listen[0]).expect("binding");
+    let parts = Parts {
+        poll,
+        pool,
+        inbox,
+        tokens,
+        runtime,
+        reload,
+    };
+    (config, vec![listener], parts)
+}
+
+/// `server::run` with a `stop::Switch` instead of signals: the loop serves in this process and
+/// a stop order ends it the way SIGTERM does.
+#[test]
+fn the_loop_runs_in_process_and_stops_on_a_switch() {
+    let scratch = Scratch::new();
+    let script = scratch.write("h.rhai", r#"fn handle(req) { "ok " + req.payload + "\n" }"#);
+    let (config, listeners, parts) = in_process(script.to_str().expect("utf-8 path"));
+    let addr = listeners[0].local_addr().expect("the bound address");
+    let (switch, stop) = stop::switch().expect("a switch");
+    let (ended, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = ended.send(server::run(config, listeners, parts, Box::new(stop)));
+    });
+    assert_eq!(exchange(addr, b"hello\n"), b"ok hello\n");
+    switch.send(Signal::Stop(15));
+    let outcome = outcome
+        .recv_timeout(WAIT)
+        .expect("the loop stopped in time");
+    assert_eq!(outcome.expect("no I/O error"), Outcome::Success);
 }
