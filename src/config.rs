@@ -109,8 +109,7 @@ impl Config {
             .iter()
             .map(|period| Schedule::every(*period))
             .chain(args.cron.iter().map(|expr| Schedule::cron(expr)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ConfigError::Schedule)?;
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             watch,
             watch_debounce: args.watch_debounce,

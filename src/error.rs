@@ -128,8 +128,12 @@ pub enum ConfigError {
     NoClientToken,
     /// A `--watch` path that cannot be made absolute.
     WatchPath { path: PathBuf, error: String },
-    /// An `--every` or `--cron` schedule that cannot run.
-    Schedule(String),
+    /// A `--cron` expression that does not parse, or (`fires: false`) never fires.
+    Cron {
+        expr: String,
+        reason: String,
+        fires: bool,
+    },
     /// `check` with no file named.
     NoScript,
 }
@@ -156,7 +160,14 @@ impl fmt::Display for ConfigError {
             ConfigError::WatchPath { path, error } => {
                 write!(f, "--watch {}: {error}", path.display())
             }
-            ConfigError::Schedule(message) => f.write_str(message),
+            ConfigError::Cron {
+                expr,
+                reason,
+                fires: true,
+            } => write!(f, "--cron '{expr}': {reason}"),
+            ConfigError::Cron { expr, reason, .. } => {
+                write!(f, "--cron '{expr}' never fires: {reason}")
+            }
             ConfigError::NoScript => f.write_str(
                 "check: no script to compile: give its path (command-trigger check FILE) or set CT_SCRIPT",
             ),
