@@ -4,7 +4,7 @@
 use crate::auth::Tokens;
 use crate::cli::{Cli, Command, TestArgs};
 use crate::clock::SystemClock;
-use crate::config::{CallConfig, CallInput, Config, Limits};
+use crate::config::{CallConfig, CallInput, Config, Limits, ListenSpec};
 use crate::error::{ConfigError, Fatal, Outcome};
 use crate::framing::Framing;
 use crate::request::{Endpoints, Request};
@@ -13,6 +13,8 @@ use crate::script::{self, HandlerResult, Runtime, ScriptHost};
 use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
 use crate::state::State;
+use crate::tls::TlsServer;
+use crate::transport::{Listener, UnixBindError, UnixSocket};
 use crate::trigger::{Kind, Triggers};
 use crate::watch::WatchSettings;
 use crate::{
@@ -78,7 +80,14 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
     // Before any thread starts, so every thread inherits the handlers' view.
     let signals = SignalSource::install()
         .map_err(|e| Fatal::Runtime(format!("installing signal handlers: {e}")))?;
-    let listeners = bind_all(&config)?;
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(
+            TlsServer::load(files.clone(), config.framing == Framing::Http)
+                .map_err(Fatal::Usage)?,
+        )),
+        None => None,
+    };
+    let listeners = bind_all(&config, tls.as_ref())?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
@@ -110,8 +119,14 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
     let (outbox, inbox) = workers::outbox(Arc::new(waker));
     let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())
         .map_err(|e| runtime_error("starting workers", e))?;
-    let reload = reload::spawn(host, config.token_sources.clone(), tokens.clone(), outbox)
-        .map_err(|e| runtime_error("starting the reload thread", e))?;
+    let reload = reload::spawn(
+        host,
+        config.token_sources.clone(),
+        tokens.clone(),
+        tls,
+        outbox,
+    )
+    .map_err(|e| runtime_error("starting the reload thread", e))?;
     start_triggers(
         &config,
         Triggers::new(pool.trigger_queue(), runtime.clone()),
@@ -137,6 +152,15 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
     let server = Server::new(config, listeners, parts, Box::new(signals))
         .map_err(|e| runtime_error("registering listeners", e))?;
     server.run().map_err(|e| runtime_error("event loop", e))
+}
+
+fn bind_tcp(addr: &std::net::SocketAddr) -> Result<TcpListener, Fatal> {
+    let listener = TcpListener::bind(*addr).map_err(|e| Fatal::io(format!("binding {addr}"), e))?;
+    // mio listens with a backlog of 128: a burst of connections (thousands of clients
+    // reconnecting at once) overflows it, and every dropped SYN costs its client a 1 s
+    // retransmission, legitimate clients included. The kernel caps this at somaxconn.
+    let _ = rustix::net::listen(&listener, crate::transport::LISTEN_BACKLOG);
+    Ok(listener)
 }
 
 /// The script functions besides `handle` that the trigger flags call.
@@ -177,27 +201,27 @@ fn forget_token_variables(config: &Config) {
     }
 }
 
-/// Asked of `listen(2)`; Linux caps it at `net.core.somaxconn` (4096 by default).
-const LISTEN_BACKLOG: i32 = 4096;
-
-fn bind_all(config: &Config) -> Result<Vec<TcpListener>, Fatal> {
-    let bind = |addr: &std::net::SocketAddr| {
-        let listener =
-            TcpListener::bind(*addr).map_err(|e| Fatal::Runtime(format!("binding {addr}: {e}")))?;
-        // mio listens with a backlog of 128: a burst of connections (thousands of clients
-        // reconnecting at once) overflows it, and every dropped SYN costs its client a 1 s
-        // retransmission, legitimate clients included. The kernel caps this at somaxconn.
-        let _ = rustix::net::listen(&listener, LISTEN_BACKLOG);
-        Ok(listener)
+fn bind_all(config: &Config, tls: Option<&Arc<TlsServer>>) -> Result<Vec<Listener>, Fatal> {
+    let bind = |spec: &ListenSpec| match spec {
+        ListenSpec::Tcp(addr) => bind_tcp(addr).map(Listener::Tcp),
+        ListenSpec::Tls(addr) => match tls {
+            Some(tls) => Ok(Listener::Tls(bind_tcp(addr)?, tls.clone())),
+            None => Err(Fatal::Usage("a tls:// listener needs --tls-cert".into())),
+        },
+        ListenSpec::Unix(path) => match UnixSocket::bind(path, config.unix_mode) {
+            Ok(socket) => Ok(Listener::Unix(socket)),
+            Err(UnixBindError::Usage(message)) => Err(Fatal::Usage(message)),
+            Err(UnixBindError::Runtime(message)) => Err(Fatal::Runtime(message)),
+        },
     };
     config.listen.iter().map(bind).collect()
 }
 
-fn announce(listeners: &[TcpListener], print_addr: bool) -> Result<(), Fatal> {
+fn announce(listeners: &[Listener], print_addr: bool) -> Result<(), Fatal> {
     let mut stdout = std::io::stdout().lock();
     for listener in listeners {
         let addr = listener
-            .local_addr()
+            .describe()
             .map_err(|e| Fatal::Runtime(format!("reading a bound address: {e}")))?;
         log::info!("listening on {addr}");
         if print_addr {

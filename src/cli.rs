@@ -72,7 +72,9 @@ pub struct ServeArgs {
     #[arg(long, env = "CT_SCRIPT", value_name = "FILE")]
     pub script: PathBuf,
 
-    /// Address to listen on, IP:PORT or [IPv6]:PORT (repeatable; port 0 picks a free port).
+    /// Address to listen on (repeatable, mixable): IP:PORT or [IPv6]:PORT (plain TCP),
+    /// tls://IP:PORT (TLS, needs --tls-cert and --tls-key), unix:/PATH (a Unix socket).
+    /// Port 0 picks a free port.
     #[arg(
         long,
         env = "CT_LISTEN",
@@ -241,6 +243,33 @@ pub struct ServeArgs {
     /// Print the bound address(es) to stdout, one per line, once listening.
     #[arg(long, env = "CT_PRINT_ADDR", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     pub print_addr: bool,
+
+    /// Certificate chain (PEM) of the tls:// listeners; re-read when it changes.
+    #[arg(long, env = "CT_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM: PKCS#8, SEC1 or PKCS#1) of --tls-cert; re-read when it changes.
+    #[arg(long, env = "CT_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA bundle (PEM): every TLS client must present a certificate that chains to it (mTLS).
+    #[arg(long, env = "CT_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// File mode of unix: sockets, in octal.
+    #[arg(long, env = "CT_UNIX_MODE", value_name = "MODE", default_value = "0660", value_parser = octal_mode)]
+    pub unix_mode: u32,
+
+    /// Only these user ids are served on unix: listeners (repeatable; default: any).
+    #[arg(long, env = "CT_ALLOW_UID", value_name = "UID", value_delimiter = ',')]
+    pub allow_uid: Vec<u32>,
+}
+
+fn octal_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| format!("'{text}' is not an octal file mode like 0660"))
 }
 
 #[derive(Args, Debug)]
@@ -317,7 +346,7 @@ pub struct TestArgs {
 
 #[derive(Args, Debug)]
 pub struct SendArgs {
-    /// Server address, HOST:PORT.
+    /// Server address: HOST:PORT (plain TCP), tls://HOST:PORT, or unix:/PATH.
     #[arg(value_name = "ADDR")]
     pub addr: String,
 
@@ -355,6 +384,22 @@ pub struct SendArgs {
     /// Time allowed for connecting, sending and the whole reply.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = duration)]
     pub timeout: Duration,
+
+    /// tls://: CA bundle (PEM) the server's certificate must chain to (default: the system roots).
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+
+    /// tls://: client certificate chain (PEM) for servers that require one (mTLS).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// tls://: private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// tls://: the server name to verify and send as SNI (default: HOST).
+    #[arg(long, value_name = "NAME")]
+    pub servername: Option<String>,
 }
 
 /// The rule of every boolean `CT_*` variable (`1/0`, `true/false`, `yes/no`, `on/off`, any case),

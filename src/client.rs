@@ -1,31 +1,104 @@
 //! `command-trigger send`: a client for scripts and CronJobs, with the exit statuses a shell
-//! can test (0 reply, 1 `ERR` reply or failure, 2 usage).
+//! can test (0 reply, 1 `ERR` reply or failure, 2 usage). Speaks plain TCP, TLS (`tls://`)
+//! and Unix sockets (`unix:`), like the server's listeners.
 
 use crate::auth::{TokenOrigin, TokenSource};
 use crate::cli::SendArgs;
 use crate::error::Fatal;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use std::fmt;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Where `send` connects, as its ADDR names it.
+enum Target {
+    Tcp(String),
+    /// `tls://HOST:PORT`; `HOST` is the name checked and sent as SNI unless `--servername`.
+    Tls {
+        host_port: String,
+        host: String,
+    },
+    Unix(PathBuf),
+}
+
+impl Target {
+    fn parse(addr: &str) -> Result<Target, Fatal> {
+        if let Some(path) = addr.strip_prefix("unix:") {
+            return Ok(Target::Unix(path.into()));
+        }
+        let Some(host_port) = addr.strip_prefix("tls://") else {
+            return Ok(Target::Tcp(addr.to_owned()));
+        };
+        let host = match host_port.rsplit_once(':') {
+            Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+            None => return Err(Fatal::Usage(format!("{addr}: expected tls://HOST:PORT"))),
+        };
+        Ok(Target::Tls {
+            host_port: host_port.to_owned(),
+            host: host.to_owned(),
+        })
+    }
+}
+
+/// One address to send to.
+#[derive(Clone)]
+enum Peer {
+    Ip(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Ip(addr) => write!(f, "{addr}"),
+            Peer::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The TLS side of a connection: the configuration and the name the certificate must carry.
+struct TlsClient {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+}
 
 pub fn send(args: SendArgs) -> Result<u8, Fatal> {
     crate::config::check_duration(args.timeout, "--timeout", false)?;
-    let token = read_token(&args)?;
-    let request = build_request(&token, &args)?;
-    let addrs: Vec<SocketAddr> = match args.addr.to_socket_addrs() {
-        Ok(addrs) => addrs.collect(),
-        Err(e) => {
-            eprintln!("resolving {}: {e}", args.addr);
-            return Ok(1);
-        }
+    let target = Target::parse(&args.addr)?;
+    // A Unix socket or a client certificate may be all the server asks for (SPEC §11).
+    let token_optional = match &target {
+        Target::Unix(_) => true,
+        Target::Tls { .. } => args.cert.is_some(),
+        Target::Tcp(_) => false,
+    };
+    let token = read_token(&args, token_optional)?;
+    let request = build_request(token.as_deref(), &args)?;
+    let tls = match &target {
+        Target::Tls { host, .. } => Some(tls_client(&args, host)?),
+        _ => None,
+    };
+    let peers = match &target {
+        Target::Unix(path) => vec![Peer::Unix(path.clone())],
+        Target::Tcp(host_port) | Target::Tls { host_port, .. } => match resolve(host_port) {
+            Ok(peers) => peers,
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(1);
+            }
+        },
     };
     let deadline = Instant::now() + args.timeout;
     if args.all {
-        return Ok(send_to_all(&addrs, &request, deadline));
+        return Ok(send_to_all(&peers, &request, tls.as_ref(), deadline));
     }
     let mut last_error = format!("{}: no address", args.addr);
-    for addr in &addrs {
-        match exchange(*addr, &request, deadline) {
+    for peer in &peers {
+        match exchange(peer, &request, tls.as_ref(), deadline) {
             Ok(reply) => {
                 print_bytes(&reply);
                 return Ok(u8::from(is_failure(&reply)));
@@ -37,9 +110,58 @@ pub fn send(args: SendArgs) -> Result<u8, Fatal> {
     Ok(1)
 }
 
+fn resolve(host_port: &str) -> Result<Vec<Peer>, String> {
+    host_port
+        .to_socket_addrs()
+        .map(|addrs| addrs.map(Peer::Ip).collect())
+        .map_err(|e| format!("resolving {host_port}: {e}"))
+}
+
+fn tls_client(args: &SendArgs, host: &str) -> Result<TlsClient, Fatal> {
+    let roots = match &args.cacert {
+        Some(path) => crate::tls::root_store(path, "--cacert").map_err(Fatal::Usage)?,
+        None => system_roots()?,
+    };
+    let builder = ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(crate::tls::VERSIONS)
+        .map_err(|e| Fatal::Runtime(format!("setting up TLS: {e}")))?
+        .with_root_certificates(roots);
+    let config = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => {
+            let certs = crate::tls::read_certs(cert, "--cert").map_err(Fatal::Usage)?;
+            let key = crate::tls::read_key(key, "--key").map_err(Fatal::Usage)?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| Fatal::Usage(format!("--cert/--key: {e}")))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let name = args.servername.as_deref().unwrap_or(host);
+    let name = ServerName::try_from(name.to_owned())
+        .map_err(|e| Fatal::Usage(format!("server name '{name}': {e}")))?;
+    Ok(TlsClient {
+        config: Arc::new(config),
+        name,
+    })
+}
+
+/// The operating system's CA certificates, as `curl` would use them.
+fn system_roots() -> Result<rustls::RootCertStore, Fatal> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        return Err(Fatal::Usage(
+            "no system CA certificates found: give --cacert FILE".into(),
+        ));
+    }
+    Ok(roots)
+}
+
 /// The token to send: from the first `--token-file`, else the first `--token-env`. Both take
-/// `serve`'s `[NAME=]VALUE` syntax; the name only matters to a server.
-fn read_token(args: &SendArgs) -> Result<String, Fatal> {
+/// `serve`'s `[NAME=]VALUE` syntax; the name only matters to a server. `optional`: the server
+/// may authenticate by transport instead (a Unix socket, a client certificate).
+fn read_token(args: &SendArgs, optional: bool) -> Result<Option<String>, Fatal> {
     let first = |specs: &[String], flag: &str, origin: fn(&str) -> TokenOrigin| {
         specs
             .first()
@@ -54,8 +176,9 @@ fn read_token(args: &SendArgs) -> Result<String, Fatal> {
         TokenOrigin::Env(v.into())
     })?;
     match file.or(var).map(|source| source.origin) {
-        Some(TokenOrigin::File(path)) => token_from_file(&path),
-        Some(TokenOrigin::Env(var)) => token_from_env(&var),
+        Some(TokenOrigin::File(path)) => token_from_file(&path).map(Some),
+        Some(TokenOrigin::Env(var)) => token_from_env(&var).map(Some),
+        None if optional => Ok(None),
         None => Err(Fatal::Usage(
             "no token source: give --token-file PATH or --token-env VAR".into(),
         )),
@@ -82,10 +205,13 @@ fn token_from_env(var: &str) -> Result<String, Fatal> {
     Ok(value.to_owned())
 }
 
-fn build_request(token: &str, args: &SendArgs) -> Result<Vec<u8>, Fatal> {
-    let mut request = token.as_bytes().to_vec();
+/// `TOKEN payload\n`, or just `payload\n` for a server that authenticates by transport.
+fn build_request(token: Option<&str>, args: &SendArgs) -> Result<Vec<u8>, Fatal> {
+    let mut request = token.unwrap_or_default().as_bytes().to_vec();
     if !args.payload.is_empty() {
-        request.push(b' ');
+        if token.is_some() {
+            request.push(b' ');
+        }
         request.extend_from_slice(args.payload.join(" ").as_bytes());
     }
     request.push(b'\n');
@@ -98,74 +224,131 @@ fn build_request(token: &str, args: &SendArgs) -> Result<Vec<u8>, Fatal> {
 }
 
 /// Sends to every address at once; prints each reply line prefixed by its address.
-fn send_to_all(addrs: &[SocketAddr], request: &[u8], deadline: Instant) -> u8 {
-    let results: Vec<(SocketAddr, Result<Vec<u8>, String>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = addrs
+fn send_to_all(peers: &[Peer], request: &[u8], tls: Option<&TlsClient>, deadline: Instant) -> u8 {
+    let results: Vec<(Peer, Result<Vec<u8>, String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = peers
             .iter()
-            .map(|addr| {
-                (
-                    *addr,
-                    scope.spawn(move || exchange(*addr, request, deadline)),
-                )
+            .map(|peer| {
+                let handle = scope.spawn(move || exchange(peer, request, tls, deadline));
+                (peer.clone(), handle)
             })
             .collect();
         handles
             .into_iter()
-            .map(|(addr, h)| {
-                (
-                    addr,
-                    h.join()
-                        .unwrap_or_else(|_| Err("client thread panicked".into())),
-                )
+            .map(|(peer, h)| {
+                let result = h
+                    .join()
+                    .unwrap_or_else(|_| Err("client thread panicked".into()));
+                (peer, result)
             })
             .collect()
     });
-    let mut failed = addrs.is_empty();
-    for (addr, result) in results {
+    let mut failed = peers.is_empty();
+    for (peer, result) in results {
         match result {
             Ok(reply) => {
                 failed |= is_failure(&reply);
                 for line in String::from_utf8_lossy(&reply).lines() {
-                    println!("{addr} {line}");
+                    println!("{peer} {line}");
                 }
             }
             Err(e) => {
                 failed = true;
-                eprintln!("{addr} {e}");
+                eprintln!("{peer} {e}");
             }
         }
     }
     u8::from(failed)
 }
 
-fn exchange(addr: SocketAddr, request: &[u8], deadline: Instant) -> Result<Vec<u8>, String> {
-    let left = || {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            Err(format!("{addr}: timed out"))
-        } else {
-            Ok(left)
+/// Time left before `deadline`, or an error naming `peer` once it has passed.
+fn time_left(peer: &Peer, deadline: Instant) -> Result<Duration, String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(format!("{peer}: timed out"))
+    } else {
+        Ok(left)
+    }
+}
+
+/// Connects, sends the request, closes the sending side, and reads the reply to the end.
+fn exchange(
+    peer: &Peer,
+    request: &[u8],
+    tls: Option<&TlsClient>,
+    deadline: Instant,
+) -> Result<Vec<u8>, String> {
+    let connect_error = |e: std::io::Error| format!("connecting to {peer}: {e}");
+    match (peer, tls) {
+        (Peer::Unix(path), _) => {
+            let mut stream = UnixStream::connect(path).map_err(connect_error)?;
+            stream
+                .set_write_timeout(Some(time_left(peer, deadline)?))
+                .map_err(|e| e.to_string())?;
+            send_request(&mut stream, peer, request)?;
+            let _ = stream.shutdown(Shutdown::Write);
+            read_reply(peer, deadline, &mut stream, |s, t| s.set_read_timeout(t))
         }
-    };
-    let mut stream = TcpStream::connect_timeout(&addr, left()?)
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        (Peer::Ip(addr), None) => {
+            let mut stream = tcp_connect(*addr, peer, deadline)?;
+            send_request(&mut stream, peer, request)?;
+            let _ = stream.shutdown(Shutdown::Write);
+            read_reply(peer, deadline, &mut stream, |s, t| s.set_read_timeout(t))
+        }
+        (Peer::Ip(addr), Some(tls)) => {
+            let sock = tcp_connect(*addr, peer, deadline)?;
+            let session = ClientConnection::new(tls.config.clone(), tls.name.clone())
+                .map_err(|e| format!("starting TLS with {peer}: {e}"))?;
+            let mut stream = StreamOwned::new(session, sock);
+            send_request(&mut stream, peer, request)?;
+            // `close_notify` is TLS's half-close: the server answers, then closes.
+            stream.conn.send_close_notify();
+            stream
+                .flush()
+                .map_err(|e| format!("sending to {peer}: {e}"))?;
+            read_reply(peer, deadline, &mut stream, |s, t| {
+                s.sock.set_read_timeout(t)
+            })
+        }
+    }
+}
+
+fn tcp_connect(addr: SocketAddr, peer: &Peer, deadline: Instant) -> Result<TcpStream, String> {
+    let stream = TcpStream::connect_timeout(&addr, time_left(peer, deadline)?)
+        .map_err(|e| format!("connecting to {peer}: {e}"))?;
     stream
-        .set_write_timeout(Some(left()?))
+        .set_write_timeout(Some(time_left(peer, deadline)?))
         .map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+fn send_request(stream: &mut impl Write, peer: &Peer, request: &[u8]) -> Result<(), String> {
     stream
         .write_all(request)
-        .map_err(|e| format!("sending to {addr}: {e}"))?;
-    let _ = stream.shutdown(Shutdown::Write);
+        .and_then(|_| stream.flush())
+        .map_err(|e| format!("sending to {peer}: {e}"))
+}
+
+/// Reads until the server closes. A TLS server that closes without `close_notify` after a
+/// complete reply reads as the end too: the reply is what came.
+fn read_reply<S: Read>(
+    peer: &Peer,
+    deadline: Instant,
+    stream: &mut S,
+    set_timeout: impl Fn(&S, Option<Duration>) -> std::io::Result<()>,
+) -> Result<Vec<u8>, String> {
     let mut reply = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
-        stream
-            .set_read_timeout(Some(left()?.max(Duration::from_millis(1))))
-            .map_err(|e| e.to_string())?;
+        let left = time_left(peer, deadline)?.max(Duration::from_millis(1));
+        set_timeout(stream, Some(left)).map_err(|e| e.to_string())?;
         match stream.read(&mut chunk) {
             Ok(0) => return Ok(reply),
             Ok(n) => reply.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !reply.is_empty() => {
+                return Ok(reply);
+            }
             // A refusal (`ERR busy` at accept) is followed by a reset when our request arrives
             // after the server closed: the server's answer is whole, show it.
             Err(e)
@@ -175,7 +358,7 @@ fn exchange(addr: SocketAddr, request: &[u8], deadline: Instant) -> Result<Vec<u
             {
                 return Ok(reply);
             }
-            Err(e) => return Err(format!("reading from {addr}: {e}")),
+            Err(e) => return Err(format!("reading from {peer}: {e}")),
         }
     }
 }

@@ -6,6 +6,7 @@ use crate::cli::{AuthMode, FramingArg, ServeArgs};
 use crate::error::{ConfigError, Fatal};
 use crate::framing::Framing;
 use crate::schedule::Schedule;
+use crate::tls::TlsFiles;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,9 +17,17 @@ use std::time::Duration;
 pub struct Config {
     /// `--script`: the file that defines `handle(req)`, loaded at start and on change.
     pub script: PathBuf,
-    /// `--listen`: the addresses to bind, in the order given (`--print-addr` keeps it).
-    pub listen: Vec<SocketAddr>,
-    /// `--token-file` and `--token-env`; empty only with `--insecure-no-token`.
+    /// `--listen`: plain TCP, `tls://` and `unix:` listeners, in the order given (which
+    /// `--print-addr` keeps).
+    pub listen: Vec<ListenSpec>,
+    /// Certificate, key and client CA of the `tls://` listeners; set exactly when one exists.
+    pub tls: Option<TlsFiles>,
+    /// Mode the `unix:` sockets are created with.
+    pub unix_mode: u32,
+    /// User ids served on `unix:` listeners; empty means any.
+    pub allow_uid: Vec<u32>,
+    /// `--token-file` and `--token-env`; empty only with `--insecure-no-token` or when every
+    /// listener authenticates its clients itself.
     pub token_sources: Vec<TokenSource>,
     /// `--auth`: whether the server or the script turns away a wrong token.
     pub auth: AuthMode,
@@ -87,10 +96,19 @@ impl Config {
         let listen = args
             .listen
             .iter()
-            .map(|a| parse_listen(a))
+            .map(|a| ListenSpec::parse(a))
             .collect::<Result<Vec<_>, _>>()?;
+        let tls = tls_files(&args, &listen)?;
         let token_sources = token_sources(&args.token_file, &args.token_env)?;
-        if token_sources.is_empty() && !args.insecure_no_token {
+        // A listener that authenticates its clients itself: mTLS, or a Unix socket's
+        // permissions and --allow-uid.
+        let authenticates = |spec: &ListenSpec| match spec {
+            ListenSpec::Tcp(_) => false,
+            ListenSpec::Tls(_) => args.tls_client_ca.is_some(),
+            ListenSpec::Unix(_) => true,
+        };
+        if token_sources.is_empty() && !args.insecure_no_token && !listen.iter().all(authenticates)
+        {
             return Err(ConfigError::NoTokenSource.into());
         }
         validate(&args)?;
@@ -117,6 +135,9 @@ impl Config {
             schedules,
             script: args.script,
             listen,
+            tls,
+            unix_mode: args.unix_mode,
+            allow_uid: args.allow_uid,
             token_sources,
             auth: args.auth,
             framing: match args.framing {
@@ -147,6 +168,54 @@ impl Config {
             metrics_listen: args.metrics_listen,
             state_file: args.state_file,
         })
+    }
+}
+
+/// One `--listen` value (SPEC §11): where to listen, and how clients are spoken to there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenSpec {
+    Tcp(SocketAddr),
+    Tls(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ListenSpec {
+    pub fn parse(text: &str) -> Result<ListenSpec, ConfigError> {
+        let usage = || ConfigError::Malformed {
+            flag: "--listen",
+            value: text.to_owned(),
+            expected: "IP:PORT, [IPv6]:PORT, tls://IP:PORT or unix:/PATH",
+        };
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(usage());
+            }
+            return Ok(ListenSpec::Unix(path.into()));
+        }
+        if let Some(addr) = text.strip_prefix("tls://") {
+            return addr.parse().map(ListenSpec::Tls).map_err(|_| usage());
+        }
+        text.parse().map(ListenSpec::Tcp).map_err(|_| usage())
+    }
+}
+
+/// The TLS files, checked against the listeners: a certificate with no `tls://` listener is as
+/// wrong as a `tls://` listener with none (an operator who set one believes TLS is on).
+fn tls_files(args: &ServeArgs, listen: &[ListenSpec]) -> Result<Option<TlsFiles>, ConfigError> {
+    let has_tls = listen.iter().any(|l| matches!(l, ListenSpec::Tls(_)));
+    let usage = |m: &'static str| Err(ConfigError::Together(m));
+    match (&args.tls_cert, &args.tls_key, has_tls) {
+        (Some(cert), Some(key), true) => Ok(Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+        })),
+        (None, None, false) if args.tls_client_ca.is_none() => Ok(None),
+        (_, _, false) => usage(
+            "--tls-cert, --tls-key or --tls-client-ca given but no tls:// listener: add --listen tls://IP:PORT",
+        ),
+        (None, _, true) => usage("a tls:// listener needs --tls-cert FILE (and --tls-key FILE)"),
+        (_, None, true) => usage("a tls:// listener needs --tls-key FILE"),
     }
 }
 
@@ -246,14 +315,6 @@ fn check_range<T: PartialOrd + Default + Copy>(
         });
     }
     Ok(())
-}
-
-fn parse_listen(text: &str) -> Result<SocketAddr, ConfigError> {
-    text.parse().map_err(|_| ConfigError::Malformed {
-        flag: "--listen",
-        value: text.to_owned(),
-        expected: "IP:PORT or [IPv6]:PORT",
-    })
 }
 
 fn token_sources(files: &[String], vars: &[String]) -> Result<Vec<TokenSource>, ConfigError> {

@@ -4,10 +4,9 @@
 use crate::config::Config;
 use crate::protocol::{self, Encoded, Frame, Framing, Protocol, RawRequest};
 use crate::request::{Endpoints, ServerError};
-use mio::net::TcpStream;
+use crate::transport::Stream;
 use mio::{Interest, Registry, Token};
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,8 @@ pub enum Phase {
 }
 
 pub struct Connection {
-    stream: TcpStream,
+    /// Plain TCP, TLS or Unix: the loop does not need to know which.
+    pub stream: Stream,
     pub endpoints: Arc<Endpoints>,
     /// Tells this connection from a later one in the same slab slot.
     pub serial: u64,
@@ -54,7 +54,7 @@ pub enum Filled {
 }
 
 impl Connection {
-    pub fn new(stream: TcpStream, endpoints: Arc<Endpoints>, serial: u64, phase: Phase) -> Self {
+    pub fn new(stream: Stream, endpoints: Arc<Endpoints>, serial: u64, phase: Phase) -> Self {
         Connection {
             stream,
             endpoints,
@@ -94,7 +94,12 @@ impl Connection {
             if self.input.len() > limit {
                 return Ok(Filled::LimitReached);
             }
-            match self.stream.read(scratch) {
+            let read = self.stream.read(scratch);
+            if let Some(info) = self.stream.take_tls_info() {
+                // The handshake finished during this read: requests from now on carry it.
+                self.endpoints = self.endpoints.with_tls(info);
+            }
+            match read {
                 Ok(0) => self.input_closed = true,
                 Ok(n) => self.input.extend_from_slice(&scratch[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -131,7 +136,8 @@ impl Connection {
         self.output.len() - self.written
     }
 
-    /// Writes what the socket takes now; true when nothing is left.
+    /// Writes what the socket takes now; true when nothing is left, in our buffer or in the
+    /// transport's (TLS records).
     pub fn flush(&mut self) -> io::Result<bool> {
         while self.written < self.output.len() {
             match self.stream.write(&self.output[self.written..]) {
@@ -144,23 +150,23 @@ impl Connection {
         }
         self.output.clear();
         self.written = 0;
-        Ok(true)
+        self.stream.flush_transport()
     }
 
     /// Makes dropping the socket send a reset instead of a FIN. For a reply given up half
     /// written: after a FIN, the part the client got would look like the whole reply.
     pub fn reset_on_drop(&self) {
-        let _ = rustix::net::sockopt::set_socket_linger(&self.stream, Some(Duration::ZERO));
+        self.stream.reset_on_drop();
     }
 
-    pub fn shutdown_output(&mut self) {
-        // ENOTCONN: the client is gone already; draining will find out.
-        let _ = self.stream.shutdown(Shutdown::Write);
+    /// Shuts down our sending side (after `close_notify` on TLS); true once done.
+    pub fn shutdown_output(&mut self) -> io::Result<bool> {
+        self.stream.shutdown_output()
     }
 
-    /// Asks for WRITABLE events exactly while output is pending.
+    /// Asks for WRITABLE events exactly while output is pending, ours or the transport's.
     pub fn update_interest(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        let wants = self.pending_output() > 0;
+        let wants = self.pending_output() > 0 || self.stream.wants_write();
         if wants != self.wants_writable {
             let interest = if wants {
                 Interest::READABLE | Interest::WRITABLE
@@ -269,10 +275,9 @@ impl Connection {
                     }
                 }
                 Phase::Closing { .. } => {
-                    if !self.flush()? {
+                    if !self.flush()? || !self.shutdown_output()? {
                         return Ok(Step::Wait);
                     }
-                    self.shutdown_output();
                     self.phase = Phase::Draining {
                         deadline: Instant::now() + DRAIN_TIME,
                     };
@@ -303,7 +308,7 @@ impl Connection {
                     return Ok(ReadOutcome::Unreadable(ServerError::HeadTooLarge));
                 }
                 Frame::Malformed(reason) => {
-                    log::debug!("bad request from {}: {reason}", self.endpoints.peer);
+                    log::debug!("bad request from {}: {reason}", self.endpoints.peer_text);
                     return Ok(ReadOutcome::Unreadable(ServerError::Malformed));
                 }
                 Frame::Incomplete | Frame::WantsContinue if self.input_closed => {

@@ -122,8 +122,11 @@ pub enum ConfigError {
     },
     /// `--token-file` or `--token-env` with a bad `[NAME=]VALUE`.
     TokenSpec { flag: &'static str, message: String },
-    /// `serve` with no token source and no `--insecure-no-token`.
+    /// `serve` with no token source, no `--insecure-no-token`, and a listener that does not
+    /// authenticate its clients itself.
     NoTokenSource,
+    /// Flags that only make sense together (or not at all together); the message says which.
+    Together(&'static str),
     /// `send` with no token to send.
     NoClientToken,
     /// A `--watch` path that cannot be made absolute.
@@ -152,8 +155,10 @@ impl fmt::Display for ConfigError {
             } => write!(f, "{flag} '{value}': expected {expected}"),
             ConfigError::TokenSpec { flag, message } => write!(f, "{flag} {message}"),
             ConfigError::NoTokenSource => f.write_str(
-                "no token source: give --token-file or --token-env (or --insecure-no-token to accept anyone)",
+                "no token source: give --token-file or --token-env (or --insecure-no-token to accept anyone; \
+                 no token is needed when every listener authenticates its clients: tls:// with --tls-client-ca, or unix:)",
             ),
+            ConfigError::Together(message) => f.write_str(message),
             ConfigError::NoClientToken => {
                 f.write_str("no token source: give --token-file PATH or --token-env VAR")
             }

@@ -1,8 +1,9 @@
 //! Admission: whether a new connection, a complete request, or an HTTP head waiting for
 //! `100 Continue` is let in, and if not, what the client is told. One function,
-//! [`Gate::admit`], holds every rule and their order (allow-list, connection caps, stop,
+//! [`Gate::admit`], holds every rule and their order (allow-lists, connection caps, stop,
 //! backoff, token, busy); the loop only gathers the [`Facts`] and acts on the answer. No
-//! sockets here, so the rules are unit-tested as they are.
+//! sockets here, so the rules are unit-tested as they are. Unix clients have no IP: the IP
+//! rules (`--allow`, per-IP caps, backoff) pass them by, `--allow-uid` is theirs.
 
 use crate::auth::Tokens;
 use crate::backoff::AuthBackoff;
@@ -12,6 +13,7 @@ use crate::framing::{self, RawRequest};
 use crate::http::HttpHead;
 use crate::metrics::Refusal as Counted;
 use crate::request::{ServerError, Verdict};
+use crate::transport::ListenerKind;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -22,6 +24,8 @@ use std::time::Instant;
 pub struct Policy {
     /// `--allow`: networks whose clients are served; empty means any.
     pub allow: Vec<ipnet::IpNet>,
+    /// `--allow-uid`: user ids served on Unix sockets; empty means any.
+    pub allow_uid: Vec<u32>,
     /// `--max-connections`.
     pub max_connections: usize,
     /// `--max-connections-per-ip`; 0 means no limit.
@@ -42,6 +46,7 @@ impl Policy {
     pub fn of(config: &Config) -> Policy {
         Policy {
             allow: config.allow.clone(),
+            allow_uid: config.allow_uid.clone(),
             max_connections: config.max_connections,
             max_connections_per_ip: config.max_connections_per_ip,
             capacity: config.workers + config.queue,
@@ -61,8 +66,12 @@ impl Policy {
 /// What the loop knows when something asks to be let in.
 #[derive(Clone, Copy, Debug)]
 pub struct Facts {
-    /// The client's address.
-    pub peer: IpAddr,
+    /// The client's IP; `None` on a Unix socket.
+    pub peer: Option<IpAddr>,
+    /// The Unix client's user id, from its credentials.
+    pub uid: Option<u32>,
+    /// The kind of listener the connection came through.
+    pub listener: ListenerKind,
     pub now: Instant,
     /// Client connections open now (not counting the one asking).
     pub open_connections: usize,
@@ -99,6 +108,8 @@ pub struct Refusal {
     pub verdict: Verdict,
     /// The `refusals_total` reason it counts as, if any.
     pub counted: Option<Counted>,
+    /// Why, for the debug log of a refused connection.
+    pub reason: &'static str,
 }
 
 /// A request's identity: the name of the token that matched, and the payload.
@@ -136,8 +147,8 @@ impl Gate {
     }
 
     /// Who sent `raw` (SPEC §3, §10). A backed-off client's token is not even checked.
-    pub fn identify(&self, raw: &RawRequest, peer: IpAddr, now: Instant) -> Identity {
-        let check = !self.backoff.is_blocked(peer, now);
+    pub fn identify(&self, raw: &RawRequest, peer: Option<IpAddr>, now: Instant) -> Identity {
+        let check = !self.blocked(peer, now);
         let matched = |token: &[u8]| check.then(|| self.tokens.check(token)).flatten();
         if let Some(head) = &raw.http {
             let token_name = head.token().and_then(|t| matched(t.as_bytes()));
@@ -186,25 +197,63 @@ impl Gate {
     }
 
     fn admit_connection(&self, facts: &Facts) -> Result<Admitted, Refusal> {
-        if !self.policy.allows(facts.peer) {
-            return Err(Refusal {
-                answer: None,
-                verdict: Verdict::Unauthorized,
-                counted: Some(Counted::NotAllowed),
-            });
+        let silently = |counted, reason| Refusal {
+            answer: None,
+            verdict: Verdict::Unauthorized,
+            counted,
+            reason,
+        };
+        if let Some(uid) = facts.uid
+            && !self.policy.allow_uid.is_empty()
+            && !self.policy.allow_uid.contains(&uid)
+        {
+            return Err(silently(None, "uid not in --allow-uid"));
         }
-        let busy = |counted| Refusal {
+        if facts.peer.is_some_and(|ip| !self.policy.allows(ip)) {
+            return Err(silently(Some(Counted::NotAllowed), "not in --allow"));
+        }
+        // A backed-off client does not even get a handshake: that is the expensive part.
+        if facts.listener == ListenerKind::Tls && self.blocked(facts.peer, facts.now) {
+            return Err(silently(None, "backed off after failed authentications"));
+        }
+        let busy = |counted, reason| Refusal {
             counted: Some(counted),
+            reason,
             ..refusal(ServerError::Busy, Verdict::Busy)
         };
         if facts.open_connections >= self.policy.max_connections {
-            return Err(busy(Counted::MaxConnections));
+            return Err(busy(Counted::MaxConnections, "--max-connections reached"));
         }
         let per_ip = self.policy.max_connections_per_ip;
-        if per_ip > 0 && self.per_ip.count(facts.peer) >= per_ip {
-            return Err(busy(Counted::MaxConnectionsPerIp));
+        let open_from_peer = facts.peer.map_or(0, |ip| self.per_ip.count(ip));
+        if per_ip > 0 && open_from_peer >= per_ip {
+            return Err(busy(
+                Counted::MaxConnectionsPerIp,
+                "--max-connections-per-ip reached",
+            ));
         }
         Ok(Admitted)
+    }
+
+    fn blocked(&self, peer: Option<IpAddr>, now: Instant) -> bool {
+        peer.is_some_and(|ip| self.backoff.is_blocked(ip, now))
+    }
+
+    /// A failed authentication that is not a wrong token (a TLS client certificate the
+    /// handshake refused) counts toward `--auth-failures` too.
+    pub fn failed_authentication(&mut self, peer: Option<IpAddr>, now: Instant) {
+        self.count_failure(peer, now, "failed authentications");
+    }
+
+    fn count_failure(&mut self, peer: Option<IpAddr>, now: Instant, what: &str) {
+        if let Some(ip) = peer
+            && self.backoff.record_failure(ip, now)
+        {
+            log::warn!(
+                "{ip}: {} {what} within 60 s; refusing this IP for 60 s",
+                self.policy.auth_failures
+            );
+        }
     }
 
     /// The token rules. `count`: a wrong token counts toward `--auth-failures` (not for a
@@ -213,7 +262,7 @@ impl Gate {
         if !self.policy.token_required {
             return Ok(());
         }
-        if self.backoff.is_blocked(facts.peer, facts.now) {
+        if self.blocked(facts.peer, facts.now) {
             return Err(Refusal {
                 counted: Some(Counted::AuthBackoff),
                 ..refusal(ServerError::BackedOff, Verdict::Unauthorized)
@@ -222,24 +271,24 @@ impl Gate {
         if valid {
             return Ok(());
         }
-        if count && self.backoff.record_failure(facts.peer, facts.now) {
-            log::warn!(
-                "{}: {} wrong tokens within 60 s; refusing this IP for 60 s",
-                facts.peer,
-                self.policy.auth_failures
-            );
+        if count {
+            self.count_failure(facts.peer, facts.now, "wrong tokens");
         }
         Err(refusal(ServerError::Unauthorized, Verdict::Unauthorized))
     }
 
-    /// A connection from `ip` was let in and is open now.
-    pub fn opened(&mut self, ip: IpAddr) {
-        self.per_ip.opened(ip);
+    /// A connection from `peer` was let in and is open now.
+    pub fn opened(&mut self, peer: Option<IpAddr>) {
+        if let Some(ip) = peer {
+            self.per_ip.opened(ip);
+        }
     }
 
-    /// A connection from `ip` that was let in has closed.
-    pub fn closed(&mut self, ip: IpAddr) {
-        self.per_ip.closed(ip);
+    /// A connection from `peer` that was let in has closed.
+    pub fn closed(&mut self, peer: Option<IpAddr>) {
+        if let Some(ip) = peer {
+            self.per_ip.closed(ip);
+        }
     }
 }
 
@@ -248,6 +297,7 @@ fn refusal(answer: ServerError, verdict: Verdict) -> Refusal {
         answer: Some(answer),
         verdict,
         counted: None,
+        reason: "refused",
     }
 }
 
@@ -297,6 +347,7 @@ mod tests {
     fn policy() -> Policy {
         Policy {
             allow: Vec::new(),
+            allow_uid: Vec::new(),
             max_connections: 2,
             max_connections_per_ip: 0,
             capacity: 1,
@@ -318,7 +369,9 @@ mod tests {
 
     fn facts(peer: &str) -> Facts {
         Facts {
-            peer: peer.parse().expect("an IP"),
+            peer: Some(peer.parse().expect("an IP")),
+            uid: None,
+            listener: ListenerKind::Tcp,
             now: Instant::now(),
             open_connections: 0,
             in_flight: 0,
@@ -354,13 +407,13 @@ mod tests {
             gate.admit(Knock::Connection, &facts("::ffff:10.1.2.3")),
             Ok(Admitted)
         );
-        gate.opened("10.1.2.3".parse().expect("an IP"));
+        gate.opened(Some("10.1.2.3".parse().expect("an IP")));
         let again = gate.admit(Knock::Connection, &facts("::ffff:10.1.2.3"));
         assert_eq!(
             again.err().and_then(|r| r.counted),
             Some(Counted::MaxConnectionsPerIp)
         );
-        gate.closed("::ffff:10.1.2.3".parse().expect("an IP"));
+        gate.closed(Some("::ffff:10.1.2.3".parse().expect("an IP")));
         assert_eq!(
             gate.admit(Knock::Connection, &facts("10.1.2.3")),
             Ok(Admitted)
@@ -378,7 +431,7 @@ mod tests {
     #[test]
     fn identify_splits_the_token_and_names_it() {
         let gate = gate(policy());
-        let peer: IpAddr = "127.0.0.1".parse().expect("an IP");
+        let peer = Some("127.0.0.1".parse().expect("an IP"));
         let who = gate.identify(&line(&format!("{TOKEN} deploy web")), peer, Instant::now());
         assert_eq!(who.token_name.as_deref(), Some("ops"));
         assert_eq!(who.payload, b"deploy web");
@@ -496,5 +549,59 @@ mod tests {
         });
         let bad = Knock::Request { token_name: None };
         assert_eq!(gate.admit(bad, &facts("127.0.0.1")), Ok(Admitted));
+    }
+
+    #[test]
+    fn unix_clients_meet_allow_uid_and_no_ip_rule() {
+        let mut gate = gate(Policy {
+            allow: vec!["10.0.0.0/8".parse().expect("a network")],
+            allow_uid: vec![1000],
+            max_connections_per_ip: 1,
+            ..policy()
+        });
+        let unix = |uid| Facts {
+            peer: None,
+            uid: Some(uid),
+            listener: ListenerKind::Unix,
+            ..facts("127.0.0.1")
+        };
+        let stranger = gate.admit(Knock::Connection, &unix(0)).err();
+        assert_eq!(
+            stranger.map(|r| (r.answer, r.reason)),
+            Some((None, "uid not in --allow-uid"))
+        );
+        // No IP: `--allow` and the per-IP cap do not apply, however many are open.
+        gate.opened(None);
+        gate.opened(None);
+        assert_eq!(gate.admit(Knock::Connection, &unix(1000)), Ok(Admitted));
+        // Nor does backoff: there is no address to block.
+        let bad = Knock::Request { token_name: None };
+        for _ in 0..3 {
+            assert_eq!(
+                answer(gate.admit(bad, &unix(1000))),
+                Some(ServerError::Unauthorized)
+            );
+        }
+    }
+
+    #[test]
+    fn a_backed_off_tls_client_gets_no_handshake() {
+        let mut gate = gate(policy());
+        let tls = Facts {
+            listener: ListenerKind::Tls,
+            ..facts("127.0.0.5")
+        };
+        assert_eq!(gate.admit(Knock::Connection, &tls), Ok(Admitted));
+        gate.failed_authentication(tls.peer, tls.now);
+        gate.failed_authentication(tls.peer, tls.now);
+        let refused = gate.admit(Knock::Connection, &tls).err();
+        assert_eq!(refused.map(|r| r.answer), Some(None));
+        // Plain TCP from the same IP still connects, and is told at its request.
+        let tcp = facts("127.0.0.5");
+        assert_eq!(gate.admit(Knock::Connection, &tcp), Ok(Admitted));
+        let good = Knock::Request {
+            token_name: Some("ops"),
+        };
+        assert_eq!(answer(gate.admit(good, &tcp)), Some(ServerError::BackedOff));
     }
 }

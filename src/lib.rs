@@ -28,6 +28,8 @@
 //! - [`connection`]: one client connection's buffers and phases, advanced in one loop.
 //! - [`protocol`]: framings: [`framing`] (line, stream), [`http`] requests, responses;
 //!   every reply, live output and close decision is encoded there.
+//! - [`transport`]: plain TCP, TLS and Unix streams and listeners behind one type; [`tls`]:
+//!   certificates, their rotation, and the identity a handshake proves.
 //! - [`auth`]: token sources and the constant-time check; [`backoff`]: `--auth-failures`.
 //! - [`workers`]: the threads that run handlers, and the outbox back to the loop.
 //! - [`script`]: the Rhai engine, `handle(req)`, and the functions scripts call.
@@ -79,6 +81,8 @@ pub mod server;
 pub mod signals;
 pub mod state;
 pub mod stop;
+pub mod tls;
+pub mod transport;
 pub mod trigger;
 pub mod watch;
 pub mod workers;

@@ -17,6 +17,9 @@ use std::time::Duration;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Every result of a TLS handshake, present in `/metrics` from the start.
+const TLS_RESULTS: [&str; 4] = ["ok", "failed", "client_cert_rejected", "abandoned"];
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<Labels, Counter>,
@@ -32,6 +35,10 @@ pub struct Metrics {
     job_ends: Family<Labels, Counter>,
     pub auth_failures: Counter,
     script_reloads: Family<Labels, Counter>,
+    /// TLS handshakes by result: `ok`, `failed`, `client_cert_rejected`, `abandoned`.
+    tls_handshakes: Family<Labels, Counter>,
+    /// Seconds until the served TLS certificate expires (negative once expired).
+    pub tls_cert_expiry_seconds: Gauge,
     /// `on_change`/`on_tick` calls by trigger and outcome (SPEC §13), skipped ticks included.
     trigger_runs: Family<Labels, Counter>,
     /// Connections and requests the server turned away itself, by [`Refusal`], made at start.
@@ -101,6 +108,8 @@ impl Metrics {
             job_ends: Family::default(),
             auth_failures: Counter::default(),
             script_reloads: Family::default(),
+            tls_handshakes: Family::default(),
+            tls_cert_expiry_seconds: Gauge::default(),
             trigger_runs: Family::default(),
             refusals: Vec::new(),
             ready: AtomicBool::new(false),
@@ -165,6 +174,16 @@ impl Metrics {
             self.script_reloads.clone(),
         );
         r.register(
+            "tls_handshakes",
+            "TLS handshakes by result",
+            self.tls_handshakes.clone(),
+        );
+        r.register(
+            "tls_cert_expiry_seconds",
+            "Seconds until the served TLS certificate expires",
+            self.tls_cert_expiry_seconds.clone(),
+        );
+        r.register(
             "trigger_runs",
             "Calls of on_change (trigger=watch) and on_tick (trigger=tick) by outcome",
             self.trigger_runs.clone(),
@@ -201,6 +220,11 @@ impl Metrics {
         for result in ["success", "failure"] {
             let _ = self
                 .script_reloads
+                .get_or_create_owned(&vec![("result", result.to_owned())]);
+        }
+        for result in TLS_RESULTS {
+            let _ = self
+                .tls_handshakes
                 .get_or_create_owned(&vec![("result", result.to_owned())]);
         }
         for kind in crate::trigger::Kind::ALL {
@@ -241,6 +265,12 @@ impl Metrics {
     pub fn record_reload(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.script_reloads
+            .get_or_create(&vec![("result", result.to_owned())])
+            .inc();
+    }
+
+    pub fn record_tls_handshake(&self, result: &'static str) {
+        self.tls_handshakes
             .get_or_create(&vec![("result", result.to_owned())])
             .inc();
     }

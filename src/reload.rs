@@ -1,4 +1,5 @@
-//! Hot reload of the script and the token files, on SIGHUP and when a file changes on disk.
+//! Hot reload of the script, the token files and the TLS certificate, key and client CA, on
+//! SIGHUP and when a file changes on disk.
 //!
 //! Runs on its own thread, so reading and compiling never happen on the event loop. Files are
 //! looked at through their symlinks (`stat`, not `lstat`), which catches an in-place write, a
@@ -6,15 +7,18 @@
 
 use crate::auth::{TokenOrigin, TokenSource, Tokens};
 use crate::script::ScriptHost;
+use crate::tls::TlsServer;
 use crate::workers::{Outbound, Outbox};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How often the files are looked at.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a certificate close to expiry is warned about again.
+const EXPIRY_WARNING_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// What identifies a version of a file: a swap or rewrite changes at least one of these.
 type Fingerprint = Option<(u64, u64, u64, SystemTime)>;
@@ -41,10 +45,12 @@ pub fn spawn(
     host: Arc<ScriptHost>,
     token_sources: Vec<TokenSource>,
     tokens: Arc<Tokens>,
+    tls: Option<Arc<TlsServer>>,
     outbox: Outbox,
 ) -> std::io::Result<ReloadTrigger> {
     let (sender, requests) = mpsc::channel();
     let mut watcher = Watcher::new(host, token_sources, outbox);
+    watcher.tls = tls.map(TlsWatch::new);
     watcher.tokens = tokens;
     thread::Builder::new()
         .name("reload".into())
@@ -68,6 +74,68 @@ struct Watcher {
     tokens: Arc<Tokens>,
     script_seen: Fingerprint,
     token_files: Vec<(PathBuf, Fingerprint)>,
+    tls: Option<TlsWatch>,
+}
+
+/// The TLS files as last seen, and when their expiry was last warned about.
+struct TlsWatch {
+    server: Arc<TlsServer>,
+    seen: Vec<(PathBuf, Fingerprint)>,
+    warned: Instant,
+}
+
+impl TlsWatch {
+    fn new(server: Arc<TlsServer>) -> TlsWatch {
+        let seen = server
+            .files()
+            .paths()
+            .into_iter()
+            .map(|p| (p.to_owned(), fingerprint(p)))
+            .collect();
+        TlsWatch {
+            server,
+            seen,
+            warned: Instant::now(), // loading warned already
+        }
+    }
+
+    /// Whether any file changed since last seen (a file that vanished is not a change: a
+    /// symlink swap passes through that state, and the old files keep serving meanwhile).
+    fn changed(&mut self) -> bool {
+        let mut changed = false;
+        for (path, seen) in &mut self.seen {
+            let now = fingerprint(path);
+            if now.is_some() && now != *seen {
+                *seen = now;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    fn reload(&mut self, why: &str) {
+        match self.server.reload() {
+            Ok(()) => {
+                self.warned = Instant::now();
+                log::info!(
+                    "TLS certificate reloaded ({why}): {}",
+                    self.server.files().cert.display()
+                )
+            }
+            Err(error) => {
+                log::error!("TLS reload failed ({why}), keeping the old certificate: {error}")
+            }
+        }
+    }
+
+    /// Keeps the expiry gauge current, and warns again daily when it is close.
+    fn tick(&mut self) {
+        let daily = self.warned.elapsed() >= EXPIRY_WARNING_INTERVAL;
+        if daily {
+            self.warned = Instant::now();
+        }
+        self.server.report_expiry(daily);
+    }
 }
 
 impl Watcher {
@@ -87,6 +155,7 @@ impl Watcher {
             tokens: Arc::default(),
             script_seen,
             token_files,
+            tls: None,
         }
     }
 
@@ -97,6 +166,10 @@ impl Watcher {
             *seen = fingerprint(path);
         }
         self.reload_tokens(why);
+        if let Some(tls) = &mut self.tls {
+            tls.changed();
+            tls.reload(why);
+        }
     }
 
     fn reload_changed(&mut self) {
@@ -115,6 +188,12 @@ impl Watcher {
         }
         if tokens_changed {
             self.reload_tokens("file changed");
+        }
+        if let Some(tls) = &mut self.tls {
+            if tls.changed() {
+                tls.reload("file changed");
+            }
+            tls.tick();
         }
     }
 

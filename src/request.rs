@@ -3,8 +3,10 @@
 
 use crate::framing::Framing;
 use crate::http::HttpHead;
+use crate::tls::TlsInfo;
+use crate::transport::{ListenerKind, PeerCred};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,22 +28,68 @@ pub struct Request {
 }
 
 /// A connection's two addresses, with the text the script sees formatted once per connection
-/// rather than once per request (formatting them was a seventh of a trivial request's cost).
-#[derive(Debug)]
+/// rather than once per request (formatting them was a seventh of a trivial request's cost),
+/// and what its transport knows of the client.
+#[derive(Clone, Debug)]
 pub struct Endpoints {
+    /// The client's address; `0.0.0.0:0` on a Unix socket, which has none (see [`Self::ip`]).
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// `req.peer`: `IP:PORT`, or `unix`.
     pub peer_text: String,
+    /// `req.local`: `IP:PORT`, or `unix:/PATH`.
     pub local_text: String,
+    /// `req.listener`.
+    pub listener: ListenerKind,
+    /// `req.tls`: set once the handshake has finished.
+    pub tls: Option<Arc<TlsInfo>>,
+    /// `req.peer_cred`: the Unix client's pid, uid and gid.
+    pub peer_cred: Option<PeerCred>,
 }
 
 impl Endpoints {
     pub fn new(peer: SocketAddr, local: SocketAddr) -> Arc<Endpoints> {
+        Endpoints::tcp(peer, local, ListenerKind::Tcp)
+    }
+
+    /// A TCP connection, plain or TLS.
+    pub fn tcp(peer: SocketAddr, local: SocketAddr, listener: ListenerKind) -> Arc<Endpoints> {
         Arc::new(Endpoints {
             peer,
             local,
             peer_text: peer.to_string(),
             local_text: local.to_string(),
+            listener,
+            tls: None,
+            peer_cred: None,
+        })
+    }
+
+    /// A Unix socket connection: no addresses, the client's credentials instead.
+    pub fn unix(local_text: String, cred: PeerCred) -> Arc<Endpoints> {
+        let none = SocketAddr::from(([0, 0, 0, 0], 0));
+        Arc::new(Endpoints {
+            peer: none,
+            local: none,
+            peer_text: "unix".into(),
+            local_text,
+            listener: ListenerKind::Unix,
+            tls: None,
+            peer_cred: Some(cred),
+        })
+    }
+
+    /// The client's IP, for per-IP policies (`--allow`, `--auth-failures`); `None` on a Unix
+    /// socket, whose clients are told apart by user id instead.
+    pub fn ip(&self) -> Option<IpAddr> {
+        (self.listener != ListenerKind::Unix).then(|| self.peer.ip())
+    }
+
+    /// The same connection after its TLS handshake.
+    pub fn with_tls(&self, info: TlsInfo) -> Arc<Endpoints> {
+        Arc::new(Endpoints {
+            tls: Some(Arc::new(info)),
+            ..self.clone()
         })
     }
 }
@@ -175,7 +223,7 @@ impl fmt::Display for Verdict {
 /// The single info line per request (SPEC §7). Holds no token and no payload bytes.
 pub struct RequestLog<'a> {
     pub id: u64,
-    pub peer: SocketAddr,
+    pub peer: &'a str,
     pub token_name: Option<&'a str>,
     pub payload_bytes: usize,
     pub verdict: Verdict,
@@ -218,7 +266,7 @@ pub fn log_request(
     }
     let line = RequestLog {
         id: request.id,
-        peer: request.endpoints.peer,
+        peer: &request.endpoints.peer_text,
         token_name: request.token_name.as_deref(),
         payload_bytes: request.payload.len() + request.body.len(),
         verdict,

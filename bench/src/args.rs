@@ -21,6 +21,10 @@ usage: ct-bench --addr IP:PORT --send TEXT [options]
   --no-half-close       close mode: do not shut down the sending side after the request
   --timeout DUR         a request not answered within DUR is an error [default: 5s]
   --error-pause DUR     a client that failed waits DUR before its next attempt [default: 10ms]
+  --tls CAFILE          speak TLS (rustls), trusting the CA in CAFILE; one blocking thread per
+                        client (close, keep-alive and --http modes)
+  --servername NAME     the name checked in the server's certificate and sent as SNI
+                        [default: localhost]
   --sources N           to a 127.0.0.0/8 server, connect from 127.0.0.2 .. 127.0.0.(N+1) in
                         turn, so TIME_WAIT sockets do not exhaust one address's ephemeral ports;
                         0 connects from 127.0.0.1 [default: 64]
@@ -57,6 +61,9 @@ pub struct Args {
     /// TIME_WAIT within seconds and `connect` spends its time searching for a free one (89% of
     /// the generator's CPU in a profile), so the generator, not the server, would be measured.
     pub sources: u8,
+    /// TLS: the CA file the server's certificate must chain to.
+    pub tls: Option<std::path::PathBuf>,
+    pub servername: String,
 }
 
 pub fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -75,6 +82,8 @@ pub fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         timeout: Duration::from_secs(5),
         error_pause: Duration::from_millis(10),
         sources: 64,
+        tls: None,
+        servername: "localhost".into(),
     };
     while let Some(flag) = argv.next() {
         if flag == "--http" || flag == "--no-half-close" {
@@ -97,6 +106,8 @@ pub fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--expect" => args.expect = unescape(&value),
             "--timeout" => args.timeout = parse_duration(&value)?,
             "--error-pause" => args.error_pause = parse_duration(&value)?,
+            "--tls" => args.tls = Some(value.into()),
+            "--servername" => args.servername = value,
             "--sources" => {
                 args.sources = value.parse().map_err(|_| format!("--sources {value}"))?
             }

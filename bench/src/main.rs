@@ -5,13 +5,14 @@
 //! # Layout
 //! - [`args`]: the command line; [`load`]: one mio event loop driving its share of the clients;
 //!   [`stats`]: counters, latencies and the report line; [`hold`]: idle connections for RSS;
-//!   [`startup`]: time from exec to listening.
+//!   [`startup`]: time from exec to listening; [`tls`]: the same workloads over TLS.
 
 mod args;
 mod hold;
 mod load;
 mod startup;
 mod stats;
+mod tls;
 
 use std::process::ExitCode;
 use std::thread;
@@ -37,6 +38,8 @@ fn main() -> ExitCode {
     };
     let outcome = match args.mode {
         Mode::Hold => hold::run(&args),
+        _ if args.tls.is_some() => tls::drive(&args)
+            .map(|stats| println!("{} cpu_s={:.2}", Report(stats), own_cpu_seconds())),
         _ => drive(&args).map(|stats| println!("{} cpu_s={:.2}", Report(stats), own_cpu_seconds())),
     };
     match outcome {

@@ -16,8 +16,9 @@ mod state_api;
 mod webhook;
 
 use crate::http::HttpHead;
-use crate::request::{Content, Reply, Request};
+use crate::request::{Content, Endpoints, Reply, Request};
 pub use crate::runtime::Runtime;
+use crate::tls::TlsInfo;
 pub use compile::ScriptError;
 pub(crate) use compile::{check_calls, compile, compile_source, read_source};
 use context::{ClientSink, HandlerContext};
@@ -317,10 +318,53 @@ pub(crate) fn request_map(request: &Request) -> Map {
         Dynamic::from(request.endpoints.local_text.clone()),
     );
     map.insert("framing".into(), request.framing.name().into());
+    insert_transport_fields(&mut map, &request.endpoints);
     if let Some(head) = &request.http {
         insert_http_fields(&mut map, head);
     }
     map
+}
+
+/// `req.listener`, `req.tls` and `req.peer_cred` (SPEC §11); `()` where they do not apply.
+fn insert_transport_fields(map: &mut Map, endpoints: &Endpoints) {
+    map.insert("listener".into(), endpoints.listener.name().into());
+    let tls = endpoints
+        .tls
+        .as_deref()
+        .map_or(Dynamic::UNIT, |tls| Dynamic::from_map(tls_map(tls)));
+    map.insert("tls".into(), tls);
+    let cred = endpoints.peer_cred.map_or(Dynamic::UNIT, |cred| {
+        let mut m = Map::new();
+        m.insert("pid".into(), Dynamic::from(i64::from(cred.pid)));
+        m.insert("uid".into(), Dynamic::from(i64::from(cred.uid)));
+        m.insert("gid".into(), Dynamic::from(i64::from(cred.gid)));
+        Dynamic::from_map(m)
+    });
+    map.insert("peer_cred".into(), cred);
+}
+
+fn tls_map(tls: &TlsInfo) -> Map {
+    let text = |s: &Option<String>| s.clone().map_or(Dynamic::UNIT, Dynamic::from);
+    let mut m = Map::new();
+    m.insert("version".into(), Dynamic::from(tls.version.clone()));
+    m.insert("cipher".into(), Dynamic::from(tls.cipher.clone()));
+    m.insert("sni".into(), text(&tls.sni));
+    let client = tls.client.as_ref().map_or(Dynamic::UNIT, |c| {
+        let mut cm = Map::new();
+        cm.insert("subject".into(), Dynamic::from(c.subject.clone()));
+        cm.insert("cn".into(), text(&c.cn));
+        let sans = c.sans.iter().cloned().map(Dynamic::from).collect();
+        cm.insert("sans".into(), Dynamic::from_array(sans));
+        cm.insert("serial".into(), Dynamic::from(c.serial.clone()));
+        cm.insert(
+            "fingerprint_sha256".into(),
+            Dynamic::from(c.fingerprint_sha256.clone()),
+        );
+        cm.insert("not_after".into(), Dynamic::from(c.not_after));
+        Dynamic::from_map(cm)
+    });
+    m.insert("client".into(), client);
+    m
 }
 
 fn insert_http_fields(map: &mut Map, head: &HttpHead) {

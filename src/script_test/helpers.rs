@@ -166,6 +166,7 @@ struct RequestFields {
     query: Vec<(String, String)>,
     tls: Option<Dynamic>,
     peer_cred: Option<Dynamic>,
+    listener: Option<Dynamic>,
 }
 
 impl RequestFields {
@@ -190,9 +191,10 @@ impl RequestFields {
                 "query" => fields.query = pairs("query", value)?,
                 "tls" => fields.tls = Some(value),
                 "peer_cred" => fields.peer_cred = Some(value),
+                "listener" => fields.listener = Some(value),
                 other => {
                     return Err(script_error(format!(
-                        "request: unknown field '{other}' (payload, token_name, peer, body, method, path, headers, query, tls, peer_cred)"
+                        "request: unknown field '{other}' (payload, token_name, peer, body, method, path, headers, query, tls, peer_cred, listener)"
                     )));
                 }
             }
@@ -278,6 +280,7 @@ fn request(state: &TestState, fields: RequestFields) -> ScriptResult<Map> {
         ("peer", fields.peer),
         ("tls", fields.tls),
         ("peer_cred", fields.peer_cred),
+        ("listener", fields.listener),
     ] {
         if let Some(value) = value {
             map.insert(key.into(), value);

@@ -13,11 +13,11 @@ impl Server {
                 return;
             };
             match listener.accept() {
-                Ok((stream, peer)) => {
+                Ok(accepted) => {
                     if std::mem::take(&mut self.accept_failing) {
                         log::info!("accepting connections again");
                     }
-                    self.admit(stream, peer)
+                    self.admit(accepted)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_per_connection_error(&e) => continue,
@@ -50,30 +50,26 @@ impl Server {
         }
     }
 
-    pub(super) fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
-        let facts = self.facts(peer.ip(), Instant::now());
+    pub(super) fn admit(&mut self, accepted: Accepted) {
+        let Accepted { stream, endpoints } = accepted;
+        let facts = self.facts(&endpoints, Instant::now());
         if let Err(refusal) = self.gate.admit(Knock::Connection, &facts) {
-            return self.refuse_connection(stream, peer, refusal);
+            return self.refuse_connection(stream, &endpoints, refusal);
         }
-        let local = match stream.local_addr() {
-            Ok(local) => local,
-            Err(e) => return log::debug!("dropping {peer}: {e}"),
-        };
-        self.gate.opened(peer.ip());
-        let _ = stream.set_nodelay(true);
+        let peer = &endpoints.peer_text;
+        self.gate.opened(facts.peer);
         self.next_serial += 1;
         let phase = Phase::Reading {
             deadline: Instant::now() + self.config.read_timeout,
         };
-        let connection =
-            Connection::new(stream, Endpoints::new(peer, local), self.next_serial, phase);
+        let connection = Connection::new(stream, endpoints.clone(), self.next_serial, phase);
         let key = self.connections.insert(connection);
         metrics().open_connections.inc();
         if let Err(e) = self.connections[key].register(self.parts.poll.registry(), Token(key)) {
             log::warn!("registering connection from {peer}: {e}");
             self.connections.remove(key);
             metrics().open_connections.dec();
-            self.gate.closed(peer.ip());
+            self.gate.closed(facts.peer);
             return;
         }
         log::debug!("connection from {peer}");
@@ -82,9 +78,11 @@ impl Server {
     }
 
     /// What the gate weighs besides the request itself.
-    pub(super) fn facts(&self, peer: IpAddr, now: Instant) -> Facts {
+    pub(super) fn facts(&self, endpoints: &Endpoints, now: Instant) -> Facts {
         Facts {
-            peer,
+            peer: endpoints.ip(),
+            uid: endpoints.peer_cred.map(|cred| cred.uid),
+            listener: endpoints.listener,
             now,
             open_connections: self.connections.len(),
             in_flight: self.in_flight,
@@ -97,26 +95,28 @@ impl Server {
     /// a full server as a success. The connection never enters the slab, so a flood of them
     /// costs no memory: what the client sent already is read and dropped (unread input would
     /// turn the close into a reset); input arriving later does get a reset, after the reply.
+    /// A TLS client is closed without the reply: saying it would take a handshake, the very
+    /// cost a connection cap is there to avoid. Clients the allow-lists refuse get no word.
     pub(super) fn refuse_connection(
         &mut self,
-        mut stream: mio::net::TcpStream,
-        peer: SocketAddr,
+        mut stream: Stream,
+        endpoints: &Endpoints,
         refusal: gate::Refusal,
     ) {
         if let Some(counted) = refusal.counted {
             metrics().record_refusal(counted);
         }
+        log::debug!("refusing {}: {}", endpoints.peer_text, refusal.reason);
         let Some(answer) = refusal.answer else {
-            log::debug!("refusing {peer}: not in --allow");
             return; // dropping the stream closes it, without a reply
         };
-        if let Some(counted) = refusal.counted {
-            log::debug!("refusing {peer}: --{} reached", counted.as_str());
+        if stream.needs_handshake() {
+            return;
         }
         let reply = self.protocol(None).encode_error(answer);
         // A fresh socket's send buffer takes these few bytes whole.
         let _ = stream.write(&reply.bytes);
-        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let _ = stream.shutdown_output();
         for _ in 0..4 {
             match stream.read(&mut self.scratch) {
                 Ok(n) if n > 0 => {}

@@ -18,8 +18,22 @@ impl Server {
             }
             Ok(Step::WantsContinue) => self.on_expect_continue(key),
             Ok(Step::Close(why)) => self.close(key, why),
-            Err(e) => self.close(key, &format!("I/O error: {e}")),
+            Err(e) => {
+                self.count_rejected_certificate(key);
+                self.close(key, &format!("I/O error: {e}"))
+            }
         }
+    }
+
+    /// An mTLS handshake refused for the client's certificate counts for `--auth-failures`.
+    fn count_rejected_certificate(&mut self, key: usize) {
+        let connection = &self.connections[key];
+        if !connection.stream.client_cert_rejected() {
+            return;
+        }
+        metrics().auth_failures.inc();
+        let peer = connection.endpoints.ip();
+        self.gate.failed_authentication(peer, Instant::now());
     }
 
     /// The client waits for `100 Continue` before sending its body. It is said only once the
@@ -28,7 +42,7 @@ impl Server {
     pub(super) fn on_expect_continue(&mut self, key: usize) {
         let connection = &self.connections[key];
         let head = http::parse_head(&connection.input);
-        let facts = self.facts(connection.endpoints.peer.ip(), Instant::now());
+        let facts = self.facts(&connection.endpoints, Instant::now());
         if self
             .gate
             .admit(Knock::Continue(head.as_ref()), &facts)
@@ -69,23 +83,25 @@ impl Server {
 
     pub(super) fn close(&mut self, key: usize, why: &str) {
         let mut connection = self.connections.remove(key);
-        if connection.pending_output() > 0 {
+        if connection.stream.handshake_abandoned() {
+            metrics().record_tls_handshake("abandoned");
+        }
+        if connection.pending_output() > 0 || connection.stream.wants_write() {
             connection.reset_on_drop(); // a timed-out or too slow reader gets no partial reply
         }
         metrics().open_connections.dec();
-        self.gate.closed(connection.endpoints.peer.ip());
+        self.gate.closed(connection.endpoints.ip());
         connection.deregister(self.parts.poll.registry());
         log::debug!(
             "closed connection from {}: {why}",
-            connection.endpoints.peer
+            connection.endpoints.peer_text
         );
     }
 
     pub(super) fn dispatch(&mut self, key: usize, raw: RawRequest) {
         self.next_request_id += 1;
         self.connections[key].continue_sent = false;
-        let peer = self.connections[key].endpoints.peer.ip();
-        let facts = self.facts(peer, Instant::now());
+        let facts = self.facts(&self.connections[key].endpoints, Instant::now());
         let who = self.gate.identify(&raw, facts.peer, facts.now);
         let request = Request {
             id: self.next_request_id,

@@ -22,14 +22,13 @@ use crate::request::{Endpoints, Request, ServerError, Verdict, log_request};
 use crate::script::Runtime;
 use crate::signals::Signal;
 use crate::stop::Stop;
+use crate::transport::{Accepted, Listener, Stream};
 use crate::workers::{ConnRef, Inbox, Job, Outbound, WorkerPool};
-use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -56,7 +55,7 @@ const ACCEPTS_PER_TURN: usize = 64;
 /// Serves `listeners` until `stop` says so and the stop completes (see [`Server::run`]).
 pub fn run(
     config: Config,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
     parts: Parts,
     stop: Box<dyn Stop>,
 ) -> io::Result<Outcome> {
@@ -89,8 +88,8 @@ enum Stopping {
 }
 
 pub struct Server {
-    /// The bound listeners, in `--listen` order; emptied when a stop begins.
-    listeners: Vec<TcpListener>,
+    /// Plain TCP, TLS and Unix listeners, in `--listen` order; emptied when a stop begins.
+    listeners: Vec<Listener>,
     /// What tells the loop to reload or stop: the process's signals, or a `stop::Switch`.
     stop: Box<dyn Stop>,
     config: Config,
@@ -119,7 +118,7 @@ impl Server {
     /// Registers the listeners and the stop source with the loop's poll.
     pub fn new(
         config: Config,
-        mut listeners: Vec<TcpListener>,
+        mut listeners: Vec<Listener>,
         parts: Parts,
         mut stop: Box<dyn Stop>,
     ) -> io::Result<Server> {

@@ -19,3 +19,4 @@ mod rough_edges;
 mod script_tests;
 mod scripts;
 mod structure;
+mod transport;

@@ -6,11 +6,12 @@ use crate::util::*;
 use clap::Parser;
 use command_trigger::auth::Tokens;
 use command_trigger::cli::{Cli, Command};
-use command_trigger::config::Config;
+use command_trigger::config::{Config, ListenSpec};
 use command_trigger::error::Outcome;
 use command_trigger::script::{Runtime, ScriptHost};
 use command_trigger::server::{self, Parts};
 use command_trigger::signals::Signal;
+use command_trigger::transport::Listener;
 use command_trigger::workers::{self, WorkerPool};
 use command_trigger::{reload, stop};
 use mio::net::TcpListener;
@@ -101,7 +102,7 @@ fn call_checks_its_flags_before_running_the_script() {
 }
 
 /// Builds what `serve` builds, by hand, for a server run in this process.
-fn in_process(script: &str) -> (Config, Vec<TcpListener>, Parts) {
+fn in_process(script: &str) -> (Config, Vec<Listener>, Parts) {
     let cli = Cli::try_parse_from([
         "command-trigger",
         "serve",
@@ -126,8 +127,11 @@ fn in_process(script: &str) -> (Config, Vec<TcpListener>, Parts) {
     let (outbox, inbox) = workers::outbox(Arc::new(waker));
     let pool = WorkerPool::start(1, host.clone(), outbox.clone()).expect("a worker");
     let tokens = Arc::new(Tokens::default());
-    let reload = reload::spawn(host, Vec::new(), tokens.clone(), outbox).expect("reloads");
-    let listener = TcpListener::bind(config.listen[0]).expect("binding");
+    let reload = reload::spawn(host, Vec::new(), tokens.clone(), None, outbox).expect("reloads");
+    let ListenSpec::Tcp(addr) = config.listen[0] else {
+        panic!("not a TCP listener")
+    };
+    let listener = TcpListener::bind(addr).expect("binding");
     let parts = Parts {
         poll,
         pool,
@@ -136,7 +140,7 @@ fn in_process(script: &str) -> (Config, Vec<TcpListener>, Parts) {
         runtime,
         reload,
     };
-    (config, vec![listener], parts)
+    (config, vec![Listener::Tcp(listener)], parts)
 }
 
 /// `server::run` with a `stop::Switch` instead of signals: the loop serves in this process and
@@ -146,7 +150,10 @@ fn the_loop_runs_in_process_and_stops_on_a_switch() {
     let scratch = Scratch::new();
     let script = scratch.write("h.rhai", r#"fn handle(req) { "ok " + req.payload + "\n" }"#);
     let (config, listeners, parts) = in_process(script.to_str().expect("utf-8 path"));
-    let addr = listeners[0].local_addr().expect("the bound address");
+    let Some(Listener::Tcp(listener)) = listeners.first() else {
+        panic!("no TCP listener")
+    };
+    let addr = listener.local_addr().expect("the bound address");
     let (switch, stop) = stop::switch().expect("a switch");
     let (ended, outcome) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -1,0 +1,496 @@
+//! The byte streams the loop serves — plain TCP, TLS over TCP, Unix sockets — behind one
+//! [`Stream`] and one [`Listener`], so the loop and the framings never know which they hold.
+//!
+//! TLS follows rustls' `tlsserver-mio` example: records are read with `read_tls` and decrypted
+//! by `process_new_packets`, plaintext comes out of `reader()`, and what rustls has to send
+//! (handshake messages, encrypted replies, alerts) goes out with `write_tls` whenever the
+//! socket takes it; the loop asks for WRITABLE while [`Stream::wants_write`] says so.
+
+use crate::request::Endpoints;
+use crate::tls::{TlsInfo, TlsServer};
+use mio::event::Source;
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+use rustls::ServerConnection;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which kind of listener a connection came through: `req.listener`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    Tcp,
+    Tls,
+    Unix,
+}
+
+impl ListenerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Tcp => "tcp",
+            ListenerKind::Tls => "tls",
+            ListenerKind::Unix => "unix",
+        }
+    }
+}
+
+/// The credentials of a Unix socket's client, from `SO_PEERCRED`: `req.peer_cred`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One accepted connection's byte stream.
+pub enum Stream {
+    Tcp(TcpStream),
+    /// Boxed: a rustls connection is a few hundred bytes, a plain socket four.
+    Tls(Box<TlsStream>),
+    Unix(UnixStream),
+}
+
+/// A TCP socket with a rustls server session on it.
+pub struct TlsStream {
+    sock: TcpStream,
+    /// The rustls session, made when the client's first byte arrives (see `start_session`).
+    tls: Option<ServerConnection>,
+    /// The configuration of the moment of accept, for the session made later.
+    config: Arc<rustls::ServerConfig>,
+    /// The socket gave end of file: no more records will come.
+    eof: bool,
+    /// `close_notify` queued: the TLS form of shutting down our sending side.
+    close_queued: bool,
+    /// The handshake has finished and `take_tls_info` has handed out its facts.
+    reported: bool,
+    /// The handshake failed and was counted as such.
+    failed: bool,
+    /// The handshake failed because of the client's certificate (an authentication failure).
+    client_cert_rejected: bool,
+}
+
+impl Stream {
+    pub fn tls(sock: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<Stream> {
+        Ok(Stream::Tls(Box::new(TlsStream {
+            sock,
+            tls: None,
+            config,
+            eof: false,
+            close_queued: false,
+            reported: false,
+            failed: false,
+            client_cert_rejected: false,
+        })))
+    }
+
+    /// Plaintext from the client. `WouldBlock` when none is there yet; `Ok(0)` once the
+    /// client has closed its sending side (FIN, or `close_notify` for TLS).
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+
+    /// Plaintext to the client; `WouldBlock` when nothing more can be taken now.
+    pub fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    /// Sends what the transport holds itself (TLS records); true once nothing is left.
+    pub fn flush_transport(&mut self) -> io::Result<bool> {
+        match self {
+            Stream::Tls(s) => s.push_records(),
+            _ => Ok(true),
+        }
+    }
+
+    /// Whether the transport has bytes of its own waiting for the socket to be writable.
+    pub fn wants_write(&self) -> bool {
+        match self {
+            Stream::Tls(s) => s.tls.as_ref().is_some_and(|t| t.wants_write()),
+            _ => false,
+        }
+    }
+
+    /// Shuts down our sending side once everything before it is out; true when done.
+    /// For TLS, `close_notify` goes first, so the client knows the reply is complete.
+    pub fn shutdown_output(&mut self) -> io::Result<bool> {
+        // ENOTCONN: the client is gone already; draining will find out.
+        match self {
+            Stream::Tcp(s) => drop(s.shutdown(Shutdown::Write)),
+            Stream::Unix(s) => drop(s.shutdown(Shutdown::Write)),
+            Stream::Tls(s) => {
+                if let Some(tls) = s.tls.as_mut()
+                    && !std::mem::replace(&mut s.close_queued, true)
+                {
+                    tls.send_close_notify();
+                }
+                if !s.push_records()? {
+                    return Ok(false);
+                }
+                let _ = s.sock.shutdown(Shutdown::Write);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Makes dropping the socket send a reset instead of a FIN. For a reply given up half
+    /// written: after a FIN, the part the client got would look like the whole reply.
+    pub fn reset_on_drop(&self) {
+        let fd = match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Tls(s) => s.sock.as_fd(),
+            Stream::Unix(_) => return, // no resets on Unix sockets
+        };
+        let _ = rustix::net::sockopt::set_socket_linger(fd, Some(Duration::ZERO));
+    }
+
+    /// Whether anything said to the client must wait for a handshake (TLS): a refusal at
+    /// accept is then a bare close, since the handshake is the cost the refusal avoids.
+    pub fn needs_handshake(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// The facts of the TLS handshake, once, right after it finished.
+    pub fn take_tls_info(&mut self) -> Option<TlsInfo> {
+        match self {
+            Stream::Tls(s) if !s.reported => {
+                let tls = s.tls.as_ref().filter(|t| !t.is_handshaking())?;
+                s.reported = true;
+                crate::metrics::metrics().record_tls_handshake("ok");
+                Some(TlsInfo::of(tls))
+            }
+            _ => None,
+        }
+    }
+
+    /// A TLS connection that closes before its handshake finished or failed (a timeout, a
+    /// client that went away, a TCP probe).
+    pub fn handshake_abandoned(&self) -> bool {
+        matches!(self, Stream::Tls(s)
+            if s.tls.as_ref().is_none_or(|t| t.is_handshaking()) && !s.failed)
+    }
+
+    /// The handshake failed on the client's certificate (mTLS): an authentication failure.
+    pub fn client_cert_rejected(&self) -> bool {
+        matches!(self, Stream::Tls(s) if s.client_cert_rejected)
+    }
+
+    fn source(&mut self) -> &mut dyn Source {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => &mut s.sock,
+            Stream::Unix(s) => s,
+        }
+    }
+}
+
+impl Source for Stream {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        self.source().register(r, t, i)
+    }
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        self.source().reregister(r, t, i)
+    }
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        self.source().deregister(r)
+    }
+}
+
+impl TlsStream {
+    /// Makes the rustls session once the client has sent something: a connection that never
+    /// does (a TCP probe, an idle attacker) costs a socket, not a session. False: the client
+    /// closed without a word.
+    fn start_session(&mut self) -> io::Result<bool> {
+        if self.tls.is_some() {
+            return Ok(true);
+        }
+        if self.sock.peek(&mut [0u8; 1])? == 0 {
+            return Ok(false);
+        }
+        let session = ServerConnection::new(self.config.clone()).map_err(io::Error::other)?;
+        self.tls = Some(session);
+        Ok(true)
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.start_session()? {
+            return Ok(0);
+        }
+        loop {
+            let Some(tls) = self.tls.as_mut() else {
+                return Ok(0);
+            };
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                // The client closed TCP without `close_notify`: as a plain FIN would be.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                Err(_) if self.eof => return Ok(0),
+                Err(_) => {}
+            }
+            match tls.read_tls(&mut self.sock) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+            if let Err(error) = tls.process_new_packets() {
+                return Err(self.failed(error));
+            }
+            // Handshake messages go out now; what the socket does not take waits for WRITABLE.
+            self.push_records()?;
+        }
+    }
+
+    /// Sends the alert rustls queued, notes why, and turns the error into an I/O error.
+    fn failed(&mut self, error: rustls::Error) -> io::Error {
+        let _ = self.push_records();
+        let handshaking = self.tls.as_ref().is_some_and(|t| t.is_handshaking());
+        if handshaking && !std::mem::replace(&mut self.failed, true) {
+            let client_cert = crate::tls::is_client_cert_error(&error);
+            self.client_cert_rejected = client_cert;
+            let result = if client_cert {
+                "client_cert_rejected"
+            } else {
+                "failed"
+            };
+            crate::metrics::metrics().record_tls_handshake(result);
+        }
+        io::Error::new(io::ErrorKind::InvalidData, error)
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            // Nothing is written before a request, so before a session either.
+            let Some(tls) = self.tls.as_mut() else {
+                return Err(io::ErrorKind::NotConnected.into());
+            };
+            let n = tls.writer().write(buf)?;
+            if n > 0 {
+                self.push_records()?;
+                return Ok(n);
+            }
+            // rustls' plaintext buffer is full: only sending records makes room.
+            if !self.push_records()? {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+        }
+    }
+
+    /// Writes rustls' pending records; true once none is left, false when the socket is full.
+    fn push_records(&mut self) -> io::Result<bool> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(true);
+        };
+        while tls.wants_write() {
+            match tls.write_tls(&mut self.sock) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// A listening socket of any kind.
+pub enum Listener {
+    Tcp(TcpListener),
+    /// New handshakes take the `TlsServer`'s current configuration (it rotates).
+    Tls(TcpListener, Arc<TlsServer>),
+    Unix(UnixSocket),
+}
+
+/// A Unix listening socket that removes its file when it is dropped (a clean exit), unless
+/// the file is no longer the one it made.
+pub struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// (device, inode) of the socket file we created.
+    identity: Option<(u64, u64)>,
+}
+
+/// One accepted connection and the facts the script sees about it.
+pub struct Accepted {
+    pub stream: Stream,
+    pub endpoints: Arc<Endpoints>,
+}
+
+impl Listener {
+    pub fn kind(&self) -> ListenerKind {
+        match self {
+            Listener::Tcp(_) => ListenerKind::Tcp,
+            Listener::Tls(..) => ListenerKind::Tls,
+            Listener::Unix(_) => ListenerKind::Unix,
+        }
+    }
+
+    /// The address as `--listen` spells it: `IP:PORT`, `tls://IP:PORT`, `unix:/PATH`.
+    pub fn describe(&self) -> io::Result<String> {
+        Ok(match self {
+            Listener::Tcp(l) => l.local_addr()?.to_string(),
+            Listener::Tls(l, _) => format!("tls://{}", l.local_addr()?),
+            Listener::Unix(u) => format!("unix:{}", u.path.display()),
+        })
+    }
+
+    /// Accepts one connection. A TLS stream starts its handshake with the configuration of
+    /// this moment; a Unix stream carries its client's credentials.
+    ///
+    /// A failure after `accept(2)` itself succeeded (the client reset already, say) concerns
+    /// that one connection: it comes back as `ConnectionAborted`, never as an error that would
+    /// make the loop pause accepting.
+    pub fn accept(&self) -> io::Result<Accepted> {
+        let per_connection = |e: io::Error| io::Error::new(io::ErrorKind::ConnectionAborted, e);
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, peer) = l.accept()?;
+                let endpoints =
+                    tcp_endpoints(&stream, peer, ListenerKind::Tcp).map_err(per_connection)?;
+                Ok(Accepted {
+                    stream: Stream::Tcp(stream),
+                    endpoints,
+                })
+            }
+            Listener::Tls(l, server) => {
+                let (stream, peer) = l.accept()?;
+                let endpoints =
+                    tcp_endpoints(&stream, peer, ListenerKind::Tls).map_err(per_connection)?;
+                Ok(Accepted {
+                    stream: Stream::tls(stream, server.config()).map_err(per_connection)?,
+                    endpoints,
+                })
+            }
+            Listener::Unix(u) => {
+                let (stream, _) = u.listener.accept()?;
+                let cred = rustix::net::sockopt::socket_peercred(&stream)
+                    .map_err(|e| per_connection(e.into()))?;
+                let cred = PeerCred {
+                    pid: cred.pid.as_raw_nonzero().get(),
+                    uid: cred.uid.as_raw(),
+                    gid: cred.gid.as_raw(),
+                };
+                let local = format!("unix:{}", u.path.display());
+                Ok(Accepted {
+                    stream: Stream::Unix(stream),
+                    endpoints: Endpoints::unix(local, cred),
+                })
+            }
+        }
+    }
+
+    fn source(&mut self) -> &mut dyn Source {
+        match self {
+            Listener::Tcp(l) | Listener::Tls(l, _) => l,
+            Listener::Unix(u) => &mut u.listener,
+        }
+    }
+}
+
+fn tcp_endpoints(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+) -> io::Result<Arc<Endpoints>> {
+    let local = stream.local_addr()?;
+    let _ = stream.set_nodelay(true);
+    Ok(Endpoints::tcp(peer, local, kind))
+}
+
+impl Source for Listener {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        self.source().register(r, t, i)
+    }
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        self.source().reregister(r, t, i)
+    }
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        self.source().deregister(r)
+    }
+}
+
+/// Why a Unix socket could not be made: the operator's mistake (exit 2) or the system's (1).
+pub enum UnixBindError {
+    Usage(String),
+    Runtime(String),
+}
+
+impl UnixSocket {
+    /// Binds `path` with `mode`, replacing a stale socket but never any other kind of file.
+    pub fn bind(path: &Path, mode: u32) -> Result<UnixSocket, UnixBindError> {
+        remove_stale(path)?;
+        let runtime = |what: &str, e: io::Error| {
+            UnixBindError::Runtime(format!("{what} unix:{}: {e}", path.display()))
+        };
+        let listener = UnixListener::bind(path).map_err(|e| runtime("binding", e))?;
+        let _ = rustix::net::listen(&listener, crate::transport::LISTEN_BACKLOG);
+        rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(mode))
+            .map_err(|e| runtime("setting the mode of", e.into()))?;
+        Ok(UnixSocket {
+            listener,
+            identity: identity(path),
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// Asked of `listen(2)`; Linux caps it at `net.core.somaxconn` (4096 by default).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// A socket left by a crash is removed; a live server's socket, or a file that is not a
+/// socket, is left alone and reported.
+fn remove_stale(path: &Path) -> Result<(), UnixBindError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(UnixBindError::Runtime(format!(
+                "looking at unix:{}: {e}",
+                path.display()
+            )));
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(UnixBindError::Usage(format!(
+            "--listen unix:{}: a file that is not a socket is there; not replacing it",
+            path.display()
+        )));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(UnixBindError::Runtime(format!(
+            "--listen unix:{}: another server is listening there",
+            path.display()
+        )));
+    }
+    log::info!("replacing stale socket {}", path.display());
+    std::fs::remove_file(path).map_err(|e| {
+        UnixBindError::Runtime(format!("removing stale socket {}: {e}", path.display()))
+    })
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        if self.identity.is_some() && identity(&self.path) == self.identity {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
