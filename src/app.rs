@@ -4,7 +4,7 @@
 use crate::auth::Tokens;
 use crate::cli::{Cli, Command, TestArgs};
 use crate::clock::SystemClock;
-use crate::config::{CallConfig, CallInput, Config, Limits, ListenSpec};
+use crate::config::{CallConfig, CallInput, Config, Limits, ListenSpec, SendConfig};
 use crate::error::{ConfigError, Fatal, Outcome};
 use crate::framing::Framing;
 use crate::request::{Endpoints, Request};
@@ -35,7 +35,7 @@ pub fn run(cli: Cli) -> Result<Outcome, Fatal> {
             None => Err(ConfigError::NoScript.into()),
         },
         Command::Call(args) => call(CallConfig::from_args(args)?),
-        Command::Send(args) => client::send(args).map(|code| Outcome::failed_if(code != 0)),
+        Command::Send(args) => client::send(SendConfig::from_args(args)?),
         Command::Test(args) => test(args),
     }
 }

@@ -129,6 +129,8 @@ pub enum ConfigError {
     Together(&'static str),
     /// `send` with no token to send.
     NoClientToken,
+    /// `send` to an address it cannot read.
+    Address(String),
     /// A `--watch` path that cannot be made absolute.
     WatchPath { path: PathBuf, error: String },
     /// A `--cron` expression that does not parse, or (`fires: false`) never fires.
@@ -162,6 +164,7 @@ impl fmt::Display for ConfigError {
             ConfigError::NoClientToken => {
                 f.write_str("no token source: give --token-file PATH or --token-env VAR")
             }
+            ConfigError::Address(addr) => write!(f, "{addr}: expected tls://HOST:PORT"),
             ConfigError::WatchPath { path, error } => {
                 write!(f, "--watch {}: {error}", path.display())
             }

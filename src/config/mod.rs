@@ -1,6 +1,10 @@
 //! The validated settings of `serve`: addresses parsed, token sources named, limits checked.
 //! Built from the raw command line in one place, so the server never sees an invalid value.
 
+mod clients;
+
+pub use clients::{CallConfig, CallInput, SendConfig, Target, TlsClientFiles};
+
 use crate::auth::{TokenOrigin, TokenSource};
 use crate::cli::{AuthMode, FramingArg, ServeArgs};
 use crate::error::{ConfigError, Fatal};
@@ -344,63 +348,5 @@ impl Default for Limits {
             job_output_bytes: 64 * 1024,
             state_max_keys: 100_000,
         }
-    }
-}
-
-/// What `call` runs with: its flags checked, as `serve`'s are by [`Config::from_args`].
-#[derive(Clone, Debug)]
-pub struct CallConfig {
-    /// `--script`: the handler to run.
-    pub script: PathBuf,
-    /// `--token-name`: the `req.token_name` the script sees.
-    pub token_name: String,
-    /// `--peer`: the `req.peer` the script sees.
-    pub peer: SocketAddr,
-    /// `--handler-timeout` and `--command-timeout`; the request size limit is set once the
-    /// request is read, so the script can use whatever it is handed.
-    pub limits: Limits,
-    /// `--dry-run`: record commands instead of running them.
-    pub dry_run: bool,
-    /// `--no-wait`: exit without waiting for background jobs.
-    pub no_wait: bool,
-    /// Where the request comes from.
-    pub input: CallInput,
-}
-
-/// The request `call` runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CallInput {
-    /// The payload words joined by spaces: a line-framing request.
-    Words(String),
-    /// `-` alone: stdin is the body of a stream-framing request.
-    Stdin,
-}
-
-impl CallConfig {
-    pub fn from_args(args: crate::cli::CallArgs) -> Result<CallConfig, ConfigError> {
-        check_duration(args.handler_timeout, "--handler-timeout", false)?;
-        check_duration(args.command_timeout, "--command-timeout", false)?;
-        let peer = args.peer.parse().map_err(|_| ConfigError::Malformed {
-            flag: "--peer",
-            value: args.peer.clone(),
-            expected: "IP:PORT",
-        })?;
-        let input = match args.payload.as_slice() {
-            [dash] if dash == "-" => CallInput::Stdin,
-            words => CallInput::Words(words.join(" ")),
-        };
-        Ok(CallConfig {
-            script: args.script,
-            token_name: args.token_name,
-            peer,
-            limits: Limits {
-                handler_timeout: args.handler_timeout,
-                command_timeout: args.command_timeout,
-                ..Limits::default()
-            },
-            dry_run: args.dry_run,
-            no_wait: args.no_wait,
-            input,
-        })
     }
 }
