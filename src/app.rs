@@ -78,8 +78,8 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
     let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Tokens)?;
     forget_token_variables(&config);
     // Before any thread starts, so every thread inherits the handlers' view.
-    let signals = SignalSource::install()
-        .map_err(|e| Fatal::Runtime(format!("installing signal handlers: {e}")))?;
+    let signals =
+        SignalSource::install().map_err(|e| Fatal::io("installing signal handlers", e))?;
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(
             TlsServer::load(files.clone(), config.framing == Framing::Http)
@@ -91,7 +91,7 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
-                .map_err(|e| Fatal::Runtime(format!("binding --metrics-listen {addr}: {e}")))?,
+                .map_err(|e| Fatal::io(format!("binding --metrics-listen {addr}"), e))?,
         ),
         None => None,
     };
@@ -111,47 +111,49 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
         );
     }
     let tokens = Arc::new(tokens);
-
-    let runtime_error = |what: &str, e: std::io::Error| Fatal::Runtime(format!("{what}: {e}"));
-    let poll = Poll::new().map_err(|e| runtime_error("creating the event loop", e))?;
-    let waker = Waker::new(poll.registry(), server::WAKER)
-        .map_err(|e| runtime_error("creating the waker", e))?;
-    let (outbox, inbox) = workers::outbox(Arc::new(waker));
-    let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())
-        .map_err(|e| runtime_error("starting workers", e))?;
-    let reload = reload::spawn(
-        host,
-        config.token_sources.clone(),
-        tokens.clone(),
-        tls,
-        outbox,
-    )
-    .map_err(|e| runtime_error("starting the reload thread", e))?;
-    start_triggers(
-        &config,
-        Triggers::new(pool.trigger_queue(), runtime.clone()),
-    )
-    .map_err(|e| runtime_error("starting the watch and schedule threads", e))?;
-
+    let parts = start(&config, host, runtime, tokens, tls)?;
     announce(&listeners, config.print_addr)?;
     if let Some(listener) = metrics_listener {
         announce_metrics(&listener, config.print_addr)?;
-        metrics_server::spawn(listener)
-            .map_err(|e| runtime_error("starting the metrics thread", e))?;
+        metrics_server::spawn(listener).map_err(|e| Fatal::io("starting the metrics thread", e))?;
     }
     metrics::metrics().set_ready();
     footprint::release_startup_code();
-    let parts = Parts {
+    let server = Server::new(config, listeners, parts, Box::new(signals))
+        .map_err(|e| Fatal::io("registering listeners", e))?;
+    server.run().map_err(|e| Fatal::io("event loop", e))
+}
+
+/// Starts what runs beside the loop (the workers, the reload thread, the watch and schedule
+/// threads) and gathers what the loop needs of them. Public so that a test can run the loop
+/// in-process, with a stop of its own.
+pub fn start(
+    config: &Config,
+    host: Arc<ScriptHost>,
+    runtime: Arc<Runtime>,
+    tokens: Arc<Tokens>,
+    tls: Option<Arc<TlsServer>>,
+) -> Result<Parts, Fatal> {
+    let poll = Poll::new().map_err(|e| Fatal::io("creating the event loop", e))?;
+    let waker = Waker::new(poll.registry(), server::WAKER)
+        .map_err(|e| Fatal::io("creating the waker", e))?;
+    let (outbox, inbox) = workers::outbox(Arc::new(waker));
+    let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())
+        .map_err(|e| Fatal::io("starting workers", e))?;
+    let sources = config.token_sources.clone();
+    let reload = reload::spawn(host, sources, tokens.clone(), tls, outbox)
+        .map_err(|e| Fatal::io("starting the reload thread", e))?;
+    let triggers = Triggers::new(pool.trigger_queue(), runtime.clone());
+    start_triggers(config, triggers)
+        .map_err(|e| Fatal::io("starting the watch and schedule threads", e))?;
+    Ok(Parts {
         poll,
         pool,
         inbox,
         tokens,
         runtime,
         reload,
-    };
-    let server = Server::new(config, listeners, parts, Box::new(signals))
-        .map_err(|e| runtime_error("registering listeners", e))?;
-    server.run().map_err(|e| runtime_error("event loop", e))
+    })
 }
 
 fn bind_tcp(addr: &std::net::SocketAddr) -> Result<TcpListener, Fatal> {
@@ -222,7 +224,7 @@ fn announce(listeners: &[Listener], print_addr: bool) -> Result<(), Fatal> {
     for listener in listeners {
         let addr = listener
             .describe()
-            .map_err(|e| Fatal::Runtime(format!("reading a bound address: {e}")))?;
+            .map_err(|e| Fatal::io("reading a bound address", e))?;
         log::info!("listening on {addr}");
         if print_addr {
             let _ = writeln!(stdout, "{addr}");
@@ -236,7 +238,7 @@ fn announce(listeners: &[Listener], print_addr: bool) -> Result<(), Fatal> {
 fn announce_metrics(listener: &std::net::TcpListener, print_addr: bool) -> Result<(), Fatal> {
     let addr = listener
         .local_addr()
-        .map_err(|e| Fatal::Runtime(format!("reading a bound address: {e}")))?;
+        .map_err(|e| Fatal::io("reading a bound address", e))?;
     log::info!("metrics on http://{addr}/metrics");
     if print_addr {
         let _ = writeln!(std::io::stdout(), "{addr}");

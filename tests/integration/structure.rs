@@ -12,10 +12,8 @@ use command_trigger::script::{Runtime, ScriptHost};
 use command_trigger::server::{self, Parts};
 use command_trigger::signals::Signal;
 use command_trigger::transport::Listener;
-use command_trigger::workers::{self, WorkerPool};
-use command_trigger::{reload, stop};
+use command_trigger::{app, stop};
 use mio::net::TcpListener;
-use mio::{Poll, Waker};
 use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,25 +119,12 @@ fn in_process(script: &str) -> (Config, Vec<Listener>, Parts) {
     let config = Config::from_args(args).expect("valid flags");
     let runtime = Runtime::new(config.limits);
     let host = ScriptHost::load(&config.script, runtime.clone()).expect("the script compiles");
-    let host = Arc::new(host);
-    let poll = Poll::new().expect("a poll");
-    let waker = Waker::new(poll.registry(), server::WAKER).expect("a waker");
-    let (outbox, inbox) = workers::outbox(Arc::new(waker));
-    let pool = WorkerPool::start(1, host.clone(), outbox.clone()).expect("a worker");
     let tokens = Arc::new(Tokens::default());
-    let reload = reload::spawn(host, Vec::new(), tokens.clone(), None, outbox).expect("reloads");
+    let parts = app::start(&config, Arc::new(host), runtime, tokens, None).expect("starting");
     let ListenSpec::Tcp(addr) = config.listen[0] else {
         panic!("not a TCP listener")
     };
     let listener = TcpListener::bind(addr).expect("binding");
-    let parts = Parts {
-        poll,
-        pool,
-        inbox,
-        tokens,
-        runtime,
-        reload,
-    };
     (config, vec![Listener::Tcp(listener)], parts)
 }
 
