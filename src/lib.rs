@@ -2,26 +2,25 @@
 //!
 //! # A request, from accept to reply
 //!
-//! 1. [`server`] polls; a ready listener is accepted from, at most 64 connections a turn.
-//! 2. [`gate::Gate::admit`] (`Knock::Connection`): `--allow`, then the connection caps; a
-//!    refused connection is answered `ERR busy` (or nothing) and never enters the slab.
-//! 3. On readiness, [`connection::Connection::advance`] reads, and [`protocol::decode`] cuts
-//!    a request out (input that never will be one is answered and closed right there).
+//! 1. [`server`] polls; a ready [`transport::Listener`] (TCP, TLS, Unix) is accepted from.
+//! 2. [`gate::Gate::admit`] (`Knock::Connection`): allow-lists, then connection caps; a refused
+//!    connection is answered `ERR busy` (or nothing) and never enters the slab.
+//! 3. [`connection::Connection::advance`] reads through its [`transport::Stream`];
+//!    [`protocol::decode`] cuts a request out (input that never will be one is refused there).
 //! 4. HTTP `Expect: 100-continue`: the gate judges the head's token before the body is sent.
 //! 5. [`gate::Gate::identify`] checks the token; `admit` (`Knock::Request`) decides stop,
-//!    backoff, token and busy. A refusal is encoded by [`protocol`] and logged by the loop.
-//! 6. The [`request::Request`] is queued for the [`workers`]; the connection waits.
-//! 7. A worker runs `handle(req)` ([`script`]); `write()` output is framed by
-//!    [`protocol::Protocol::encode_live`] and handed to the loop through the outbox.
-//! 8. The reply is framed by `encode_reply` (or `encode_end` after live output), which decides
-//!    once whether the connection closes after it; [`request::log_request`] logs the request.
-//! 9. The loop queues the bytes ([`connection::Connection::answer`]), `advance` writes them,
-//!    asking for WRITABLE only while some are pending; then the next request, or the close.
+//!    backoff, token and busy; a refusal is encoded by [`protocol`] and logged by the loop.
+//! 6. The [`request::Request`] goes to the [`workers`]; a worker runs `handle(req)` ([`script`]);
+//!    `write()` output goes out framed by [`protocol::Protocol::encode_live`].
+//! 7. `encode_reply` (or `encode_end` after live output) frames the reply and decides once
+//!    whether the connection closes; [`request::log_request`] writes the request's log line.
+//! 8. Back on the loop, [`connection::Connection::answer`] queues it and `advance` writes it
+//!    (WRITABLE asked for only while bytes are pending); then the next request, or the close.
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line as typed (clap); [`config`]: the validated settings of `serve`
-//!   and `call`; [`error`]: how a run ends ([`error::Outcome`], [`error::Fatal`]).
+//! - [`cli`]: the command line as typed (clap); [`config`]: the validated settings of `serve`,
+//!   `call` and `send`; [`error`]: how a run ends ([`error::Outcome`], [`error::Fatal`]).
 //! - [`app`]: what each subcommand does, start to finish; `main` alone picks exit statuses.
 //! - [`server`]: the mio event loop: accept, drive connections, dispatch, timers, stop.
 //! - [`gate`]: admission, one function over the request and the connection's facts.

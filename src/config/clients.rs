@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// What `call` runs with: its flags checked, as `serve`'s are by [`Config::from_args`].
+/// What `call` runs with: its flags checked, as `serve`'s are by [`super::Config::from_args`].
 #[derive(Clone, Debug)]
 pub struct CallConfig {
     /// `--script`: the handler to run.

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// What `serve` runs with. Every value is checked (see [`validate`]), so the loop can add any
+/// What `serve` runs with. Every value is checked (see `validate`), so the loop can add any
 /// of these durations to an `Instant` and size any buffer by them without a second thought.
 #[derive(Clone, Debug)]
 pub struct Config {
