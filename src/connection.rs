@@ -2,10 +2,11 @@
 //! still have to send, and where it stands between accept and close.
 
 use crate::request::Endpoints;
-use crate::transport::Stream;
+use crate::transport::{ReplySocket, Stream};
 use mio::{Interest, Registry, Token};
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 /// Where a connection stands. Each phase but `Handling` has a deadline.
@@ -43,6 +44,9 @@ pub struct Connection {
     pub timer: Option<Instant>,
     /// HTTP: `100 Continue` already sent for the request being read.
     pub continue_sent: bool,
+    /// The hand-off state of the request being handled, shared with the worker that writes
+    /// its reply itself (see [`ReplyWriter`]); made with the first such request.
+    handoff: Option<Arc<AtomicU8>>,
 }
 
 /// Was the read stopped because the socket is empty, or because enough is buffered?
@@ -65,6 +69,7 @@ impl Connection {
             wants_writable: false,
             timer: None,
             continue_sent: false,
+            handoff: None,
         }
     }
 
@@ -74,6 +79,39 @@ impl Connection {
 
     pub fn deregister(&mut self, registry: &Registry) {
         let _ = registry.deregister(&mut self.stream);
+    }
+
+    /// The socket, for the worker to write this request's reply to itself, when it may: a
+    /// plain socket (TLS records are made by the session the loop holds), and nothing of ours
+    /// waiting to be sent before the reply, or the worker's bytes would overtake it. The loop
+    /// writes nothing to the connection while the request is handled unless the handler
+    /// streams output, and then the worker does not write (see `workers::Worker::run`).
+    /// `keep_open`: the connection stays open after a reply that does not say otherwise.
+    pub fn reply_writer(&mut self, keep_open: bool) -> Option<ReplyWriter> {
+        if self.pending_output() > 0 {
+            return None;
+        }
+        let socket = self.stream.reply_socket()?;
+        let handoff = self.handoff.get_or_insert_with(Arc::default);
+        handoff.store(0, Ordering::SeqCst);
+        Some(ReplyWriter {
+            socket,
+            handoff: handoff.clone(),
+            keep_open,
+            // Input already buffered (pipelined requests) or already closed brings the loop
+            // no new event.
+            client_to_move: self.input.is_empty() && !self.input_closed,
+        })
+    }
+
+    /// Called by the loop when the socket has news while a request is handled (the client's
+    /// next request, or its close). True when the reply went out quietly: its `Done` is in the
+    /// loop's inbox with no wake, and the loop must take it now to serve that news. Otherwise
+    /// the worker is told (by the same atomic step) to wake the loop when it is done.
+    pub fn reply_went_quietly(&self) -> bool {
+        self.handoff
+            .as_ref()
+            .is_some_and(|h| h.fetch_or(WAITING, Ordering::SeqCst) & DONE != 0)
     }
 
     pub fn deadline(&self) -> Option<Instant> {
@@ -185,5 +223,65 @@ impl Connection {
         if self.output.is_empty() && self.output.capacity() > 4096 {
             self.output = Vec::new();
         }
+    }
+}
+
+/// `DONE`: the worker sent its reply quietly. `WAITING`: the loop had news for the connection
+/// while the request was handled. Both reset at each dispatch.
+const DONE: u8 = 1;
+const WAITING: u8 = 2;
+
+/// A worker's handle on a connection's socket, to send a reply without a trip through the
+/// loop: the client gets it as soon as the handler returns, and the loop thread, which serves
+/// every connection, does not pay for the `send` (on loopback the sender's system call also
+/// runs the receiver's TCP input: the largest single cost of a keep-alive request). Writes
+/// only what the socket takes now, so a slow client never holds a worker: the loop sends the
+/// rest. Plain TCP and Unix sockets only.
+pub struct ReplyWriter {
+    socket: ReplySocket,
+    handoff: Arc<AtomicU8>,
+    /// The connection stays open after a reply that does not say otherwise.
+    keep_open: bool,
+    /// The client's next move (a request, or its close) is still to come, and will bring the
+    /// loop to this connection.
+    client_to_move: bool,
+}
+
+impl ReplyWriter {
+    /// Sends from the front of `bytes` what the socket takes without blocking and removes it;
+    /// what is left (the socket was full, or failed) is for the loop, whose own send then
+    /// meets the same error and closes the connection as it always does.
+    pub fn write_now(&self, bytes: &mut Vec<u8>) {
+        let mut written = 0;
+        while written < bytes.len() {
+            match self.socket.write(&bytes[written..]) {
+                Ok(0) => break,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        bytes.drain(..written);
+    }
+
+    /// Whether the connection stays open after a reply with this `close`. Only then does the
+    /// worker write it: a reply that ends the connection goes through the loop, which sends it
+    /// and shuts the socket down back to back, so the client sees the end with the data (one
+    /// wake-up for it, not two).
+    pub fn keeps_open(&self, close: Option<bool>) -> bool {
+        !close.unwrap_or(!self.keep_open)
+    }
+
+    /// Whether the loop may learn of a reply that stays open late, without a wake: it is all
+    /// out, so the client's next request (or close) will bring the loop here anyway, and then
+    /// it takes the reply first (`Connection::reply_went_quietly`).
+    pub fn may_go_quietly(&self, unsent: usize) -> bool {
+        unsent == 0 && self.client_to_move
+    }
+
+    /// Marks the quiet reply as sent (its `Done` already queued); true when the loop had news
+    /// for the connection meanwhile and must be woken after all.
+    pub fn mark_done(&self) -> bool {
+        self.handoff.fetch_or(DONE, Ordering::SeqCst) & WAITING != 0
     }
 }

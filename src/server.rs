@@ -47,6 +47,10 @@ const READ_CHUNK: usize = 64 * 1024;
 const ACCEPTS_PER_TURN: usize = 64;
 /// Unsent reply bytes beyond which a keep-alive connection's next request is not read yet.
 const MAX_UNREAD_REPLY: usize = 64 * 1024;
+/// While requests are in flight, the longest the loop sleeps: a worker that sent its reply
+/// itself on a connection that stays open does not wake the loop (`Worker::finish`), and the
+/// loop settles such a request (counts it done, arms the read timeout) at its next turn.
+const QUIET_SETTLE: Duration = Duration::from_millis(10);
 
 /// Everything the loop needs that is built before it starts.
 pub struct Parts {
@@ -127,8 +131,13 @@ impl Server {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.accept_more.is_empty() {
-                self.next_wake()
-                    .map(|at| at.saturating_duration_since(Instant::now()))
+                let timeout = self
+                    .next_wake()
+                    .map(|at| at.saturating_duration_since(Instant::now()));
+                match self.in_flight {
+                    0 => timeout,
+                    _ => Some(timeout.map_or(QUIET_SETTLE, |t| t.min(QUIET_SETTLE))),
+                }
             } else {
                 Some(Duration::ZERO)
             };
@@ -137,9 +146,11 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+            // Replies sent quietly by workers, before the events they may have caused.
+            self.take_worker_messages(false);
             for event in events.iter() {
                 match event.token() {
-                    WAKER => self.take_worker_messages(),
+                    WAKER => self.take_worker_messages(true),
                     SIGNALS => {
                         if let Some(code) = self.on_signals() {
                             return Ok(code);
@@ -148,7 +159,7 @@ impl Server {
                     Token(t) if t > LISTENER_BASE - self.parts.listeners.len() => {
                         self.accept(LISTENER_BASE - t)
                     }
-                    Token(key) => self.drive(key),
+                    Token(key) => self.on_socket_event(key),
                 }
             }
             let now = Instant::now();
@@ -326,6 +337,18 @@ impl Server {
     // ---- driving one connection ----
 
     /// Moves a connection as far as it can go without blocking, then closes it if it is done.
+    /// The socket of connection `key` has news.
+    fn on_socket_event(&mut self, key: usize) {
+        if let Some(connection) = self.connections.get(key)
+            && connection.phase == Phase::Handling
+            && connection.reply_went_quietly()
+        {
+            // Settling the reply (`on_reply`) drives the connection on.
+            return self.take_worker_messages(false);
+        }
+        self.drive(key);
+    }
+
     fn drive(&mut self, key: usize) {
         let Some(connection) = self.connections.get_mut(key) else {
             return;
@@ -464,7 +487,16 @@ impl Server {
             key,
             serial: connection.serial,
         };
-        self.parts.pool.submit(Job { request, conn });
+        // Only where a connection may stay open: a reply that closes goes through the loop.
+        let keep_open = self.config.keep_alive && self.config.framing != Framing::Stream;
+        let writer = (keep_open || self.config.framing == Framing::Http)
+            .then(|| connection.reply_writer(keep_open))
+            .flatten();
+        self.parts.pool.submit(Job {
+            request,
+            conn,
+            writer,
+        });
     }
 
     /// Whether the server rejects a wrong token itself. Decided by the configuration, never by
@@ -506,8 +538,12 @@ impl Server {
         None
     }
 
-    fn take_worker_messages(&mut self) {
-        let messages: Vec<Outbound> = self.parts.inbox.drain().collect();
+    /// `woken`: called for the waker's event, which this consumes.
+    fn take_worker_messages(&mut self, woken: bool) {
+        let messages: Vec<Outbound> = match woken {
+            true => self.parts.inbox.drain().collect(),
+            false => self.parts.inbox.take().collect(),
+        };
         for message in messages {
             match message {
                 Outbound::Data { conn, bytes } => self.on_live_output(conn, &bytes),

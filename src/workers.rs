@@ -1,6 +1,7 @@
 //! The worker pool: threads that run `handle(req)` off the event loop, fed by a queue, and the outbox through which they hand replies (and live output) back to the loop.
 
 use crate::auth::Tokens;
+use crate::connection::ReplyWriter;
 use crate::http;
 use crate::metrics::metrics;
 use crate::request::{Reply, Request, RequestLog, ServerError, Verdict};
@@ -66,8 +67,19 @@ pub fn outbox(waker: Arc<Waker>) -> (Outbox, Inbox) {
 
 impl Outbox {
     pub fn send(&self, message: Outbound) {
-        if self.sender.send(message).is_ok()
-            && !self.wake_pending.swap(true, Ordering::SeqCst)
+        if self.sender.send(message).is_ok() {
+            self.wake();
+        }
+    }
+
+    /// Queues a message without waking the loop: it takes it on its next turn (see
+    /// `Worker::finish`).
+    fn send_quietly(&self, message: Outbound) {
+        let _ = self.sender.send(message);
+    }
+
+    fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::SeqCst)
             && let Err(error) = self.waker.wake()
         {
             log::error!("waking the event loop: {error}");
@@ -81,12 +93,21 @@ impl Inbox {
         self.wake_pending.store(false, Ordering::SeqCst);
         self.receiver.try_iter()
     }
+
+    /// Everything sent so far, without consuming a wake: for messages sent quietly, taken
+    /// when no wake came. A wake on its way still comes, and still counts as one (a worker
+    /// sending meanwhile makes no second one).
+    pub fn take(&self) -> impl Iterator<Item = Outbound> + '_ {
+        self.receiver.try_iter()
+    }
 }
 
 /// A request handed to the pool, with the connection its reply goes to.
 pub struct Job {
     pub request: Request,
     pub conn: ConnRef,
+    /// The socket, when the worker may write the reply to it itself.
+    pub writer: Option<ReplyWriter>,
 }
 
 /// What a worker takes from the queue: a client's request, or a local trigger's call.
@@ -253,15 +274,33 @@ impl Worker {
                 log::error!("request {} failed: internal error (panic)", job.request.id);
                 Reply::error(ServerError::HandlerFailed(job.request.id))
             });
-            let reply = wire::finish(
-                reply,
-                job.request.http.as_ref(),
-                streamed.load(Ordering::SeqCst),
-            );
-            self.outbox.send(Outbound::Done {
-                conn: job.conn,
-                reply,
-            });
+            let streamed = streamed.load(Ordering::SeqCst);
+            let reply = wire::finish(reply, job.request.http.as_ref(), streamed);
+            // Live output went through the loop, which may still hold some of it: then the
+            // reply must follow it there.
+            let writer = job.writer.filter(|_| !streamed);
+            self.finish(job.conn, reply, writer);
+        }
+    }
+
+    /// Sends the reply, itself when it may (the connection stays open after it), and tells the
+    /// loop, which settles the connection (reads on, or closes) and sends what the socket did
+    /// not take. A reply that went out
+    /// whole on a connection that stays open needs no wake: the loop learns of it on its next
+    /// turn, or at once when the client's next request (or close) arrives. That saves the
+    /// second thread hand-off of a keep-alive request: its wake system call, and the loop's
+    /// extra turn.
+    fn finish(&self, conn: ConnRef, mut reply: Reply, writer: Option<ReplyWriter>) {
+        let Some(writer) = writer.filter(|w| w.keeps_open(reply.close)) else {
+            return self.outbox.send(Outbound::Done { conn, reply });
+        };
+        writer.write_now(&mut reply.bytes);
+        if !writer.may_go_quietly(reply.bytes.len()) {
+            return self.outbox.send(Outbound::Done { conn, reply });
+        }
+        self.outbox.send_quietly(Outbound::Done { conn, reply });
+        if writer.mark_done() {
+            self.outbox.wake();
         }
     }
 
@@ -349,7 +388,8 @@ struct ConnectionSink {
     outbox: Outbox,
     /// HTTP framing: live output goes out as the chunked body of a `200` response.
     http: Option<wire::LiveStream>,
-    /// Set once live output has started the response, so the final reply only ends it.
+    /// Set once live output has gone to the loop: HTTP, the response has started, so the final
+    /// reply only ends it; any framing, the reply must follow that output through the loop.
     streamed: Arc<AtomicBool>,
     /// What `announce_trailers` named, for the head of the streamed response.
     trailer_names: Vec<String>,
@@ -361,7 +401,10 @@ impl ClientSink for ConnectionSink {
             return;
         }
         let bytes = match &self.http {
-            None => bytes,
+            None => {
+                self.streamed.store(true, Ordering::SeqCst);
+                bytes
+            }
             Some(head) => {
                 let mut framed = Vec::new();
                 if !self.streamed.swap(true, Ordering::SeqCst) {
