@@ -1,34 +1,55 @@
 //! Keeps the resident memory of an idle sidecar small.
 //!
 //! Building the script engine at start runs code from all over the binary (every built-in
-//! function registers itself), and the kernel maps code in clusters around each fault, so after
-//! start most of the binary is resident although little of it runs again. Once listening, we
-//! hand our clean code pages back to the kernel (`MADV_PAGEOUT`); what the request path needs
-//! faults back in on first use.
+//! function registers itself) and from the C libraries, and the kernel maps code in clusters
+//! around each fault, so after start most of that code is mapped although little of it runs
+//! again. Once listening, we drop those pages from our page tables (`MADV_DONTNEED` on mappings
+//! that are read-only and hold only file pages): they stay in the page cache, shared with every
+//! other process, and what the request path needs is mapped back on first use (a minor fault,
+//! no disk read while the page cache keeps them).
 
 use rustix::mm::{Advice, madvise};
 use std::ffi::c_void;
 
-/// Pages out the read-only mappings of our executable. Best effort: a kernel without
-/// `MADV_PAGEOUT` (before 5.4) only keeps more memory resident.
+/// Unmaps the clean, read-only file pages of the executable and its libraries. Best effort:
+/// without `/proc` nothing is released and only more memory stays resident.
 pub fn release_startup_code() {
-    let (Ok(exe), Ok(maps)) = (
-        std::fs::read_link("/proc/self/exe"),
-        std::fs::read_to_string("/proc/self/maps"),
-    ) else {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
         return;
     };
-    let exe = exe.to_string_lossy();
-    for line in maps.lines() {
-        // start-end perms offset dev inode path
-        let mut fields = line.split_whitespace();
-        let (range, perms) = (
-            fields.next().unwrap_or_default(),
-            fields.next().unwrap_or_default(),
-        );
-        if fields.nth(3) != Some(exe.as_ref()) || perms.contains('w') {
+    for (start, end) in clean_file_mappings(&smaps) {
+        // Paged out first: of the pages only we map (our own binary), the page cache lets go
+        // too, so the kernel's fault-around cannot map them back in clusters around the few
+        // the idle loop touches. Pages shared with other processes (the C library) stay cached.
+        for advice in [Advice::LinuxPageOut, Advice::LinuxDontNeed] {
+            // SAFETY: a read-only mapping of a file that holds no private (anonymous) page, so
+            // every page of it is the file's own content: dropping it loses nothing, and the
+            // next access maps the same bytes again. No thread can write to it (it is not
+            // writable), so no private page can appear between the check and this call.
+            let _ = unsafe { madvise(start as *mut c_void, end.saturating_sub(start), advice) };
+        }
+    }
+}
+
+/// The address ranges of read-only, file-backed mappings without anonymous pages. A mapping
+/// with anonymous pages (RELRO: relocated, then made read-only; or code patched by text
+/// relocations) is left alone: dropping its pages would undo the relocations.
+fn clean_file_mappings(smaps: &str) -> Vec<(usize, usize)> {
+    let mut clean = Vec::new();
+    let mut current: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        if let Some(anon) = line.strip_prefix("Anonymous:") {
+            let no_anon = anon.trim().strip_suffix("kB").map(str::trim) == Some("0");
+            if let Some(range) = current.take().filter(|_| no_anon) {
+                clean.push(range);
+            }
             continue;
         }
+        // A mapping's header: start-end perms offset dev inode path
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
         let Some((start, end)) = range.split_once('-') else {
             continue;
         };
@@ -36,16 +57,47 @@ pub fn release_startup_code() {
             usize::from_str_radix(start, 16),
             usize::from_str_radix(end, 16),
         ) else {
-            continue;
+            continue; // a field line such as "Rss:"
         };
-        // SAFETY: a read-only, file-backed mapping of our own binary: paging it out drops only
-        // clean pages, which the kernel reads back unchanged on the next access.
-        let _ = unsafe {
-            madvise(
-                start as *mut c_void,
-                end.saturating_sub(start),
-                Advice::LinuxPageOut,
-            )
-        };
+        let path = fields.nth(3).unwrap_or_default();
+        let read_only = perms.starts_with('r') && !perms.contains('w');
+        current = (read_only && path.starts_with('/')).then_some((start, end));
+    }
+    clean
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_read_only_file_mappings_without_anonymous_pages_are_released() {
+        let smaps = "\
+1000-2000 r--p 00000000 08:01 12 /usr/bin/x
+Rss:                   4 kB
+Anonymous:             0 kB
+2000-3000 r-xp 00001000 08:01 12 /usr/bin/x
+Anonymous:             0 kB
+3000-4000 r--p 00002000 08:01 12 /usr/bin/x
+Anonymous:             4 kB
+4000-5000 rw-p 00003000 08:01 12 /usr/bin/x
+Anonymous:             0 kB
+5000-6000 r--p 00000000 00:00 0 [vvar]
+Anonymous:             0 kB
+6000-7000 rw-p 00000000 00:00 0
+Anonymous:             4 kB
+";
+        assert_eq!(
+            clean_file_mappings(smaps),
+            vec![(0x1000, 0x2000), (0x2000, 0x3000)]
+        );
+    }
+
+    #[test]
+    fn releasing_leaves_the_process_working() {
+        release_startup_code();
+        // Code, constants and relocated data are all still there.
+        let text = format!("{:?}", std::hint::black_box(vec![1.5f64.powi(3)]));
+        assert_eq!(text, "[3.375]");
     }
 }

@@ -10,11 +10,12 @@ use crate::request::Endpoints;
 use crate::tls::{TlsInfo, TlsServer};
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use rustls::ServerConnection;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,12 +46,30 @@ pub struct PeerCred {
     pub gid: u32,
 }
 
-/// One accepted connection's byte stream.
+/// One accepted connection's byte stream. A plain socket is shared with the worker handling
+/// a request, which may write the reply itself ([`ReplySocket`]); it closes with its last
+/// holder.
 pub enum Stream {
-    Tcp(TcpStream),
+    Tcp(Arc<TcpStream>),
     /// Boxed: a rustls connection is a few hundred bytes, a plain socket four.
     Tls(Box<TlsStream>),
-    Unix(UnixStream),
+    Unix(Arc<UnixStream>),
+}
+
+/// A plain socket as a worker holds it, to write a reply to it without the loop.
+pub enum ReplySocket {
+    Tcp(Arc<TcpStream>),
+    Unix(Arc<UnixStream>),
+}
+
+impl ReplySocket {
+    /// Bytes to the client; `WouldBlock` when the socket takes no more now.
+    pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            ReplySocket::Tcp(s) => (&**s).write(buf),
+            ReplySocket::Unix(s) => (&**s).write(buf),
+        }
+    }
 }
 
 /// A TCP socket with a rustls server session on it.
@@ -90,18 +109,18 @@ impl Stream {
     /// client has closed its sending side (FIN, or `close_notify` for TLS).
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.read(buf),
+            Stream::Tcp(s) => (&**s).read(buf),
             Stream::Tls(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+            Stream::Unix(s) => (&**s).read(buf),
         }
     }
 
     /// Plaintext to the client; `WouldBlock` when nothing more can be taken now.
     pub fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.write(buf),
+            Stream::Tcp(s) => (&**s).write(buf),
             Stream::Tls(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+            Stream::Unix(s) => (&**s).write(buf),
         }
     }
 
@@ -185,24 +204,36 @@ impl Stream {
         matches!(self, Stream::Tls(s) if s.client_cert_rejected)
     }
 
-    fn source(&mut self) -> &mut dyn Source {
+    /// The plain socket, for a worker to write a reply to; none for TLS, whose records only
+    /// the session in the loop can make.
+    pub fn reply_socket(&self) -> Option<ReplySocket> {
         match self {
-            Stream::Tcp(s) => s,
-            Stream::Tls(s) => &mut s.sock,
-            Stream::Unix(s) => s,
+            Stream::Tcp(s) => Some(ReplySocket::Tcp(s.clone())),
+            Stream::Unix(s) => Some(ReplySocket::Unix(s.clone())),
+            Stream::Tls(_) => None,
+        }
+    }
+
+    /// The descriptor the loop registers: shared plain sockets go by their descriptor, as
+    /// mio's own sources do.
+    fn with_source<T>(&mut self, f: impl FnOnce(&mut dyn Source) -> T) -> T {
+        match self {
+            Stream::Tcp(s) => f(&mut SourceFd(&s.as_raw_fd())),
+            Stream::Tls(s) => f(&mut s.sock),
+            Stream::Unix(s) => f(&mut SourceFd(&s.as_raw_fd())),
         }
     }
 }
 
 impl Source for Stream {
     fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        self.source().register(r, t, i)
+        self.with_source(|s| s.register(r, t, i))
     }
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        self.source().reregister(r, t, i)
+        self.with_source(|s| s.reregister(r, t, i))
     }
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
-        self.source().deregister(r)
+        self.with_source(|s| s.deregister(r))
     }
 }
 
@@ -359,7 +390,7 @@ impl Listener {
                 let endpoints =
                     tcp_endpoints(&stream, peer, ListenerKind::Tcp).map_err(per_connection)?;
                 Ok(Accepted {
-                    stream: Stream::Tcp(stream),
+                    stream: Stream::Tcp(Arc::new(stream)),
                     endpoints,
                 })
             }
@@ -383,7 +414,7 @@ impl Listener {
                 };
                 let local = format!("unix:{}", u.path.display());
                 Ok(Accepted {
-                    stream: Stream::Unix(stream),
+                    stream: Stream::Unix(Arc::new(stream)),
                     endpoints: Endpoints::unix(local, cred),
                 })
             }

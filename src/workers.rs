@@ -1,6 +1,7 @@
 //! The worker pool: threads that run `handle(req)` off the event loop, fed by a queue, and the outbox through which they hand replies (and live output) back to the loop.
 
 use crate::auth::Tokens;
+use crate::connection::ReplyWriter;
 use crate::metrics::metrics;
 use crate::protocol::{Encoded, Protocol};
 use crate::request::{Reply, Request, ServerError, Verdict, log_request};
@@ -65,8 +66,19 @@ pub fn outbox(waker: Arc<Waker>) -> (Outbox, Inbox) {
 
 impl Outbox {
     pub fn send(&self, message: Outbound) {
-        if self.sender.send(message).is_ok()
-            && !self.wake_pending.swap(true, Ordering::SeqCst)
+        if self.sender.send(message).is_ok() {
+            self.wake();
+        }
+    }
+
+    /// Queues a message without waking the loop: it takes it on its next turn (see
+    /// `Worker::finish`).
+    fn send_quietly(&self, message: Outbound) {
+        let _ = self.sender.send(message);
+    }
+
+    fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::SeqCst)
             && let Err(error) = self.waker.wake()
         {
             log::error!("waking the event loop: {error}");
@@ -80,12 +92,21 @@ impl Inbox {
         self.wake_pending.store(false, Ordering::SeqCst);
         self.receiver.try_iter()
     }
+
+    /// Everything sent so far, without consuming a wake: for messages sent quietly, taken
+    /// when no wake came. A wake on its way still comes, and still counts as one (a worker
+    /// sending meanwhile makes no second one).
+    pub fn take(&self) -> impl Iterator<Item = Outbound> + '_ {
+        self.receiver.try_iter()
+    }
 }
 
 /// A request handed to the pool, with the connection its reply goes to.
 pub struct Job {
     pub request: Request,
     pub conn: ConnRef,
+    /// The socket, when the worker may write the reply to it itself.
+    pub writer: Option<ReplyWriter>,
 }
 
 /// What a worker takes from the queue: a client's request, or a local trigger's call.
@@ -252,15 +273,38 @@ impl Worker {
                 log::error!("request {} failed: internal error (panic)", job.request.id);
                 Reply::error(ServerError::HandlerFailed(job.request.id))
             });
+            let streamed = streamed.load(Ordering::SeqCst);
             let protocol = Protocol::of(&job.request);
-            let reply = match streamed.load(Ordering::SeqCst) {
+            let reply = match streamed {
                 true => protocol.encode_end(reply),
                 false => protocol.encode_reply(reply),
             };
-            self.outbox.send(Outbound::Done {
-                conn: job.conn,
-                reply,
-            });
+            // Live output went through the loop, which may still hold some of it: then the
+            // reply must follow it there.
+            let writer = job.writer.filter(|_| !streamed);
+            self.finish(job.conn, reply, writer);
+        }
+    }
+
+    /// Sends the reply, itself when it may (the connection stays open after it), and tells the
+    /// loop, which settles the connection (reads on, or closes) and sends what the socket did
+    /// not take. A reply that went out whole on a connection that stays open needs no wake:
+    /// the loop learns of it on its next turn, or at once when the client's next request (or
+    /// close) arrives. That saves the second thread hand-off of a keep-alive request: its wake
+    /// system call, and the loop's extra turn.
+    fn finish(&self, conn: ConnRef, mut reply: Encoded, writer: Option<ReplyWriter>) {
+        // A reply that ends the connection goes through the loop, which sends it and shuts
+        // the socket down back to back, so the client sees the end with the data.
+        let Some(writer) = writer.filter(|_| !reply.close) else {
+            return self.outbox.send(Outbound::Done { conn, reply });
+        };
+        writer.write_now(&mut reply.bytes);
+        if !writer.may_go_quietly(reply.bytes.len()) {
+            return self.outbox.send(Outbound::Done { conn, reply });
+        }
+        self.outbox.send_quietly(Outbound::Done { conn, reply });
+        if writer.mark_done() {
+            self.outbox.wake();
         }
     }
 
@@ -312,7 +356,8 @@ struct ConnectionSink {
     outbox: Outbox,
     /// How live output is framed (HTTP: as the chunked body of a `200` response).
     protocol: Protocol,
-    /// Set once live output has started the response, so the final reply only ends it.
+    /// Set once live output has gone to the loop: HTTP, the response has started, so the final
+    /// reply only ends it; any framing, the reply must follow that output through the loop.
     streamed: Arc<AtomicBool>,
     /// What `announce_trailers` named, for the head of the streamed response.
     trailer_names: Vec<String>,

@@ -5,11 +5,13 @@
 //! # Layout
 //! - [`args`]: the command line; [`load`]: one mio event loop driving its share of the clients;
 //!   [`stats`]: counters, latencies and the report line; [`hold`]: idle connections for RSS;
-//!   [`startup`]: time from exec to listening; [`tls`]: the same workloads over TLS.
+//!   [`startup`]: time from exec to listening; [`spawn`]: the spawn ceiling W2 is held to;
+//!   [`tls`]: the same workloads over TLS.
 
 mod args;
 mod hold;
 mod load;
+mod spawn;
 mod startup;
 mod stats;
 mod tls;
@@ -25,6 +27,9 @@ fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.first().is_some_and(|a| a == "startup") {
         return startup_main(&argv[1..]);
+    }
+    if argv.first().is_some_and(|a| a == "spawn") {
+        return spawn_main(&argv[1..]);
     }
     let args = match args::parse(argv.into_iter()) {
         Ok(args) => args,
@@ -94,6 +99,30 @@ fn startup_main(argv: &[String]) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ct-bench: startup: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn spawn_main(argv: &[String]) -> ExitCode {
+    let threads = argv.first().and_then(|t| t.parse::<usize>().ok());
+    let seconds = argv.get(1).and_then(|d| match d.strip_suffix("ms") {
+        Some(ms) => ms.parse::<f64>().ok().map(|ms| ms / 1000.0),
+        None => d.trim_end_matches('s').parse::<f64>().ok(),
+    });
+    let (Some(threads @ 1..), Some(seconds), Some(program)) = (threads, seconds, argv.get(2))
+    else {
+        eprintln!("usage: ct-bench spawn THREADS DURATION PROGRAM (DURATION: 5s, 500ms)");
+        return ExitCode::from(2);
+    };
+    match spawn::run(
+        threads,
+        std::time::Duration::from_secs_f64(seconds),
+        program,
+    ) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ct-bench: spawn: {e}");
             ExitCode::FAILURE
         }
     }

@@ -10,6 +10,8 @@ pub(super) struct Pipes {
     stdin_written: usize,
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
+    /// One read buffer for the command's life, not one zeroed 16 KiB array per read.
+    chunk: Vec<u8>,
 }
 
 /// Where a command stands on the way to its deadline.
@@ -57,11 +59,15 @@ pub(super) fn supervise(
         stdin_written: 0,
         stdout: child.stdout.take(),
         stderr: child.stderr.take(),
+        chunk: vec![0; 16 * 1024],
     };
     let mut outcome = Outcome::default();
     let mut term_at = started + spec.timeout;
     let mut phase = Phase::Running;
     let mut exited_at = None;
+    // With a pidfd, `wait4` is asked only once the pidfd says the command has exited: one
+    // system call less per wake-up of this loop (a few per command).
+    let mut may_have_exited = pidfd.is_none();
     loop {
         let now = Instant::now();
         if spec.stop_requested() {
@@ -69,7 +75,7 @@ pub(super) fn supervise(
         }
         if exited_at.is_none() {
             phase = advance(phase, pgid, term_at, now, &mut outcome);
-            if matches!(child.try_wait(), Ok(Some(_))) {
+            if may_have_exited && matches!(child.try_wait(), Ok(Some(_))) {
                 exited_at = Some(now);
             }
         }
@@ -83,15 +89,16 @@ pub(super) fn supervise(
         if exited_at.is_some() && now >= wake_at {
             break;
         }
-        let pidfd = pidfd.as_ref().filter(|_| exited_at.is_none());
-        pump(
+        let live_pidfd = pidfd.as_ref().filter(|_| exited_at.is_none());
+        let pidfd_ready = pump(
             &mut pipes,
-            pidfd,
+            live_pidfd,
             spec,
             &mut sink,
             &mut outcome,
             wake_at.saturating_duration_since(now),
         );
+        may_have_exited = pidfd_ready || pidfd.is_none();
     }
     outcome.code = exit_code(child);
     if outcome.timed_out {
@@ -125,7 +132,8 @@ pub(super) fn exit_code(child: &mut Child) -> i32 {
     }
 }
 
-/// Waits up to `wait` for any pipe or the pidfd, then moves what is ready.
+/// Waits up to `wait` for any pipe or the pidfd, then moves what is ready. True when the
+/// pidfd is readable: the command has exited.
 pub(super) fn pump(
     pipes: &mut Pipes,
     pidfd: Option<&OwnedFd>,
@@ -133,7 +141,7 @@ pub(super) fn pump(
     sink: &mut OutputSink<'_>,
     outcome: &mut Outcome,
     wait: Duration,
-) {
+) -> bool {
     let in_flags = PollFlags::IN | PollFlags::HUP | PollFlags::ERR;
     let mut fds = Vec::with_capacity(4);
     if let Some(stdout) = &pipes.stdout {
@@ -156,14 +164,16 @@ pub(super) fn pump(
     };
     let timeout = Timespec::try_from(wait).ok();
     if poll(&mut fds, timeout.as_ref()).is_err() {
-        return; // EINTR: the caller loops
+        return false; // EINTR: the caller loops
     }
     let ready: Vec<bool> = fds.iter().map(|fd| !fd.revents().is_empty()).collect();
     drop(fds);
+    let exited = pidfd.is_some() && ready.last() == Some(&true);
     let mut ready = ready.into_iter();
     if pipes.stdout.is_some() && ready.next() == Some(true) {
         read_pipe(
             &mut pipes.stdout,
+            &mut pipes.chunk,
             sink,
             &mut outcome.stdout,
             &mut outcome.truncated,
@@ -172,6 +182,7 @@ pub(super) fn pump(
     if pipes.stderr.is_some() && ready.next() == Some(true) {
         read_pipe(
             &mut pipes.stderr,
+            &mut pipes.chunk,
             sink,
             &mut outcome.stderr,
             &mut outcome.truncated,
@@ -180,17 +191,18 @@ pub(super) fn pump(
     if pipes.stdin.is_some() && ready.next() == Some(true) {
         write_stdin(pipes, &spec.stdin);
     }
+    exited
 }
 
 pub(super) fn read_pipe<R: Read>(
     pipe: &mut Option<R>,
+    chunk: &mut [u8],
     sink: &mut OutputSink<'_>,
     kept: &mut Vec<u8>,
     truncated: &mut bool,
 ) {
     let Some(reader) = pipe else { return };
-    let mut chunk = [0u8; 16 * 1024];
-    match reader.read(&mut chunk) {
+    match reader.read(chunk) {
         Ok(0) | Err(_) => *pipe = None,
         Ok(n) => match sink {
             OutputSink::Stream(forward) | OutputSink::Keep(forward) => forward(&chunk[..n]),

@@ -82,6 +82,17 @@ impl Protocol {
         }
     }
 
+    /// Whether the connection may stay open after this request's reply, before the reply is
+    /// known: line framing with `--keep-alive`, HTTP when the request asked for it (a reply can
+    /// still close it, see [`Self::closes_after`]); never stream framing.
+    pub fn may_stay_open(self) -> bool {
+        match self {
+            Protocol::Line { keep_alive } => keep_alive,
+            Protocol::Stream => false,
+            Protocol::Http(http) => http.keep_alive,
+        }
+    }
+
     /// A whole reply, when no live output went before it.
     pub fn encode_reply(self, reply: Reply) -> Encoded {
         let close = self.closes_after(reply.close, false);

@@ -8,21 +8,18 @@
 pub(crate) mod api;
 pub mod budget;
 mod compile;
-mod values;
 pub mod context;
 pub(crate) mod diagnose;
 mod jobs_api;
 pub mod limits;
 mod state_api;
+mod values;
 mod webhook;
 
 use crate::request::{Reply, Request};
 pub use crate::runtime::Runtime;
 pub use compile::ScriptError;
 pub(crate) use compile::{check_calls, compile, compile_source, read_source};
-pub use values::bytes_of;
-pub(crate) use values::request_map;
-use values::reply_from;
 use context::{ClientSink, HandlerContext};
 use rhai::packages::{Package, StandardPackage};
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
@@ -30,6 +27,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
+pub use values::bytes_of;
+use values::reply_from;
+pub(crate) use values::request_map;
 
 /// How one `handle(req)` call ended.
 pub enum HandlerResult {

@@ -4,6 +4,18 @@
 use super::*;
 
 impl Server {
+    /// The socket of connection `key` has news.
+    pub(super) fn on_socket_event(&mut self, key: usize) {
+        if let Some(connection) = self.connections.get(key)
+            && connection.phase == Phase::Handling
+            && connection.reply_went_quietly()
+        {
+            // Settling the reply (`on_reply`) drives the connection on.
+            return self.take_worker_messages(false);
+        }
+        self.drive(key);
+    }
+
     /// Moves a connection as far as it can go without blocking, then closes it if it is done.
     pub(super) fn drive(&mut self, key: usize) {
         let Some(connection) = self.connections.get_mut(key) else {
@@ -126,7 +138,16 @@ impl Server {
             key,
             serial: connection.serial,
         };
-        self.parts.pool.submit(Job { request, conn });
+        // Only where a connection may stay open: a reply that closes goes through the loop.
+        let writer = Protocol::of(&request)
+            .may_stay_open()
+            .then(|| connection.reply_writer())
+            .flatten();
+        self.parts.pool.submit(Job {
+            request,
+            conn,
+            writer,
+        });
     }
 
     /// Answers a request the gate turned away, logs it, and closes after the answer.
@@ -147,8 +168,12 @@ impl Server {
         self.connections[key].answer(reply, true, read_timeout);
     }
 
-    pub(super) fn take_worker_messages(&mut self) {
-        let messages: Vec<Outbound> = self.parts.inbox.drain().collect();
+    /// `woken`: called for the waker's event, which this consumes.
+    pub(super) fn take_worker_messages(&mut self, woken: bool) {
+        let messages: Vec<Outbound> = match woken {
+            true => self.parts.inbox.drain().collect(),
+            false => self.parts.inbox.take().collect(),
+        };
         for message in messages {
             match message {
                 Outbound::Data { conn, bytes } => self.on_live_output(conn, &bytes),

@@ -48,6 +48,10 @@ const FINAL_FLUSH: Duration = Duration::from_secs(3);
 /// Streamed output queued for one slow client beyond which the client is dropped.
 const MAX_PENDING_OUTPUT: usize = 4 << 20;
 const READ_CHUNK: usize = 64 * 1024;
+/// While requests are in flight, the longest the loop sleeps: a worker that sent its reply
+/// itself on a connection that stays open does not wake the loop (`Worker::finish`), and the
+/// loop settles such a request (counts it done, arms the read timeout) at its next turn.
+const QUIET_SETTLE: Duration = Duration::from_millis(10);
 /// Connections accepted per turn of the loop. Accepting until the queue is empty never ends
 /// while a flood keeps it full, and starves the replies of requests already taken.
 const ACCEPTS_PER_TURN: usize = 64;
@@ -153,8 +157,13 @@ impl Server {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.accept_more.is_empty() {
-                self.next_wake()
-                    .map(|at| at.saturating_duration_since(Instant::now()))
+                let timeout = self
+                    .next_wake()
+                    .map(|at| at.saturating_duration_since(Instant::now()));
+                match self.in_flight {
+                    0 => timeout,
+                    _ => Some(timeout.map_or(QUIET_SETTLE, |t| t.min(QUIET_SETTLE))),
+                }
             } else {
                 Some(Duration::ZERO)
             };
@@ -163,9 +172,11 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+            // Replies sent quietly by workers, before the events they may have caused.
+            self.take_worker_messages(false);
             for event in events.iter() {
                 match event.token() {
-                    WAKER => self.take_worker_messages(),
+                    WAKER => self.take_worker_messages(true),
                     STOP => {
                         if let Some(outcome) = self.on_stop_orders() {
                             return Ok(outcome);
@@ -174,7 +185,7 @@ impl Server {
                     Token(t) if t > LISTENER_BASE - self.listeners.len() => {
                         self.accept(LISTENER_BASE - t)
                     }
-                    Token(key) => self.drive(key),
+                    Token(key) => self.on_socket_event(key),
                 }
             }
             let now = Instant::now();

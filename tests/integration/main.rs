@@ -15,6 +15,7 @@ mod jobs_state;
 mod live;
 mod local_triggers;
 mod ops;
+mod reply_path;
 mod rough_edges;
 mod script_tests;
 mod scripts;

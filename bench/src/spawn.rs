@@ -1,0 +1,74 @@
+//! `ct-bench spawn THREADS DURATION PROGRAM`: the spawn ceiling. THREADS threads each
+//! `posix_spawn` PROGRAM (no arguments, stdio inherited, `/dev/null` from bench/run.sh) and
+//! `waitpid` it, back to back, until DURATION has passed; prints spawns per second. Nothing
+//! else happens per spawn: no pipes, no process group, no socket, no script. It is the most
+//! processes per second this machine's kernel and libc give, the limit of W2.
+
+use std::ffi::CString;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub fn run(threads: usize, duration: Duration, program: &str) -> io::Result<()> {
+    let path = CString::new(program).map_err(io::Error::other)?;
+    let spawned = AtomicU64::new(0);
+    let started = Instant::now();
+    let deadline = started + duration;
+    thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| scope.spawn(|| spawn_until(&path, deadline, &spawned)))
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| io::Error::other("a thread panicked"))?
+        })
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let n = spawned.load(Ordering::Relaxed);
+    println!(
+        "spawns_per_s={:.0} spawns={n} threads={threads} elapsed_s={elapsed:.3}",
+        n as f64 / elapsed
+    );
+    Ok(())
+}
+
+fn spawn_until(path: &CString, deadline: Instant, spawned: &AtomicU64) -> io::Result<()> {
+    let argv = [path.as_ptr() as *mut libc::c_char, std::ptr::null_mut()];
+    while Instant::now() < deadline {
+        let mut pid: libc::pid_t = 0;
+        // SAFETY: path and argv are NUL-terminated and outlive the call; a null file-actions and
+        // attribute pointer mean "none"; environ is the process's own environment.
+        let rc = unsafe {
+            libc::posix_spawn(
+                &mut pid,
+                path.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                argv.as_ptr(),
+                environ(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        let mut status = 0;
+        // SAFETY: pid is our child; status is a valid out pointer.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Counted only once it has been waited for, as a W2 request is answered only then.
+        if Instant::now() < deadline {
+            spawned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+fn environ() -> *const *mut libc::c_char {
+    unsafe extern "C" {
+        static environ: *const *mut libc::c_char;
+    }
+    // SAFETY: read once per spawn; nothing in this program changes the environment.
+    unsafe { environ }
+}

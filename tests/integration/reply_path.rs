@@ -1,0 +1,98 @@
+//! The reply path of issue 16: on a connection that stays open, the worker writes the reply
+//! to the socket itself and the loop learns of it without a wake. These check what that must
+//! never change: order, completeness, the idle timeout, and Unix sockets alike.
+
+use crate::util::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+const ECHO_LINE: &str = r#"fn handle(req) { req.payload + "\n" }"#;
+
+#[test]
+fn keep_alive_over_a_unix_socket_answers_in_order_then_closes_when_idle() {
+    let scratch = Scratch::new();
+    let sock = scratch.path("ct.sock");
+    let listen = format!("unix:{}", sock.display());
+    let script = scratch.write("handler.rhai", ECHO_LINE);
+    let mut command = command();
+    command
+        .arg("serve")
+        .arg("--script")
+        .arg(&script)
+        .args(["--token-env", "TOKEN"]);
+    let args = ["--keep-alive", "--read-timeout", "300ms"];
+    let _server = Server::spawn(command, scratch, &["--listen", &listen], &args);
+    let mut stream = UnixStream::connect(&sock).expect("connecting to the Unix socket");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    for i in 0..200 {
+        stream
+            .write_all(format!("{TOKEN} n{i}\n").as_bytes())
+            .unwrap();
+        let want = format!("n{i}\n");
+        let mut got = vec![0; want.len()];
+        stream.read_exact(&mut got).expect("reading a reply");
+        assert_eq!(String::from_utf8_lossy(&got), want);
+    }
+    // The last reply went out quietly: the loop must still settle it and time the idle
+    // connection out.
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .expect("waiting for the close");
+    let idle = started.elapsed();
+    assert_eq!(rest, b"");
+    assert!(
+        idle >= Duration::from_millis(250) && idle < Duration::from_secs(5),
+        "{idle:?}"
+    );
+}
+
+#[test]
+fn a_reply_after_streamed_output_follows_it_on_a_kept_connection() {
+    // The live output goes through the loop; the reply must not overtake it.
+    let script =
+        r#"fn handle(req) { write("a-" + req.payload + "\n"); "b-" + req.payload + "\n" }"#;
+    let server = Server::start(script, &["--keep-alive"]);
+    let mut stream = connect(server.addr());
+    for i in 0..100 {
+        stream
+            .write_all(format!("{TOKEN} {i}\n").as_bytes())
+            .unwrap();
+        let want = format!("a-{i}\nb-{i}\n");
+        assert_eq!(text(&read_exact(&mut stream, want.len())), want);
+    }
+}
+
+#[test]
+fn a_reply_larger_than_the_socket_takes_arrives_whole_then_the_next_one() {
+    // The worker writes what the socket takes; the loop sends the rest as the client reads.
+    let script = r#"
+fn handle(req) {
+    if req.payload != "big" { return "small\n"; }
+    let s = "0123456789abcdef";
+    while s.len() < 4194304 { s += s; }
+    s + "\n"
+}"#;
+    let server = Server::start(script, &["--keep-alive"]);
+    let mut stream = connect(server.addr());
+    stream
+        .write_all(format!("{TOKEN} big\n").as_bytes())
+        .unwrap();
+    // Not reading yet: the socket fills up while the reply is being written.
+    std::thread::sleep(Duration::from_millis(300));
+    let big = read_exact(&mut stream, 4_194_305);
+    assert!(big.ends_with(b"cdef\n"), "{:?}", &big[big.len() - 8..]);
+    assert!(
+        big.chunks(16)
+            .take(262_144)
+            .all(|c| c == b"0123456789abcdef")
+    );
+    stream.write_all(format!("{TOKEN} x\n").as_bytes()).unwrap();
+    assert_eq!(text(&read_exact(&mut stream, 6)), "small\n");
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
