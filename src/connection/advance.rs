@@ -21,9 +21,9 @@ pub enum Step {
     Wait,
     /// A complete request to hand on.
     Dispatch(RawRequest),
-    /// A complete head whose client waits to be told to send the body (HTTP `100 Continue`);
-    /// the loop asks the gate first.
-    WantsContinue,
+    /// A complete head whose client waits to be told to send the body (HTTP `100 Continue`),
+    /// as a request without its body; the loop asks the gate first.
+    WantsContinue(RawRequest),
     /// Done with: remove it. The reason is for the debug log.
     Close(&'static str),
 }
@@ -136,7 +136,9 @@ impl Connection {
                     }
                     Step::Close("client closed without a complete request")
                 }
-                Frame::WantsContinue if !self.continue_sent => Step::WantsContinue,
+                Frame::WantsContinue if !self.continue_sent => {
+                    Step::WantsContinue(protocol::waiting_request(&self.input))
+                }
                 Frame::Incomplete | Frame::WantsContinue => match filled {
                     Filled::Drained => Step::Wait,
                     // Nothing more is read past the limit, so a framer still waiting would

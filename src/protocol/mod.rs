@@ -22,6 +22,15 @@ pub fn decode(framing: Framing, buf: &mut Vec<u8>, eof: bool, max_bytes: usize) 
     framing::next_frame(framing, buf, eof, max_bytes)
 }
 
+/// HTTP: the request whose client waits for `100 Continue`, as far as it has come (its head,
+/// no body yet), for the gate to judge before the body is asked for.
+pub fn waiting_request(buf: &[u8]) -> RawRequest {
+    RawRequest {
+        http: http::parse_head(buf),
+        ..RawRequest::default()
+    }
+}
+
 /// How the reply to one request goes on the wire: the framing, and what of the request
 /// decides the reply's shape (HTTP: its version, `Connection` and method).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

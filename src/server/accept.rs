@@ -113,7 +113,7 @@ impl Server {
         if stream.needs_handshake() {
             return;
         }
-        let reply = self.protocol(None).encode_error(answer);
+        let reply = self.protocol().encode_error(answer);
         // A fresh socket's send buffer takes these few bytes whole.
         let _ = stream.write(&reply.bytes);
         let _ = stream.shutdown_output();

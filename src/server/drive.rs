@@ -28,7 +28,7 @@ impl Server {
                 self.dispatch(key, raw);
                 self.drive(key);
             }
-            Ok(Step::WantsContinue) => self.on_expect_continue(key),
+            Ok(Step::WantsContinue(waiting)) => self.on_expect_continue(key, waiting),
             Ok(Step::Close(why)) => self.close(key, why),
             Err(e) => {
                 self.count_rejected_certificate(key);
@@ -51,25 +51,16 @@ impl Server {
     /// The client waits for `100 Continue` before sending its body. It is said only once the
     /// token passed (SPEC §10): a wrong token is answered 401 (429 when backed off) at once,
     /// from the head alone, and the body is never asked for.
-    pub(super) fn on_expect_continue(&mut self, key: usize) {
-        let connection = &self.connections[key];
-        let head = http::parse_head(&connection.input);
-        let facts = self.facts(&connection.endpoints, Instant::now());
-        if self
-            .gate
-            .admit(Knock::Continue(head.as_ref()), &facts)
-            .is_err()
-        {
+    pub(super) fn on_expect_continue(&mut self, key: usize, waiting: RawRequest) {
+        let facts = self.facts(&self.connections[key].endpoints, Instant::now());
+        let knock = Knock::Continue(waiting.http.as_ref());
+        if self.gate.admit(knock, &facts).is_err() {
             self.connections[key].input.clear();
-            let raw = RawRequest {
-                http: head,
-                ..RawRequest::default()
-            };
             // Answered as a request, refused, and closed: the unsent body is drained, never
             // read as another request.
-            self.dispatch(key, raw);
+            self.dispatch(key, waiting);
         } else {
-            let protocol = self.protocol(None);
+            let protocol = self.protocol();
             let connection = &mut self.connections[key];
             connection.continue_sent = true;
             connection.push_output(protocol.continue_bytes());

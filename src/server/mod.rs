@@ -14,7 +14,6 @@ use crate::connection::{Connection, Phase, Rules, Step};
 use crate::error::Outcome;
 use crate::framing::RawRequest;
 use crate::gate::{self, Facts, Gate, Knock};
-use crate::http::{self, HttpHead};
 use crate::metrics::metrics;
 use crate::protocol::{Encoded, Protocol};
 use crate::reload::ReloadTrigger;
@@ -200,8 +199,8 @@ impl Server {
     }
 
     /// The protocol of a reply to no particular request (a refusal, `100 Continue`).
-    fn protocol(&self, head: Option<&HttpHead>) -> Protocol {
-        Protocol::new(self.config.framing, self.config.keep_alive, head)
+    fn protocol(&self) -> Protocol {
+        Protocol::new(self.config.framing, self.config.keep_alive, None)
     }
 
     fn next_wake(&self) -> Option<Instant> {
