@@ -1,7 +1,7 @@
 //! The event loop: one `mio::Poll` over the listeners, the connections, the workers' waker and
 //! the stop source. Nothing here blocks: scripts, commands and file reads run on other
-//! threads. The loop itself is here; [`accept`] takes connections, [`drive`] moves one
-//! connection and its requests along, [`stopping`] handles deadlines, reloads and stops.
+//! threads. The loop itself is here; `accept` takes connections, `drive` moves one
+//! connection and its requests along, `stopping` handles deadlines, reloads and stops.
 //! Admission is the [`gate`](crate::gate)'s, framing the [`protocol`](crate::protocol)'s.
 
 mod accept;
