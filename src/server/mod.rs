@@ -2,7 +2,7 @@
 //! the stop source. Nothing here blocks: scripts, commands and file reads run on other
 //! threads. The loop itself is here; `accept` takes connections, `drive` moves one
 //! connection and its requests along, `stopping` handles deadlines, reloads and stops.
-//! Admission is the [`gate`](crate::gate)'s, framing the [`protocol`](crate::protocol)'s.
+//! Admission is [`crate::gate`]'s, framing [`crate::protocol`]'s.
 
 mod accept;
 mod drive;
