@@ -1,11 +1,11 @@
-//! What each subcommand does, start to finish. Errors come back as [`Fatal`] so that `main`
-//! maps them to exit statuses in one place.
+//! What each subcommand does, start to finish. Each ends in an [`Outcome`] or a [`Fatal`]
+//! error, which `main` alone turns into an exit status.
 
 use crate::auth::Tokens;
-use crate::cli::{CallArgs, Cli, Command, TestArgs};
+use crate::cli::{Cli, Command, TestArgs};
 use crate::clock::SystemClock;
-use crate::config::{self, Config, Limits, ListenSpec};
-use crate::error::Fatal;
+use crate::config::{CallConfig, CallInput, Config, Limits, ListenSpec, SendConfig};
+use crate::error::{ConfigError, Fatal, Outcome};
 use crate::framing::Framing;
 use crate::request::{Endpoints, Request};
 use crate::script::context::ClientSink;
@@ -26,23 +26,21 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// Runs the subcommand; the `u8` is the exit status.
-pub fn run(cli: Cli) -> Result<u8, Fatal> {
+/// Runs the subcommand to its end.
+pub fn run(cli: Cli) -> Result<Outcome, Fatal> {
     match cli.command {
         Command::Serve(args) => serve(Config::from_args(args)?),
         Command::Check(args) => match args.file {
             Some(file) => Ok(check(&file)),
-            None => Err(Fatal::Usage(
-                "check: no script to compile: give its path (command-trigger check FILE) or set CT_SCRIPT".into(),
-            )),
+            None => Err(ConfigError::NoScript.into()),
         },
-        Command::Call(args) => call(args),
-        Command::Send(args) => client::send(args),
-        Command::Test(args) => Ok(test(args)),
+        Command::Call(args) => call(CallConfig::from_args(args)?),
+        Command::Send(args) => client::send(SendConfig::from_args(args)?),
+        Command::Test(args) => test(args),
     }
 }
 
-fn test(args: TestArgs) -> u8 {
+fn test(args: TestArgs) -> Result<Outcome, Fatal> {
     let plan = script_test::TestPlan {
         handler: args.script,
         files: args.tests,
@@ -54,34 +52,34 @@ fn test(args: TestArgs) -> u8 {
         },
     };
     // Tests run handlers as workers do, so they need the stack the script limits fit in.
-    script::on_script_stack(|| script_test::run(&plan)).unwrap_or_else(|e| {
-        eprintln!("running the tests: {e}");
-        2
-    })
+    script::on_script_stack(|| script_test::run(&plan))
+        .map_err(|e| Fatal::io("running the tests", e))?
 }
 
-fn check(path: &std::path::Path) -> u8 {
+/// A script that does not compile is what `check` is for: its report goes to stderr, and
+/// the outcome is a failure (exit 1), not a usage error.
+fn check(path: &std::path::Path) -> Outcome {
     let limits = Limits::default();
     match ScriptHost::load(path, Runtime::new(limits)) {
         Ok(_) => {
             println!("ok");
-            0
+            Outcome::Success
         }
         Err(error) => {
             eprintln!("{error}");
-            1
+            Outcome::Failure
         }
     }
 }
 
 /// Runs the server. Must be called before the process starts any thread (see
 /// [`forget_token_variables`]); `main` does.
-fn serve(config: Config) -> Result<u8, Fatal> {
-    let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Usage)?;
+fn serve(config: Config) -> Result<Outcome, Fatal> {
+    let (tokens, warnings) = Tokens::load(&config.token_sources).map_err(Fatal::Tokens)?;
     forget_token_variables(&config);
     // Before any thread starts, so every thread inherits the handlers' view.
-    let signals = SignalSource::install()
-        .map_err(|e| Fatal::Runtime(format!("installing signal handlers: {e}")))?;
+    let signals =
+        SignalSource::install().map_err(|e| Fatal::io("installing signal handlers", e))?;
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(
             TlsServer::load(files.clone(), config.framing == Framing::Http)
@@ -93,19 +91,19 @@ fn serve(config: Config) -> Result<u8, Fatal> {
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
-                .map_err(|e| Fatal::Runtime(format!("binding --metrics-listen {addr}: {e}")))?,
+                .map_err(|e| Fatal::io(format!("binding --metrics-listen {addr}"), e))?,
         ),
         None => None,
     };
     let runtime = match &config.state_file {
         Some(path) => Runtime::with_state(
             config.limits,
-            State::open(path, config.limits.state_max_keys).map_err(Fatal::Usage)?,
+            State::open(path, config.limits.state_max_keys).map_err(Fatal::State)?,
         ),
         None => Runtime::new(config.limits),
     };
     let host = ScriptHost::load_requiring(&config.script, runtime.clone(), required(&config));
-    let host = Arc::new(host.map_err(Fatal::Usage)?);
+    let host = Arc::new(host.map_err(Fatal::Script)?);
     warnings.iter().for_each(|w| log::warn!("{w}"));
     if config.token_sources.is_empty() {
         log::warn!(
@@ -113,55 +111,53 @@ fn serve(config: Config) -> Result<u8, Fatal> {
         );
     }
     let tokens = Arc::new(tokens);
-
-    let runtime_error = |what: &str, e: std::io::Error| Fatal::Runtime(format!("{what}: {e}"));
-    let poll = Poll::new().map_err(|e| runtime_error("creating the event loop", e))?;
-    let waker = Waker::new(poll.registry(), server::WAKER)
-        .map_err(|e| runtime_error("creating the waker", e))?;
-    let (outbox, inbox) = workers::outbox(Arc::new(waker));
-    let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())
-        .map_err(|e| runtime_error("starting workers", e))?;
-    let reload = reload::spawn(
-        host,
-        config.token_sources.clone(),
-        tokens.clone(),
-        tls,
-        outbox,
-    )
-    .map_err(|e| runtime_error("starting the reload thread", e))?;
-    start_triggers(
-        &config,
-        Triggers::new(pool.trigger_queue(), runtime.clone()),
-    )
-    .map_err(|e| runtime_error("starting the watch and schedule threads", e))?;
-
+    let parts = start(&config, host, runtime, tokens, tls)?;
     announce(&listeners, config.print_addr)?;
     if let Some(listener) = metrics_listener {
         announce_metrics(&listener, config.print_addr)?;
-        metrics_server::spawn(listener)
-            .map_err(|e| runtime_error("starting the metrics thread", e))?;
+        metrics_server::spawn(listener).map_err(|e| Fatal::io("starting the metrics thread", e))?;
     }
     metrics::metrics().set_ready();
     footprint::release_startup_code();
-    let parts = Parts {
+    let server = Server::new(config, listeners, parts, Box::new(signals))
+        .map_err(|e| Fatal::io("registering listeners", e))?;
+    server.run().map_err(|e| Fatal::io("event loop", e))
+}
+
+/// Starts what runs beside the loop (the workers, the reload thread, the watch and schedule
+/// threads) and gathers what the loop needs of them. Public so that a test can run the loop
+/// in-process, with a stop of its own.
+pub fn start(
+    config: &Config,
+    host: Arc<ScriptHost>,
+    runtime: Arc<Runtime>,
+    tokens: Arc<Tokens>,
+    tls: Option<Arc<TlsServer>>,
+) -> Result<Parts, Fatal> {
+    let poll = Poll::new().map_err(|e| Fatal::io("creating the event loop", e))?;
+    let waker = Waker::new(poll.registry(), server::WAKER)
+        .map_err(|e| Fatal::io("creating the waker", e))?;
+    let (outbox, inbox) = workers::outbox(Arc::new(waker));
+    let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())
+        .map_err(|e| Fatal::io("starting workers", e))?;
+    let sources = config.token_sources.clone();
+    let reload = reload::spawn(host, sources, tokens.clone(), tls, outbox)
+        .map_err(|e| Fatal::io("starting the reload thread", e))?;
+    let triggers = Triggers::new(pool.trigger_queue(), runtime.clone());
+    start_triggers(config, triggers)
+        .map_err(|e| Fatal::io("starting the watch and schedule threads", e))?;
+    Ok(Parts {
         poll,
-        listeners,
-        signals,
         pool,
         inbox,
         tokens,
         runtime,
         reload,
-    };
-    let server =
-        Server::new(config, parts).map_err(|e| runtime_error("registering listeners", e))?;
-    let code = server.run().map_err(|e| runtime_error("event loop", e))?;
-    Ok(code as u8)
+    })
 }
 
 fn bind_tcp(addr: &std::net::SocketAddr) -> Result<TcpListener, Fatal> {
-    let listener =
-        TcpListener::bind(*addr).map_err(|e| Fatal::Runtime(format!("binding {addr}: {e}")))?;
+    let listener = TcpListener::bind(*addr).map_err(|e| Fatal::io(format!("binding {addr}"), e))?;
     // mio listens with a backlog of 128: a burst of connections (thousands of clients
     // reconnecting at once) overflows it, and every dropped SYN costs its client a 1 s
     // retransmission, legitimate clients included. The kernel caps this at somaxconn.
@@ -228,7 +224,7 @@ fn announce(listeners: &[Listener], print_addr: bool) -> Result<(), Fatal> {
     for listener in listeners {
         let addr = listener
             .describe()
-            .map_err(|e| Fatal::Runtime(format!("reading a bound address: {e}")))?;
+            .map_err(|e| Fatal::io("reading a bound address", e))?;
         log::info!("listening on {addr}");
         if print_addr {
             let _ = writeln!(stdout, "{addr}");
@@ -242,7 +238,7 @@ fn announce(listeners: &[Listener], print_addr: bool) -> Result<(), Fatal> {
 fn announce_metrics(listener: &std::net::TcpListener, print_addr: bool) -> Result<(), Fatal> {
     let addr = listener
         .local_addr()
-        .map_err(|e| Fatal::Runtime(format!("reading a bound address: {e}")))?;
+        .map_err(|e| Fatal::io("reading a bound address", e))?;
     log::info!("metrics on http://{addr}/metrics");
     if print_addr {
         let _ = writeln!(std::io::stdout(), "{addr}");
@@ -260,19 +256,15 @@ impl ClientSink for Stdout {
     }
 }
 
-fn call(args: CallArgs) -> Result<u8, Fatal> {
-    config::check_duration(args.handler_timeout, "--handler-timeout", false)?;
-    config::check_duration(args.command_timeout, "--command-timeout", false)?;
-    let request = local_request(&args)?;
+fn call(config: CallConfig) -> Result<Outcome, Fatal> {
+    let request = local_request(&config)?;
     // Whatever was read is what the script must be able to use whole.
     let limits = Limits {
-        handler_timeout: args.handler_timeout,
-        command_timeout: args.command_timeout,
         max_request_bytes: (request.payload.len() + request.body.len())
-            .max(Limits::default().max_request_bytes),
-        ..Limits::default()
+            .max(config.limits.max_request_bytes),
+        ..config.limits
     };
-    let runtime = match args.dry_run {
+    let runtime = match config.dry_run {
         true => Runtime::with_seams(
             limits,
             State::in_memory(limits.state_max_keys),
@@ -281,49 +273,47 @@ fn call(args: CallArgs) -> Result<u8, Fatal> {
         ),
         false => Runtime::new(limits),
     };
-    let host = ScriptHost::load(&args.script, runtime).map_err(Fatal::Usage)?;
+    let host = ScriptHost::load(&config.script, runtime).map_err(Fatal::Script)?;
     let handled = script::on_script_stack(|| host.handle(&request, Box::new(Stdout)).0)
-        .map_err(|e| Fatal::Runtime(format!("running the script: {e}")))?;
-    let code = match handled {
+        .map_err(|e| Fatal::io("running the script", e))?;
+    let outcome = match handled {
         HandlerResult::Replied(reply) => {
             Stdout.send(reply.bytes);
-            0
+            Outcome::Success
         }
         HandlerResult::Failed(message) => {
             eprintln!("handler failed: {message}");
-            1
+            Outcome::Failure
         }
         HandlerResult::TimedOut => {
             eprintln!("handler timed out");
-            1
+            Outcome::Failure
         }
     };
-    settle_jobs(&host.runtime, args.no_wait);
-    Ok(code)
+    settle_jobs(&host.runtime, config.no_wait);
+    Ok(outcome)
 }
 
 /// The request `call` runs: the payload words, or (`-` alone) stdin as a stream-framing body.
-fn local_request(args: &CallArgs) -> Result<Request, Fatal> {
-    let peer = args
-        .peer
-        .parse()
-        .map_err(|_| Fatal::Usage(format!("--peer '{}': expected IP:PORT", args.peer)))?;
-    let (framing, payload, body) = if args.payload == ["-"] {
-        let mut body = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut body)
-            .map_err(|e| Fatal::Runtime(format!("reading stdin: {e}")))?;
-        (Framing::Stream, String::new(), body)
-    } else {
-        (Framing::Line, args.payload.join(" "), Vec::new())
+fn local_request(config: &CallConfig) -> Result<Request, Fatal> {
+    let (framing, payload, body) = match &config.input {
+        CallInput::Stdin => {
+            let mut body = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut body)
+                .map_err(|e| Fatal::io("reading stdin", e))?;
+            (Framing::Stream, String::new(), body)
+        }
+        CallInput::Words(words) => (Framing::Line, words.clone(), Vec::new()),
     };
     Ok(Request {
         id: 1,
-        token_name: Some(args.token_name.as_str().into()),
+        token_name: Some(config.token_name.as_str().into()),
         payload: payload.into_bytes(),
         body,
-        endpoints: Endpoints::new(peer, SocketAddr::from(([127, 0, 0, 1], 0))),
+        endpoints: Endpoints::new(config.peer, SocketAddr::from(([127, 0, 0, 1], 0))),
         framing,
+        keep_alive: false,
         http: None,
     })
 }

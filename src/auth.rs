@@ -72,11 +72,11 @@ pub type Note = (log::Level, String);
 impl Tokens {
     /// Reads every source at start, where an unreadable or empty source is an error. Returns
     /// the tokens and warnings to log (never the token values).
-    pub fn load(sources: &[TokenSource]) -> Result<(Tokens, Vec<String>), String> {
+    pub fn load(sources: &[TokenSource]) -> Result<(Tokens, Vec<String>), TokenError> {
         let mut tokens = Tokens::default();
         let mut warnings = Vec::new();
         for (index, source) in sources.iter().enumerate() {
-            let values = read_source(source).map_err(|e| e.to_string())?;
+            let values = read_source(source)?;
             tokens.add(index, source, &values, &mut warnings);
         }
         Ok((tokens, warnings))
@@ -93,17 +93,17 @@ impl Tokens {
         let mut warnings = Vec::new();
         for (index, source) in sources.iter().enumerate() {
             let read = match source.origin {
-                TokenOrigin::Env(_) => Err(ReadError::Kept),
+                TokenOrigin::Env(_) => Err(TokenError::Kept),
                 TokenOrigin::File(_) => read_source(source),
             };
             match read {
                 Ok(values) => tokens.add(index, source, &values, &mut warnings),
-                Err(ReadError::Empty(why)) => notes.push((
+                Err(TokenError::Empty(why)) => notes.push((
                     log::Level::Warn,
                     format!("{why}: no token from it is valid any more"),
                 )),
                 Err(error) => {
-                    if let ReadError::Unreadable(why) = error {
+                    if let TokenError::Unreadable(why) = error {
                         notes.push((
                             log::Level::Error,
                             format!("{why}; keeping its previous tokens"),
@@ -153,8 +153,9 @@ impl Tokens {
     }
 }
 
-/// Why a source gave no token.
-enum ReadError {
+/// Why a source gave no token; the message names the source (never a token value).
+#[derive(Debug)]
+pub enum TokenError {
     /// The variable is unset or empty, or the file could not be read.
     Unreadable(String),
     /// The file was read and has no non-empty line.
@@ -163,23 +164,25 @@ enum ReadError {
     Kept,
 }
 
-impl fmt::Display for ReadError {
+impl fmt::Display for TokenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ReadError::Unreadable(why) | ReadError::Empty(why) => f.write_str(why),
-            ReadError::Kept => f.write_str("not read again"),
+            TokenError::Unreadable(why) | TokenError::Empty(why) => f.write_str(why),
+            TokenError::Kept => f.write_str("not read again"),
         }
     }
 }
 
-fn read_source(source: &TokenSource) -> Result<Vec<String>, ReadError> {
+impl std::error::Error for TokenError {}
+
+fn read_source(source: &TokenSource) -> Result<Vec<String>, TokenError> {
     match &source.origin {
         TokenOrigin::Env(var) => {
             let value = std::env::var(var)
-                .map_err(|_| ReadError::Unreadable(format!("{source}: not set or not UTF-8")))?;
+                .map_err(|_| TokenError::Unreadable(format!("{source}: not set or not UTF-8")))?;
             let value = value.trim();
             if value.is_empty() {
-                return Err(ReadError::Unreadable(format!(
+                return Err(TokenError::Unreadable(format!(
                     "{source}: the token is empty"
                 )));
             }
@@ -187,7 +190,7 @@ fn read_source(source: &TokenSource) -> Result<Vec<String>, ReadError> {
         }
         TokenOrigin::File(path) => {
             let text = std::fs::read_to_string(path)
-                .map_err(|e| ReadError::Unreadable(format!("reading {source}: {e}")))?;
+                .map_err(|e| TokenError::Unreadable(format!("reading {source}: {e}")))?;
             let lines: Vec<String> = text
                 .lines()
                 .map(str::trim)
@@ -195,7 +198,7 @@ fn read_source(source: &TokenSource) -> Result<Vec<String>, ReadError> {
                 .map(String::from)
                 .collect();
             if lines.is_empty() {
-                return Err(ReadError::Empty(format!(
+                return Err(TokenError::Empty(format!(
                     "{source}: no token in the file (every line is empty)"
                 )));
             }

@@ -2,9 +2,9 @@
 //! can test (0 reply, 1 `ERR` reply or failure, 2 usage). Speaks plain TCP, TLS (`tls://`)
 //! and Unix sockets (`unix:`), like the server's listeners.
 
-use crate::auth::{TokenOrigin, TokenSource};
-use crate::cli::SendArgs;
-use crate::error::Fatal;
+use crate::auth::TokenOrigin;
+use crate::config::{SendConfig, Target, TlsClientFiles};
+use crate::error::{Fatal, Outcome};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::fmt;
@@ -14,36 +14,6 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Where `send` connects, as its ADDR names it.
-enum Target {
-    Tcp(String),
-    /// `tls://HOST:PORT`; `HOST` is the name checked and sent as SNI unless `--servername`.
-    Tls {
-        host_port: String,
-        host: String,
-    },
-    Unix(PathBuf),
-}
-
-impl Target {
-    fn parse(addr: &str) -> Result<Target, Fatal> {
-        if let Some(path) = addr.strip_prefix("unix:") {
-            return Ok(Target::Unix(path.into()));
-        }
-        let Some(host_port) = addr.strip_prefix("tls://") else {
-            return Ok(Target::Tcp(addr.to_owned()));
-        };
-        let host = match host_port.rsplit_once(':') {
-            Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
-            None => return Err(Fatal::Usage(format!("{addr}: expected tls://HOST:PORT"))),
-        };
-        Ok(Target::Tls {
-            host_port: host_port.to_owned(),
-            host: host.to_owned(),
-        })
-    }
-}
 
 /// One address to send to.
 #[derive(Clone)]
@@ -67,58 +37,110 @@ struct TlsClient {
     name: ServerName<'static>,
 }
 
-pub fn send(args: SendArgs) -> Result<u8, Fatal> {
-    crate::config::check_duration(args.timeout, "--timeout", false)?;
-    let target = Target::parse(&args.addr)?;
-    // A Unix socket or a client certificate may be all the server asks for (SPEC §11).
-    let token_optional = match &target {
-        Target::Unix(_) => true,
-        Target::Tls { .. } => args.cert.is_some(),
-        Target::Tcp(_) => false,
-    };
-    let token = read_token(&args, token_optional)?;
-    let request = build_request(token.as_deref(), &args)?;
-    let tls = match &target {
-        Target::Tls { host, .. } => Some(tls_client(&args, host)?),
+/// Why one exchange with one peer failed; each message names the peer and the step.
+#[derive(Debug)]
+pub enum SendError {
+    Resolve {
+        host_port: String,
+        error: std::io::Error,
+    },
+    Connect {
+        peer: String,
+        error: std::io::Error,
+    },
+    StartTls {
+        peer: String,
+        error: rustls::Error,
+    },
+    Send {
+        peer: String,
+        error: std::io::Error,
+    },
+    Read {
+        peer: String,
+        error: std::io::Error,
+    },
+    /// Setting a socket's timeout.
+    Socket(std::io::Error),
+    TimedOut {
+        peer: String,
+    },
+    NoAddress {
+        addr: String,
+    },
+    /// The thread of one `--all` exchange panicked.
+    Panicked,
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::Resolve { host_port, error } => write!(f, "resolving {host_port}: {error}"),
+            SendError::Connect { peer, error } => write!(f, "connecting to {peer}: {error}"),
+            SendError::StartTls { peer, error } => write!(f, "starting TLS with {peer}: {error}"),
+            SendError::Send { peer, error } => write!(f, "sending to {peer}: {error}"),
+            SendError::Read { peer, error } => write!(f, "reading from {peer}: {error}"),
+            SendError::Socket(error) => error.fmt(f),
+            SendError::TimedOut { peer } => write!(f, "{peer}: timed out"),
+            SendError::NoAddress { addr } => write!(f, "{addr}: no address"),
+            SendError::Panicked => f.write_str("client thread panicked"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// Sends one request. A reply that is not `ERR` (and not empty) is a success; a failure to
+/// reach any server is reported and is a failure, not a fatal error.
+pub fn send(config: SendConfig) -> Result<Outcome, Fatal> {
+    let token = read_token(config.token.as_ref())?;
+    let request = build_request(token.as_deref(), &config)?;
+    let tls = match &config.target {
+        Target::Tls { host, .. } => Some(tls_client(&config.tls, host)?),
         _ => None,
     };
-    let peers = match &target {
+    let peers = match &config.target {
         Target::Unix(path) => vec![Peer::Unix(path.clone())],
         Target::Tcp(host_port) | Target::Tls { host_port, .. } => match resolve(host_port) {
             Ok(peers) => peers,
             Err(e) => {
                 eprintln!("{e}");
-                return Ok(1);
+                return Ok(Outcome::Failure);
             }
         },
     };
-    let deadline = Instant::now() + args.timeout;
-    if args.all {
+    let deadline = Instant::now() + config.timeout;
+    if config.all {
         return Ok(send_to_all(&peers, &request, tls.as_ref(), deadline));
     }
-    let mut last_error = format!("{}: no address", args.addr);
+    let mut last_error = SendError::NoAddress {
+        addr: config.addr.clone(),
+    };
     for peer in &peers {
         match exchange(peer, &request, tls.as_ref(), deadline) {
             Ok(reply) => {
                 print_bytes(&reply);
-                return Ok(u8::from(is_failure(&reply)));
+                return Ok(Outcome::failed_if(is_failure(&reply)));
             }
             Err(e) => last_error = e,
         }
     }
     eprintln!("{last_error}");
-    Ok(1)
+    Ok(Outcome::Failure)
 }
 
-fn resolve(host_port: &str) -> Result<Vec<Peer>, String> {
+fn resolve(host_port: &str) -> Result<Vec<Peer>, SendError> {
     host_port
         .to_socket_addrs()
         .map(|addrs| addrs.map(Peer::Ip).collect())
-        .map_err(|e| format!("resolving {host_port}: {e}"))
+        .map_err(|error| SendError::Resolve {
+            host_port: host_port.to_owned(),
+            error,
+        })
 }
 
-fn tls_client(args: &SendArgs, host: &str) -> Result<TlsClient, Fatal> {
-    let roots = match &args.cacert {
+fn tls_client(files: &TlsClientFiles, host: &str) -> Result<TlsClient, Fatal> {
+    let roots = match &files.cacert {
         Some(path) => crate::tls::root_store(path, "--cacert").map_err(Fatal::Usage)?,
         None => system_roots()?,
     };
@@ -126,17 +148,17 @@ fn tls_client(args: &SendArgs, host: &str) -> Result<TlsClient, Fatal> {
         .with_protocol_versions(crate::tls::VERSIONS)
         .map_err(|e| Fatal::Runtime(format!("setting up TLS: {e}")))?
         .with_root_certificates(roots);
-    let config = match (&args.cert, &args.key) {
-        (Some(cert), Some(key)) => {
+    let config = match &files.cert {
+        Some((cert, key)) => {
             let certs = crate::tls::read_certs(cert, "--cert").map_err(Fatal::Usage)?;
             let key = crate::tls::read_key(key, "--key").map_err(Fatal::Usage)?;
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| Fatal::Usage(format!("--cert/--key: {e}")))?
         }
-        _ => builder.with_no_client_auth(),
+        None => builder.with_no_client_auth(),
     };
-    let name = args.servername.as_deref().unwrap_or(host);
+    let name = files.servername.as_deref().unwrap_or(host);
     let name = ServerName::try_from(name.to_owned())
         .map_err(|e| Fatal::Usage(format!("server name '{name}': {e}")))?;
     Ok(TlsClient {
@@ -158,30 +180,13 @@ fn system_roots() -> Result<rustls::RootCertStore, Fatal> {
     Ok(roots)
 }
 
-/// The token to send: from the first `--token-file`, else the first `--token-env`. Both take
-/// `serve`'s `[NAME=]VALUE` syntax; the name only matters to a server. `optional`: the server
-/// may authenticate by transport instead (a Unix socket, a client certificate).
-fn read_token(args: &SendArgs, optional: bool) -> Result<Option<String>, Fatal> {
-    let first = |specs: &[String], flag: &str, origin: fn(&str) -> TokenOrigin| {
-        specs
-            .first()
-            .map(|spec| TokenSource::parse(spec, origin))
-            .transpose()
-            .map_err(|e| Fatal::Usage(format!("{flag} {e}")))
-    };
-    let file = first(&args.token_file, "--token-file", |v| {
-        TokenOrigin::File(v.into())
-    })?;
-    let var = first(&args.token_env, "--token-env", |v| {
-        TokenOrigin::Env(v.into())
-    })?;
-    match file.or(var).map(|source| source.origin) {
-        Some(TokenOrigin::File(path)) => token_from_file(&path).map(Some),
-        Some(TokenOrigin::Env(var)) => token_from_env(&var).map(Some),
-        None if optional => Ok(None),
-        None => Err(Fatal::Usage(
-            "no token source: give --token-file PATH or --token-env VAR".into(),
-        )),
+/// The token to send, read from where the configuration says; `None` when the server may
+/// authenticate by transport instead (a Unix socket, a client certificate).
+fn read_token(origin: Option<&TokenOrigin>) -> Result<Option<String>, Fatal> {
+    match origin {
+        Some(TokenOrigin::File(path)) => token_from_file(path).map(Some),
+        Some(TokenOrigin::Env(var)) => token_from_env(var).map(Some),
+        None => Ok(None),
     }
 }
 
@@ -206,26 +211,31 @@ fn token_from_env(var: &str) -> Result<String, Fatal> {
 }
 
 /// `TOKEN payload\n`, or just `payload\n` for a server that authenticates by transport.
-fn build_request(token: Option<&str>, args: &SendArgs) -> Result<Vec<u8>, Fatal> {
+fn build_request(token: Option<&str>, config: &SendConfig) -> Result<Vec<u8>, Fatal> {
     let mut request = token.unwrap_or_default().as_bytes().to_vec();
-    if !args.payload.is_empty() {
+    if !config.payload.is_empty() {
         if token.is_some() {
             request.push(b' ');
         }
-        request.extend_from_slice(args.payload.join(" ").as_bytes());
+        request.extend_from_slice(config.payload.join(" ").as_bytes());
     }
     request.push(b'\n');
-    if args.body {
+    if config.body {
         std::io::stdin()
             .read_to_end(&mut request)
-            .map_err(|e| Fatal::Runtime(format!("reading the body from stdin: {e}")))?;
+            .map_err(|e| Fatal::io("reading the body from stdin", e))?;
     }
     Ok(request)
 }
 
 /// Sends to every address at once; prints each reply line prefixed by its address.
-fn send_to_all(peers: &[Peer], request: &[u8], tls: Option<&TlsClient>, deadline: Instant) -> u8 {
-    let results: Vec<(Peer, Result<Vec<u8>, String>)> = std::thread::scope(|scope| {
+fn send_to_all(
+    peers: &[Peer],
+    request: &[u8],
+    tls: Option<&TlsClient>,
+    deadline: Instant,
+) -> Outcome {
+    let results: Vec<(Peer, Result<Vec<u8>, SendError>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = peers
             .iter()
             .map(|peer| {
@@ -236,9 +246,7 @@ fn send_to_all(peers: &[Peer], request: &[u8], tls: Option<&TlsClient>, deadline
         handles
             .into_iter()
             .map(|(peer, h)| {
-                let result = h
-                    .join()
-                    .unwrap_or_else(|_| Err("client thread panicked".into()));
+                let result = h.join().unwrap_or(Err(SendError::Panicked));
                 (peer, result)
             })
             .collect()
@@ -258,14 +266,16 @@ fn send_to_all(peers: &[Peer], request: &[u8], tls: Option<&TlsClient>, deadline
             }
         }
     }
-    u8::from(failed)
+    Outcome::failed_if(failed)
 }
 
 /// Time left before `deadline`, or an error naming `peer` once it has passed.
-fn time_left(peer: &Peer, deadline: Instant) -> Result<Duration, String> {
+fn time_left(peer: &Peer, deadline: Instant) -> Result<Duration, SendError> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
-        Err(format!("{peer}: timed out"))
+        Err(SendError::TimedOut {
+            peer: peer.to_string(),
+        })
     } else {
         Ok(left)
     }
@@ -277,14 +287,17 @@ fn exchange(
     request: &[u8],
     tls: Option<&TlsClient>,
     deadline: Instant,
-) -> Result<Vec<u8>, String> {
-    let connect_error = |e: std::io::Error| format!("connecting to {peer}: {e}");
+) -> Result<Vec<u8>, SendError> {
+    let connect_error = |error| SendError::Connect {
+        peer: peer.to_string(),
+        error,
+    };
     match (peer, tls) {
         (Peer::Unix(path), _) => {
             let mut stream = UnixStream::connect(path).map_err(connect_error)?;
             stream
                 .set_write_timeout(Some(time_left(peer, deadline)?))
-                .map_err(|e| e.to_string())?;
+                .map_err(SendError::Socket)?;
             send_request(&mut stream, peer, request)?;
             let _ = stream.shutdown(Shutdown::Write);
             read_reply(peer, deadline, &mut stream, |s, t| s.set_read_timeout(t))
@@ -297,15 +310,21 @@ fn exchange(
         }
         (Peer::Ip(addr), Some(tls)) => {
             let sock = tcp_connect(*addr, peer, deadline)?;
-            let session = ClientConnection::new(tls.config.clone(), tls.name.clone())
-                .map_err(|e| format!("starting TLS with {peer}: {e}"))?;
+            let session =
+                ClientConnection::new(tls.config.clone(), tls.name.clone()).map_err(|error| {
+                    SendError::StartTls {
+                        peer: peer.to_string(),
+                        error,
+                    }
+                })?;
             let mut stream = StreamOwned::new(session, sock);
             send_request(&mut stream, peer, request)?;
             // `close_notify` is TLS's half-close: the server answers, then closes.
             stream.conn.send_close_notify();
-            stream
-                .flush()
-                .map_err(|e| format!("sending to {peer}: {e}"))?;
+            stream.flush().map_err(|error| SendError::Send {
+                peer: peer.to_string(),
+                error,
+            })?;
             read_reply(peer, deadline, &mut stream, |s, t| {
                 s.sock.set_read_timeout(t)
             })
@@ -313,20 +332,28 @@ fn exchange(
     }
 }
 
-fn tcp_connect(addr: SocketAddr, peer: &Peer, deadline: Instant) -> Result<TcpStream, String> {
-    let stream = TcpStream::connect_timeout(&addr, time_left(peer, deadline)?)
-        .map_err(|e| format!("connecting to {peer}: {e}"))?;
+fn tcp_connect(addr: SocketAddr, peer: &Peer, deadline: Instant) -> Result<TcpStream, SendError> {
+    let stream =
+        TcpStream::connect_timeout(&addr, time_left(peer, deadline)?).map_err(|error| {
+            SendError::Connect {
+                peer: peer.to_string(),
+                error,
+            }
+        })?;
     stream
         .set_write_timeout(Some(time_left(peer, deadline)?))
-        .map_err(|e| e.to_string())?;
+        .map_err(SendError::Socket)?;
     Ok(stream)
 }
 
-fn send_request(stream: &mut impl Write, peer: &Peer, request: &[u8]) -> Result<(), String> {
+fn send_request(stream: &mut impl Write, peer: &Peer, request: &[u8]) -> Result<(), SendError> {
     stream
         .write_all(request)
         .and_then(|_| stream.flush())
-        .map_err(|e| format!("sending to {peer}: {e}"))
+        .map_err(|error| SendError::Send {
+            peer: peer.to_string(),
+            error,
+        })
 }
 
 /// Reads until the server closes. A TLS server that closes without `close_notify` after a
@@ -336,12 +363,12 @@ fn read_reply<S: Read>(
     deadline: Instant,
     stream: &mut S,
     set_timeout: impl Fn(&S, Option<Duration>) -> std::io::Result<()>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, SendError> {
     let mut reply = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
         let left = time_left(peer, deadline)?.max(Duration::from_millis(1));
-        set_timeout(stream, Some(left)).map_err(|e| e.to_string())?;
+        set_timeout(stream, Some(left)).map_err(SendError::Socket)?;
         match stream.read(&mut chunk) {
             Ok(0) => return Ok(reply),
             Ok(n) => reply.extend_from_slice(&chunk[..n]),
@@ -358,7 +385,12 @@ fn read_reply<S: Read>(
             {
                 return Ok(reply);
             }
-            Err(e) => return Err(format!("reading from {peer}: {e}")),
+            Err(error) => {
+                return Err(SendError::Read {
+                    peer: peer.to_string(),
+                    error,
+                });
+            }
         }
     }
 }

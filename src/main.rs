@@ -1,3 +1,5 @@
+//! The binary: parses the command line, sets up logging, runs the subcommand, and picks the
+//! exit status. The one place that does: every other part returns an outcome or an error.
 use clap::Parser;
 use command_trigger::cli::{Cli, Command, LogFormat};
 use command_trigger::{app, init, logging};
@@ -18,9 +20,10 @@ fn main() -> ExitCode {
         _ => LogFormat::Text,
     });
     match app::run(cli) {
-        Ok(code) => ExitCode::from(code),
+        Ok(outcome) => ExitCode::from(outcome.exit_code()),
         Err(fatal) => {
-            log::error!("{fatal}");
+            // Not through the logger: a fatal error must be seen even with `RUST_LOG=off`.
+            eprintln!("{fatal}");
             ExitCode::from(fatal.exit_code())
         }
     }

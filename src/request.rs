@@ -8,7 +8,7 @@ use crate::transport::{ListenerKind, PeerCred};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A complete, authenticated (or `--auth script`) request.
 #[derive(Clone, Debug)]
@@ -21,6 +21,8 @@ pub struct Request {
     pub body: Vec<u8>,
     pub endpoints: Arc<Endpoints>,
     pub framing: Framing,
+    /// `--keep-alive`: whether line framing reads another request after this one's reply.
+    pub keep_alive: bool,
     /// HTTP framing: the request line and headers.
     pub http: Option<HttpHead>,
 }
@@ -245,6 +247,44 @@ impl fmt::Display for RequestLog<'_> {
             self.exit_codes,
         )
     }
+}
+
+/// Writes the one info line of a request (its fields also go to JSON logs as fields) and
+/// counts it in the metrics. Called once per request, wherever it ended: by the worker that
+/// ran it, or by the loop when the server answered it itself.
+pub fn log_request(
+    request: &Request,
+    verdict: Verdict,
+    started: Instant,
+    reply_bytes: usize,
+    exit_codes: &[i32],
+) {
+    let metrics = crate::metrics::metrics();
+    metrics.record_request(verdict, started.elapsed());
+    if verdict == Verdict::Unauthorized {
+        metrics.auth_failures.inc();
+    }
+    let line = RequestLog {
+        id: request.id,
+        peer: &request.endpoints.peer_text,
+        token_name: request.token_name.as_deref(),
+        payload_bytes: request.payload.len() + request.body.len(),
+        verdict,
+        duration: started.elapsed(),
+        reply_bytes,
+        exit_codes,
+    };
+    log::info!(
+        request_id = line.id,
+        peer:% = line.peer,
+        token_name:serde = line.token_name,
+        payload_bytes = line.payload_bytes,
+        outcome:% = line.verdict,
+        duration_ms = line.duration.as_secs_f64() * 1000.0,
+        reply_bytes = line.reply_bytes,
+        exit_codes:serde = line.exit_codes;
+        "{line}"
+    );
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! finds the previous one of its schedule still queued or running is skipped and logged: a slow
 //! housekeeping job never piles up copies of itself.
 
+use crate::error::ConfigError;
 use crate::trigger::{Kind, Triggers};
 use chrono::{DateTime, Utc};
 use croner::Cron;
@@ -31,26 +32,32 @@ pub enum Schedule {
 
 impl Schedule {
     /// `--every`: a zero period would tick without end.
-    pub fn every(period: Duration) -> Result<Schedule, String> {
+    pub fn every(period: Duration) -> Result<Schedule, ConfigError> {
         if period.is_zero() {
-            return Err("--every must be longer than 0s".into());
+            return Err(ConfigError::Zero { flag: "--every" });
         }
         Ok(Schedule::Every(period))
     }
 
     /// `--cron`: exactly five fields (minute hour day-of-month month day-of-week), evaluated in
     /// UTC. An expression that never fires (`0 0 31 2 *`) is refused too.
-    pub fn cron(expr: &str) -> Result<Schedule, String> {
+    pub fn cron(expr: &str) -> Result<Schedule, ConfigError> {
         let parser = CronParser::builder()
             .seconds(Seconds::Disallowed)
             .year(Year::Disallowed)
             .build();
-        let cron = parser
-            .parse(expr)
-            .map_err(|e| format!("--cron '{expr}': {e}"))?;
+        let cron = parser.parse(expr).map_err(|e| ConfigError::Cron {
+            expr: expr.to_owned(),
+            reason: e.to_string(),
+            fires: true,
+        })?;
         let now: DateTime<Utc> = SystemTime::now().into();
         cron.find_next_occurrence(&now, false)
-            .map_err(|e| format!("--cron '{expr}' never fires: {e}"))?;
+            .map_err(|e| ConfigError::Cron {
+                expr: expr.to_owned(),
+                reason: e.to_string(),
+                fires: false,
+            })?;
         Ok(Schedule::Cron(expr.to_owned(), Box::new(cron)))
     }
 }
@@ -222,8 +229,10 @@ mod tests {
     fn every_refuses_zero() {
         assert!(Schedule::every(Duration::ZERO).is_err());
         assert_eq!(
-            Schedule::every(Duration::from_secs(90)).map(|s| s.to_string()),
-            Ok("every 1m 30s".to_owned())
+            Schedule::every(Duration::from_secs(90))
+                .map(|s| s.to_string())
+                .ok(),
+            Some("every 1m 30s".to_owned())
         );
     }
 }

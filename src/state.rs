@@ -9,7 +9,7 @@
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -32,6 +32,8 @@ pub enum StateError {
     NotAnInteger(String),
     /// The database said no (disk full, I/O error).
     Storage(String),
+    /// `--state-file` could not be opened at start.
+    Open { path: PathBuf, reason: String },
 }
 
 impl fmt::Display for StateError {
@@ -41,9 +43,14 @@ impl fmt::Display for StateError {
             StateError::TooLarge(what, max) => write!(f, "state {what} is over {max} bytes"),
             StateError::NotAnInteger(key) => write!(f, "state '{key}' does not hold an integer"),
             StateError::Storage(e) => write!(f, "state file: {e}"),
+            StateError::Open { path, reason } => {
+                write!(f, "opening --state-file {}: {reason}", path.display())
+            }
         }
     }
 }
+
+impl std::error::Error for StateError {}
 
 fn storage(error: impl fmt::Display) -> StateError {
     StateError::Storage(error.to_string())
@@ -108,8 +115,11 @@ impl State {
 
     /// Opens (or creates) the database at `path`. A file that is not an intact redb database
     /// is an error that names it; it is never rewritten, so nothing in it is lost.
-    pub fn open(path: &Path, max_keys: usize) -> Result<State, String> {
-        let fail = |e: &dyn fmt::Display| format!("opening --state-file {}: {e}", path.display());
+    pub fn open(path: &Path, max_keys: usize) -> Result<State, StateError> {
+        let fail = |e: &dyn fmt::Display| StateError::Open {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        };
         // A plain open trusts the file and may panic on altered pages; the check refuses them.
         // The panic guard is for what the check itself might miss.
         let opened = std::panic::catch_unwind(|| {
@@ -460,7 +470,7 @@ mod tests {
         let garbage = b"this is not a database, but someone's notes\n".repeat(100);
         std::fs::write(&path, &garbage).unwrap();
         let error = State::open(&path, 10).err().unwrap();
-        assert!(error.contains("s.redb"), "{error}");
+        assert!(error.to_string().contains("s.redb"), "{error}");
         assert_eq!(std::fs::read(&path).unwrap(), garbage);
     }
 }

@@ -2,13 +2,12 @@
 
 use crate::auth::Tokens;
 use crate::connection::ReplyWriter;
-use crate::http;
 use crate::metrics::metrics;
-use crate::request::{Reply, Request, RequestLog, ServerError, Verdict};
+use crate::protocol::{Encoded, Protocol};
+use crate::request::{Reply, Request, ServerError, Verdict, log_request};
 use crate::script::context::ClientSink;
 use crate::script::{HandlerResult, ScriptHost};
 use crate::trigger::{self, TriggerCall};
-use crate::wire;
 use mio::Waker;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +28,7 @@ pub enum Outbound {
     /// Bytes to send now (`write()`, streamed output); more will follow.
     Data { conn: ConnRef, bytes: Vec<u8> },
     /// The request is finished; this is the last of its bytes.
-    Done { conn: ConnRef, reply: Reply },
+    Done { conn: ConnRef, reply: Encoded },
     /// Token files were read again.
     Tokens(Arc<Tokens>),
 }
@@ -275,7 +274,11 @@ impl Worker {
                 Reply::error(ServerError::HandlerFailed(job.request.id))
             });
             let streamed = streamed.load(Ordering::SeqCst);
-            let reply = wire::finish(reply, job.request.http.as_ref(), streamed);
+            let protocol = Protocol::of(&job.request);
+            let reply = match streamed {
+                true => protocol.encode_end(reply),
+                false => protocol.encode_reply(reply),
+            };
             // Live output went through the loop, which may still hold some of it: then the
             // reply must follow it there.
             let writer = job.writer.filter(|_| !streamed);
@@ -285,13 +288,14 @@ impl Worker {
 
     /// Sends the reply, itself when it may (the connection stays open after it), and tells the
     /// loop, which settles the connection (reads on, or closes) and sends what the socket did
-    /// not take. A reply that went out
-    /// whole on a connection that stays open needs no wake: the loop learns of it on its next
-    /// turn, or at once when the client's next request (or close) arrives. That saves the
-    /// second thread hand-off of a keep-alive request: its wake system call, and the loop's
-    /// extra turn.
-    fn finish(&self, conn: ConnRef, mut reply: Reply, writer: Option<ReplyWriter>) {
-        let Some(writer) = writer.filter(|w| w.keeps_open(reply.close)) else {
+    /// not take. A reply that went out whole on a connection that stays open needs no wake:
+    /// the loop learns of it on its next turn, or at once when the client's next request (or
+    /// close) arrives. That saves the second thread hand-off of a keep-alive request: its wake
+    /// system call, and the loop's extra turn.
+    fn finish(&self, conn: ConnRef, mut reply: Encoded, writer: Option<ReplyWriter>) {
+        // A reply that ends the connection goes through the loop, which sends it and shuts
+        // the socket down back to back, so the client sees the end with the data.
+        let Some(writer) = writer.filter(|_| !reply.close) else {
             return self.outbox.send(Outbound::Done { conn, reply });
         };
         writer.write_now(&mut reply.bytes);
@@ -318,7 +322,7 @@ impl Worker {
         let client = Box::new(ConnectionSink {
             conn,
             outbox: self.outbox.clone(),
-            http: request.http.as_ref().map(wire::LiveStream::of),
+            protocol: Protocol::of(request),
             streamed: streamed.clone(),
             trailer_names: Vec::new(),
         });
@@ -346,48 +350,12 @@ impl Worker {
     }
 }
 
-/// The one info line per request; its fields also go to JSON logs as fields.
-pub fn log_request(
-    request: &Request,
-    verdict: Verdict,
-    started: Instant,
-    reply_bytes: usize,
-    exit_codes: &[i32],
-) {
-    let metrics = crate::metrics::metrics();
-    metrics.record_request(verdict, started.elapsed());
-    if verdict == Verdict::Unauthorized {
-        metrics.auth_failures.inc();
-    }
-    let line = RequestLog {
-        id: request.id,
-        peer: &request.endpoints.peer_text,
-        token_name: request.token_name.as_deref(),
-        payload_bytes: request.payload.len() + request.body.len(),
-        verdict,
-        duration: started.elapsed(),
-        reply_bytes,
-        exit_codes,
-    };
-    log::info!(
-        request_id = line.id,
-        peer:% = line.peer,
-        token_name:serde = line.token_name,
-        payload_bytes = line.payload_bytes,
-        outcome:% = line.verdict,
-        duration_ms = line.duration.as_secs_f64() * 1000.0,
-        reply_bytes = line.reply_bytes,
-        exit_codes:serde = line.exit_codes;
-        "{line}"
-    );
-}
-
 /// Sends a handler's live output to its connection through the loop.
 struct ConnectionSink {
     conn: ConnRef,
     outbox: Outbox,
-    /// HTTP framing: live output goes out as the chunked body of a `200` response.
-    http: Option<wire::LiveStream>,
+    /// How live output is framed (HTTP: as the chunked body of a `200` response).
+    protocol: Protocol,
     /// Set once live output has gone to the loop: HTTP, the response has started, so the final
     /// reply only ends it; any framing, the reply must follow that output through the loop.
     streamed: Arc<AtomicBool>,
@@ -400,20 +368,10 @@ impl ClientSink for ConnectionSink {
         if bytes.is_empty() {
             return;
         }
-        let bytes = match &self.http {
-            None => {
-                self.streamed.store(true, Ordering::SeqCst);
-                bytes
-            }
-            Some(head) => {
-                let mut framed = Vec::new();
-                if !self.streamed.swap(true, Ordering::SeqCst) {
-                    framed = wire::stream_start(*head, &self.trailer_names);
-                }
-                framed.extend_from_slice(&http::chunk(&bytes, head.minor_version));
-                framed
-            }
-        };
+        let first = !self.streamed.swap(true, Ordering::SeqCst);
+        let bytes = self
+            .protocol
+            .encode_live(&bytes, first, &self.trailer_names);
         self.outbox.send(Outbound::Data {
             conn: self.conn,
             bytes,

@@ -7,17 +7,19 @@
 
 pub(crate) mod api;
 pub mod budget;
+mod compile;
 pub mod context;
 pub(crate) mod diagnose;
 mod jobs_api;
 pub mod limits;
 mod state_api;
+mod values;
 mod webhook;
 
-use crate::http::HttpHead;
-use crate::request::{Content, Endpoints, Reply, Request};
+use crate::request::{Reply, Request};
 pub use crate::runtime::Runtime;
-use crate::tls::TlsInfo;
+pub use compile::ScriptError;
+pub(crate) use compile::{check_calls, compile, compile_source, read_source};
 use context::{ClientSink, HandlerContext};
 use rhai::packages::{Package, StandardPackage};
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
@@ -25,6 +27,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
+pub use values::bytes_of;
+use values::reply_from;
+pub(crate) use values::request_map;
 
 /// How one `handle(req)` call ended.
 pub enum HandlerResult {
@@ -51,7 +56,7 @@ pub struct ScriptHost {
 
 impl ScriptHost {
     /// Compiles the script at `path`; the error names file, line and column.
-    pub fn load(path: &Path, runtime: Arc<Runtime>) -> Result<ScriptHost, String> {
+    pub fn load(path: &Path, runtime: Arc<Runtime>) -> Result<ScriptHost, ScriptError> {
         ScriptHost::load_requiring(path, runtime, Vec::new())
     }
 
@@ -61,7 +66,7 @@ impl ScriptHost {
         path: &Path,
         runtime: Arc<Runtime>,
         required: Vec<&'static str>,
-    ) -> Result<ScriptHost, String> {
+    ) -> Result<ScriptHost, ScriptError> {
         let engine = build_engine(&runtime);
         let ast = compile(&engine, path, &required)?;
         let limits = &runtime.limits;
@@ -82,7 +87,7 @@ impl ScriptHost {
     }
 
     /// Compiles the file again; on success new requests use it, on failure nothing changes.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), ScriptError> {
         let ast = compile(&self.engine, &self.path, &self.required)?;
         *self.ast.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ast);
         Ok(())
@@ -237,79 +242,6 @@ pub(crate) fn build_engine(runtime: &Arc<Runtime>) -> Engine {
     engine
 }
 
-/// Compiles the handler at `path`: syntax, `handle(req)`, the functions the trigger flags
-/// need (`required`), and calls to unknown functions.
-pub(crate) fn compile(engine: &Engine, path: &Path, required: &[&str]) -> Result<AST, String> {
-    let source = read_source(path)?;
-    let ast = compile_source(engine, path, &source)?;
-    let has = |name: &str| {
-        ast.iter_functions()
-            .any(|f| f.name == name && f.params.len() == 1)
-    };
-    if !has("handle") {
-        return Err(format!(
-            "{}: no function handle(req) with one parameter",
-            path.display()
-        ));
-    }
-    if let Some(missing) = required.iter().find(|name| !has(name)) {
-        let flag = if *missing == "on_tick" {
-            "--every/--cron"
-        } else {
-            "--watch"
-        };
-        return Err(format!(
-            "{}: no function {missing}(..) with one parameter, which {flag} calls",
-            path.display()
-        ));
-    }
-    check_calls(engine, path, &source, &ast, None)?;
-    Ok(ast)
-}
-
-/// The text of a script file; a `#!` first line is blanked (not removed, so lines keep their
-/// numbers), as Rhai does for files.
-pub(crate) fn read_source(path: &Path) -> Result<String, String> {
-    let mut source = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: reading the script: {e}", path.display()))?;
-    if source.starts_with("#!") {
-        let end = source.find('\n').unwrap_or(source.len());
-        source.replace_range(..end, "");
-    }
-    Ok(source)
-}
-
-/// Compiles `source`; a syntax error names `path`, line and column, and shows the line.
-pub(crate) fn compile_source(engine: &Engine, path: &Path, source: &str) -> Result<AST, String> {
-    engine.compile(source).map_err(|e| {
-        let error = EvalAltResult::from(e);
-        diagnose::with_excerpt(describe(path, &error), source, error.position())
-    })
-}
-
-/// Fails on calls in `ast` to functions that neither it, `also` (the handler a test file is
-/// compiled with) nor the engine define, each shown with its line.
-pub(crate) fn check_calls(
-    engine: &Engine,
-    path: &Path,
-    source: &str,
-    ast: &AST,
-    also: Option<&AST>,
-) -> Result<(), String> {
-    let unknown = diagnose::unknown_calls(engine, ast, also);
-    if unknown.is_empty() {
-        return Ok(());
-    }
-    let reports: Vec<String> = unknown
-        .iter()
-        .map(|call| {
-            let message = located(path, call.position, &call.message());
-            diagnose::with_excerpt(message, source, call.position)
-        })
-        .collect();
-    Err(reports.join("\n"))
-}
-
 /// Whether `on_progress` stopped the handler for its memory budget (not its deadline).
 fn stopped_for_memory(error: &EvalAltResult) -> bool {
     match error {
@@ -351,193 +283,6 @@ fn innermost_position(error: &EvalAltResult) -> Position {
         current = inner;
     }
     best
-}
-
-/// `req` as the script sees it (SPEC §5, §10).
-pub(crate) fn request_map(request: &Request) -> Map {
-    // HTTP carries its payload in the body; the other framings on the first line.
-    let payload_bytes = if request.http.is_some() {
-        &request.body
-    } else {
-        &request.payload
-    };
-    let payload = String::from_utf8_lossy(payload_bytes).into_owned();
-    let args: Vec<String> = match &request.http {
-        Some(head) => head.segments(),
-        None => payload.split_whitespace().map(str::to_owned).collect(),
-    };
-    let token_name = match &request.token_name {
-        Some(name) => Dynamic::from(name.to_string()),
-        None => Dynamic::UNIT,
-    };
-    let mut map = Map::new();
-    map.insert("id".into(), Dynamic::from(request.id as i64));
-    map.insert("token_name".into(), token_name);
-    map.insert("payload".into(), Dynamic::from(payload));
-    map.insert(
-        "args".into(),
-        Dynamic::from_array(args.into_iter().map(Dynamic::from).collect()),
-    );
-    map.insert("body".into(), Dynamic::from_blob(request.body.clone()));
-    map.insert(
-        "peer".into(),
-        Dynamic::from(request.endpoints.peer_text.clone()),
-    );
-    map.insert(
-        "local".into(),
-        Dynamic::from(request.endpoints.local_text.clone()),
-    );
-    map.insert("framing".into(), request.framing.name().into());
-    insert_transport_fields(&mut map, &request.endpoints);
-    if let Some(head) = &request.http {
-        insert_http_fields(&mut map, head);
-    }
-    map
-}
-
-/// `req.listener`, `req.tls` and `req.peer_cred` (SPEC §11); `()` where they do not apply.
-fn insert_transport_fields(map: &mut Map, endpoints: &Endpoints) {
-    map.insert("listener".into(), endpoints.listener.name().into());
-    let tls = endpoints
-        .tls
-        .as_deref()
-        .map_or(Dynamic::UNIT, |tls| Dynamic::from_map(tls_map(tls)));
-    map.insert("tls".into(), tls);
-    let cred = endpoints.peer_cred.map_or(Dynamic::UNIT, |cred| {
-        let mut m = Map::new();
-        m.insert("pid".into(), Dynamic::from(i64::from(cred.pid)));
-        m.insert("uid".into(), Dynamic::from(i64::from(cred.uid)));
-        m.insert("gid".into(), Dynamic::from(i64::from(cred.gid)));
-        Dynamic::from_map(m)
-    });
-    map.insert("peer_cred".into(), cred);
-}
-
-fn tls_map(tls: &TlsInfo) -> Map {
-    let text = |s: &Option<String>| s.clone().map_or(Dynamic::UNIT, Dynamic::from);
-    let mut m = Map::new();
-    m.insert("version".into(), Dynamic::from(tls.version.clone()));
-    m.insert("cipher".into(), Dynamic::from(tls.cipher.clone()));
-    m.insert("sni".into(), text(&tls.sni));
-    let client = tls.client.as_ref().map_or(Dynamic::UNIT, |c| {
-        let mut cm = Map::new();
-        cm.insert("subject".into(), Dynamic::from(c.subject.clone()));
-        cm.insert("cn".into(), text(&c.cn));
-        let sans = c.sans.iter().cloned().map(Dynamic::from).collect();
-        cm.insert("sans".into(), Dynamic::from_array(sans));
-        cm.insert("serial".into(), Dynamic::from(c.serial.clone()));
-        cm.insert(
-            "fingerprint_sha256".into(),
-            Dynamic::from(c.fingerprint_sha256.clone()),
-        );
-        cm.insert("not_after".into(), Dynamic::from(c.not_after));
-        Dynamic::from_map(cm)
-    });
-    m.insert("client".into(), client);
-    m
-}
-
-fn insert_http_fields(map: &mut Map, head: &HttpHead) {
-    let strings = |pairs: Vec<(String, String)>| -> Map {
-        pairs
-            .into_iter()
-            .map(|(k, v)| (k.into(), Dynamic::from(v)))
-            .collect()
-    };
-    let query = head
-        .query()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    map.insert("method".into(), Dynamic::from(head.method.clone()));
-    map.insert("path".into(), Dynamic::from(head.path().to_owned()));
-    map.insert("query".into(), Dynamic::from_map(strings(query)));
-    map.insert(
-        "headers".into(),
-        Dynamic::from_map(strings(head.joined_headers())),
-    );
-}
-
-/// Turns `handle`'s return value into a reply (SPEC §5 and §10 "The return value").
-fn reply_from(value: Dynamic) -> Result<Reply, String> {
-    if !value.is_map() {
-        return Ok(Reply {
-            content: content_of(&value),
-            bytes: bytes_of(value),
-            ..Reply::default()
-        });
-    }
-    let mut map = value.cast::<Map>();
-    let close = match map.remove("close") {
-        Some(close) => Some(
-            close
-                .as_bool()
-                .map_err(|t| format!("reply 'close' must be a bool, not {t}"))?,
-        ),
-        None => None,
-    };
-    let status = match map.remove("status") {
-        Some(status) => match status.as_int() {
-            Ok(code @ 100..=599) => Some(code as u16),
-            _ => {
-                return Err(format!(
-                    "reply 'status' must be a number from 100 to 599, not {status}"
-                ));
-            }
-        },
-        None => None,
-    };
-    let headers = string_pairs(map.remove("headers"), "headers")?;
-    let trailers = string_pairs(map.remove("trailers"), "trailers")?;
-    let body = map.remove("body").unwrap_or(Dynamic::UNIT);
-    Ok(Reply {
-        close,
-        status,
-        headers,
-        trailers,
-        content: content_of(&body),
-        bytes: bytes_of(body),
-    })
-}
-
-/// A reply map's `headers` or `trailers`: a map, each value in its string form.
-fn string_pairs(value: Option<Dynamic>, field: &str) -> Result<Vec<(String, String)>, String> {
-    let Some(value) = value else {
-        return Ok(Vec::new());
-    };
-    let map = value
-        .try_cast::<Map>()
-        .ok_or_else(|| format!("reply '{field}' must be a map"))?;
-    Ok(map
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect())
-}
-
-fn content_of(value: &Dynamic) -> Content {
-    if value.is_unit() {
-        Content::Nothing
-    } else if value.is_blob() {
-        Content::Binary
-    } else {
-        Content::Text
-    }
-}
-
-/// Strings and blobs as they are, `()` as nothing, anything else as its string form.
-pub fn bytes_of(value: Dynamic) -> Vec<u8> {
-    if value.is_unit() {
-        return Vec::new();
-    }
-    if value.is_blob() {
-        return value.into_blob().unwrap_or_default();
-    }
-    if value.is_string() {
-        return value
-            .into_immutable_string()
-            .map(|s| s.as_bytes().to_vec())
-            .unwrap_or_default();
-    }
-    value.to_string().into_bytes()
 }
 
 /// The start of a script-raised position-free error, for the registered functions.

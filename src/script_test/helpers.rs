@@ -272,6 +272,7 @@ fn request(state: &TestState, fields: RequestFields) -> ScriptResult<Map> {
         body,
         endpoints: Endpoints::new(addr, addr),
         framing,
+        keep_alive: false,
         http,
     };
     let mut map = request_map(&request);

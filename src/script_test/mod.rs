@@ -8,10 +8,11 @@ mod helpers;
 pub use helpers::{TestState, command_json, command_map};
 
 use crate::config::Limits;
+use crate::error::{Fatal, Outcome};
 use crate::runner::Recorder;
 use crate::runtime::Runtime;
 use crate::script::context::{self, ClientSink, HandlerContext};
-use crate::script::{self, build_engine};
+use crate::script::{self, ScriptError, build_engine};
 use crate::state::State;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Scope};
 use std::collections::HashSet;
@@ -38,16 +39,10 @@ struct Suite {
     tests: Vec<String>,
 }
 
-/// Runs the plan, printing one line per test and the summary. Exit status: 0 all passed,
-/// 1 any failed, 2 a script that does not compile (reported on stderr).
-pub fn run(plan: &TestPlan) -> u8 {
-    let suites = match load(plan) {
-        Ok(suites) => suites,
-        Err(message) => {
-            eprintln!("{message}");
-            return 2;
-        }
-    };
+/// Runs the plan, printing one line per test and the summary: a failure when any test
+/// failed, a usage error (exit 2) when a script does not compile.
+pub fn run(plan: &TestPlan) -> Result<Outcome, Fatal> {
+    let suites = load(plan).map_err(Fatal::Script)?;
     let prefix = suites.len() > 1;
     let (mut passed, mut failed) = (0, 0);
     for suite in &suites {
@@ -72,7 +67,7 @@ pub fn run(plan: &TestPlan) -> u8 {
         }
     }
     println!("{passed} passed, {failed} failed");
-    u8::from(failed > 0)
+    Ok(Outcome::failed_if(failed > 0))
 }
 
 fn file_name(path: &Path) -> String {
@@ -82,7 +77,7 @@ fn file_name(path: &Path) -> String {
 }
 
 /// Compiles the handler (as `check` would) and each test file with it.
-fn load(plan: &TestPlan) -> Result<Vec<Suite>, String> {
+fn load(plan: &TestPlan) -> Result<Vec<Suite>, ScriptError> {
     let server_engine = build_engine(&Runtime::new(plan.limits));
     let handler = script::compile(&server_engine, &plan.handler, &[])?;
     let state = TestState::new(plan.limits.command_timeout);
@@ -93,7 +88,7 @@ fn load(plan: &TestPlan) -> Result<Vec<Suite>, String> {
         .collect()
 }
 
-fn load_suite(engine: &Engine, handler: &AST, path: &Path) -> Result<Suite, String> {
+fn load_suite(engine: &Engine, handler: &AST, path: &Path) -> Result<Suite, ScriptError> {
     let source = script::read_source(path)?;
     let tests_ast = script::compile_source(engine, path, &source)?;
     script::check_calls(engine, path, &source, &tests_ast, Some(handler))?;

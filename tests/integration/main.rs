@@ -19,4 +19,5 @@ mod reply_path;
 mod rough_edges;
 mod script_tests;
 mod scripts;
+mod structure;
 mod transport;

@@ -1,9 +1,13 @@
 //! The validated settings of `serve`: addresses parsed, token sources named, limits checked.
 //! Built from the raw command line in one place, so the server never sees an invalid value.
 
+mod clients;
+
+pub use clients::{CallConfig, CallInput, SendConfig, Target, TlsClientFiles};
+
 use crate::auth::{TokenOrigin, TokenSource};
 use crate::cli::{AuthMode, FramingArg, ServeArgs};
-use crate::error::Fatal;
+use crate::error::{ConfigError, Fatal};
 use crate::framing::Framing;
 use crate::schedule::Schedule;
 use crate::tls::TlsFiles;
@@ -11,9 +15,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// What `serve` runs with. Every value is checked (see `validate`), so the loop can add any
+/// of these durations to an `Instant` and size any buffer by them without a second thought.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// `--script`: the file that defines `handle(req)`, loaded at start and on change.
     pub script: PathBuf,
+    /// `--listen`: plain TCP, `tls://` and `unix:` listeners, in the order given (which
+    /// `--print-addr` keeps).
     pub listen: Vec<ListenSpec>,
     /// Certificate, key and client CA of the `tls://` listeners; set exactly when one exists.
     pub tls: Option<TlsFiles>,
@@ -21,27 +30,45 @@ pub struct Config {
     pub unix_mode: u32,
     /// User ids served on `unix:` listeners; empty means any.
     pub allow_uid: Vec<u32>,
+    /// `--token-file` and `--token-env`; empty only with `--insecure-no-token` or when every
+    /// listener authenticates its clients itself.
     pub token_sources: Vec<TokenSource>,
+    /// `--auth`: whether the server or the script turns away a wrong token.
     pub auth: AuthMode,
+    /// `--framing`: how a connection's bytes are cut into requests, and replies framed.
     pub framing: Framing,
+    /// `--keep-alive`: read another request after a reply (line framing; HTTP decides per
+    /// request, stream framing never can).
     pub keep_alive: bool,
+    /// `--workers`: handler threads, so requests running at once.
     pub workers: usize,
+    /// `--queue`: complete requests that may wait for a worker before `ERR busy`.
     pub queue: usize,
+    /// `--max-connections`: open client connections before new ones get `ERR busy`.
     pub max_connections: usize,
     /// Open connections from one client IP; 0 means no limit.
     pub max_connections_per_ip: usize,
+    /// `--max-request-bytes`: the largest request read; past it `ERR request too large`.
     pub max_request_bytes: usize,
+    /// `--read-timeout`: time to send a whole request, and the keep-alive idle time.
     pub read_timeout: Duration,
+    /// What each handler may use; `call` builds the same from its own flags.
     pub limits: Limits,
+    /// `--shutdown-timeout`: how long a stop waits for handlers and jobs before killing.
     pub shutdown_timeout: Duration,
+    /// `--print-addr`: print the bound addresses on stdout (how tests find port 0).
     pub print_addr: bool,
     /// Networks whose clients are served; empty means any.
     pub allow: Vec<ipnet::IpNet>,
+    /// `--auth-failures`: wrong tokens from one IP within 60 s before it is refused; 0 off.
     pub auth_failures: u32,
+    /// `--metrics-listen`: where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// `--watch`, made absolute; `on_change` runs when one changes.
     pub watch: Vec<PathBuf>,
+    /// `--watch-debounce`: quiet time after a change before `on_change` runs.
     pub watch_debounce: Duration,
+    /// `--watch-poll`: how often watched paths are compared by content as well.
     pub watch_poll: Duration,
     /// `--every` and `--cron`; `on_tick` runs on each.
     pub schedules: Vec<Schedule>,
@@ -52,9 +79,13 @@ pub struct Config {
 /// What one handler may use; shared by `serve` and `call`.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    /// Wall-clock limit of one `handle(req)` (or trigger) call, commands included.
     pub handler_timeout: Duration,
+    /// Default limit of one command; a script may ask for less or more per command.
     pub command_timeout: Duration,
+    /// Captured stdout and stderr of one command, each; the rest is dropped and flagged.
     pub max_output_bytes: usize,
+    /// Background jobs alive at once; `start` beyond it throws.
     pub max_jobs: usize,
     /// The largest request the script may be handed: its blob and string limits derive from it.
     pub max_request_bytes: usize,
@@ -65,17 +96,6 @@ pub struct Limits {
 }
 
 impl Config {
-    /// Whether `--allow` admits a client from `ip` (IPv4-mapped IPv6 counts as IPv4).
-    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip))
-    }
-
-    /// Whether `--allow-uid` admits a Unix client with user id `uid`.
-    pub fn allows_uid(&self, uid: u32) -> bool {
-        self.allow_uid.is_empty() || self.allow_uid.contains(&uid)
-    }
-
     pub fn from_args(args: ServeArgs) -> Result<Config, Fatal> {
         let listen = args
             .listen
@@ -93,18 +113,17 @@ impl Config {
         };
         if token_sources.is_empty() && !args.insecure_no_token && !listen.iter().all(authenticates)
         {
-            return Err(Fatal::Usage(
-                "no token source: give --token-file or --token-env (or --insecure-no-token to accept anyone; \
-                 no token is needed when every listener authenticates its clients: tls:// with --tls-client-ca, or unix:)".into(),
-            ));
+            return Err(ConfigError::NoTokenSource.into());
         }
         validate(&args)?;
         let watch = args
             .watch
             .iter()
             .map(|path| {
-                std::path::absolute(path)
-                    .map_err(|e| Fatal::Usage(format!("--watch {}: {e}", path.display())))
+                std::path::absolute(path).map_err(|e| ConfigError::WatchPath {
+                    path: path.clone(),
+                    error: e.to_string(),
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let schedules = args
@@ -112,8 +131,7 @@ impl Config {
             .iter()
             .map(|period| Schedule::every(*period))
             .chain(args.cron.iter().map(|expr| Schedule::cron(expr)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Fatal::Usage)?;
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             watch,
             watch_debounce: args.watch_debounce,
@@ -157,7 +175,7 @@ impl Config {
     }
 }
 
-/// One `--listen` value (SPEC §11).
+/// One `--listen` value (SPEC §11): where to listen, and how clients are spoken to there.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenSpec {
     Tcp(SocketAddr),
@@ -166,11 +184,11 @@ pub enum ListenSpec {
 }
 
 impl ListenSpec {
-    pub fn parse(text: &str) -> Result<ListenSpec, Fatal> {
-        let usage = || {
-            Fatal::Usage(format!(
-                "--listen '{text}': expected IP:PORT, [IPv6]:PORT, tls://IP:PORT or unix:/PATH"
-            ))
+    pub fn parse(text: &str) -> Result<ListenSpec, ConfigError> {
+        let usage = || ConfigError::Malformed {
+            flag: "--listen",
+            value: text.to_owned(),
+            expected: "IP:PORT, [IPv6]:PORT, tls://IP:PORT or unix:/PATH",
         };
         if let Some(path) = text.strip_prefix("unix:") {
             if path.is_empty() {
@@ -187,9 +205,9 @@ impl ListenSpec {
 
 /// The TLS files, checked against the listeners: a certificate with no `tls://` listener is as
 /// wrong as a `tls://` listener with none (an operator who set one believes TLS is on).
-fn tls_files(args: &ServeArgs, listen: &[ListenSpec]) -> Result<Option<TlsFiles>, Fatal> {
+fn tls_files(args: &ServeArgs, listen: &[ListenSpec]) -> Result<Option<TlsFiles>, ConfigError> {
     let has_tls = listen.iter().any(|l| matches!(l, ListenSpec::Tls(_)));
-    let usage = |m: &str| Err(Fatal::Usage(m.into()));
+    let usage = |m: &'static str| Err(ConfigError::Together(m));
     match (&args.tls_cert, &args.tls_key, has_tls) {
         (Some(cert), Some(key), true) => Ok(Some(TlsFiles {
             cert: cert.clone(),
@@ -218,7 +236,7 @@ const MAX_WORKERS: usize = 4096;
 
 /// Checks every duration and size flag of `serve` against what the server can honour, so an
 /// absurd value is an error at start (exit 2, naming the flag), never a panic or a hang later.
-fn validate(args: &ServeArgs) -> Result<(), Fatal> {
+fn validate(args: &ServeArgs) -> Result<(), ConfigError> {
     // (value, flag, whether zero means something)
     let durations = [
         (args.read_timeout, "--read-timeout", false),
@@ -273,7 +291,11 @@ fn validate(args: &ServeArgs) -> Result<(), Fatal> {
 }
 
 /// A duration flag (of any subcommand) within what the server can honour.
-pub fn check_duration(value: Duration, flag: &str, zero_ok: bool) -> Result<(), Fatal> {
+pub fn check_duration(
+    value: Duration,
+    flag: &'static str,
+    zero_ok: bool,
+) -> Result<(), ConfigError> {
     check_range(value, flag, zero_ok, MAX_DURATION, |d| {
         humantime::format_duration(d).to_string()
     })
@@ -281,34 +303,37 @@ pub fn check_duration(value: Duration, flag: &str, zero_ok: bool) -> Result<(), 
 
 fn check_range<T: PartialOrd + Default + Copy>(
     value: T,
-    flag: &str,
+    flag: &'static str,
     zero_ok: bool,
     max: T,
     show: impl Fn(T) -> String,
-) -> Result<(), Fatal> {
+) -> Result<(), ConfigError> {
     if !zero_ok && value == T::default() {
-        return Err(Fatal::Usage(format!("{flag} must be more than 0")));
+        return Err(ConfigError::Zero { flag });
     }
     if value > max {
-        return Err(Fatal::Usage(format!(
-            "{flag} {} is too large (at most {})",
-            show(value),
-            show(max)
-        )));
+        return Err(ConfigError::TooLarge {
+            flag,
+            value: show(value),
+            max: show(max),
+        });
     }
     Ok(())
 }
 
-fn token_sources(files: &[String], vars: &[String]) -> Result<Vec<TokenSource>, Fatal> {
-    let file = |spec: &String| {
-        TokenSource::parse(spec, |v| TokenOrigin::File(v.into()))
-            .map_err(|e| Fatal::Usage(format!("--token-file {e}")))
-    };
-    let var = |spec: &String| {
-        TokenSource::parse(spec, |v| TokenOrigin::Env(v.into()))
-            .map_err(|e| Fatal::Usage(format!("--token-env {e}")))
-    };
+fn token_sources(files: &[String], vars: &[String]) -> Result<Vec<TokenSource>, ConfigError> {
+    let file = |spec: &String| token_source(spec, "--token-file", |v| TokenOrigin::File(v.into()));
+    let var = |spec: &String| token_source(spec, "--token-env", |v| TokenOrigin::Env(v.into()));
     files.iter().map(file).chain(vars.iter().map(var)).collect()
+}
+
+/// One `[NAME=]VALUE` token flag; `send` reads its flags with the same rule.
+pub fn token_source(
+    spec: &str,
+    flag: &'static str,
+    origin: fn(&str) -> TokenOrigin,
+) -> Result<TokenSource, ConfigError> {
+    TokenSource::parse(spec, origin).map_err(|message| ConfigError::TokenSpec { flag, message })
 }
 
 impl Default for Limits {

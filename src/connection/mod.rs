@@ -1,8 +1,15 @@
 //! One client connection: its socket, what it has sent that is not a request yet, what we
 //! still have to send, and where it stands between accept and close.
 
+mod advance;
+mod handoff;
+
+pub use advance::{Rules, Step};
+pub use handoff::ReplyWriter;
+
 use crate::request::Endpoints;
-use crate::transport::{ReplySocket, Stream};
+use crate::transport::Stream;
+use handoff::{DONE, WAITING};
 use mio::{Interest, Registry, Token};
 use std::io;
 use std::sync::Arc;
@@ -86,8 +93,9 @@ impl Connection {
     /// waiting to be sent before the reply, or the worker's bytes would overtake it. The loop
     /// writes nothing to the connection while the request is handled unless the handler
     /// streams output, and then the worker does not write (see `workers::Worker::run`).
-    /// `keep_open`: the connection stays open after a reply that does not say otherwise.
-    pub fn reply_writer(&mut self, keep_open: bool) -> Option<ReplyWriter> {
+    /// The worker writes only a reply after which the connection stays open (see
+    /// `workers::Worker::finish`).
+    pub fn reply_writer(&mut self) -> Option<ReplyWriter> {
         if self.pending_output() > 0 {
             return None;
         }
@@ -97,7 +105,6 @@ impl Connection {
         Some(ReplyWriter {
             socket,
             handoff: handoff.clone(),
-            keep_open,
             // Input already buffered (pipelined requests) or already closed brings the loop
             // no new event.
             client_to_move: self.input.is_empty() && !self.input_closed,
@@ -223,65 +230,5 @@ impl Connection {
         if self.output.is_empty() && self.output.capacity() > 4096 {
             self.output = Vec::new();
         }
-    }
-}
-
-/// `DONE`: the worker sent its reply quietly. `WAITING`: the loop had news for the connection
-/// while the request was handled. Both reset at each dispatch.
-const DONE: u8 = 1;
-const WAITING: u8 = 2;
-
-/// A worker's handle on a connection's socket, to send a reply without a trip through the
-/// loop: the client gets it as soon as the handler returns, and the loop thread, which serves
-/// every connection, does not pay for the `send` (on loopback the sender's system call also
-/// runs the receiver's TCP input: the largest single cost of a keep-alive request). Writes
-/// only what the socket takes now, so a slow client never holds a worker: the loop sends the
-/// rest. Plain TCP and Unix sockets only.
-pub struct ReplyWriter {
-    socket: ReplySocket,
-    handoff: Arc<AtomicU8>,
-    /// The connection stays open after a reply that does not say otherwise.
-    keep_open: bool,
-    /// The client's next move (a request, or its close) is still to come, and will bring the
-    /// loop to this connection.
-    client_to_move: bool,
-}
-
-impl ReplyWriter {
-    /// Sends from the front of `bytes` what the socket takes without blocking and removes it;
-    /// what is left (the socket was full, or failed) is for the loop, whose own send then
-    /// meets the same error and closes the connection as it always does.
-    pub fn write_now(&self, bytes: &mut Vec<u8>) {
-        let mut written = 0;
-        while written < bytes.len() {
-            match self.socket.write(&bytes[written..]) {
-                Ok(0) => break,
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-        bytes.drain(..written);
-    }
-
-    /// Whether the connection stays open after a reply with this `close`. Only then does the
-    /// worker write it: a reply that ends the connection goes through the loop, which sends it
-    /// and shuts the socket down back to back, so the client sees the end with the data (one
-    /// wake-up for it, not two).
-    pub fn keeps_open(&self, close: Option<bool>) -> bool {
-        !close.unwrap_or(!self.keep_open)
-    }
-
-    /// Whether the loop may learn of a reply that stays open late, without a wake: it is all
-    /// out, so the client's next request (or close) will bring the loop here anyway, and then
-    /// it takes the reply first (`Connection::reply_went_quietly`).
-    pub fn may_go_quietly(&self, unsent: usize) -> bool {
-        unsent == 0 && self.client_to_move
-    }
-
-    /// Marks the quiet reply as sent (its `Done` already queued); true when the loop had news
-    /// for the connection meanwhile and must be woken after all.
-    pub fn mark_done(&self) -> bool {
-        self.handoff.fetch_or(DONE, Ordering::SeqCst) & WAITING != 0
     }
 }
