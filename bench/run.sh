@@ -8,6 +8,9 @@
 # Installs the peers from Debian packages (as root), builds command-trigger and the load generator
 # with `cargo build --release`, starts each peer on 127.0.0.1 (the busybox netcat loop cannot bind
 # one address: it listens on every interface), drives it with bench/ct-bench, stops it by PID.
+# Beside the peers it measures the physical limits in the same run: the spawn ceiling
+# (`ct-bench spawn`: posix_spawn + waitpid of /bin/true, nothing else) for W2, and redis PING
+# keep-alive for keep-alive; W2 and keep-alive are printed as ratios to them.
 # Raw generator lines go to stderr, so `bench/run.sh > table.md` keeps only the Markdown.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -17,26 +17,31 @@ pub fn release_startup_code() {
     let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
         return;
     };
-    for (start, end) in clean_file_mappings(&smaps) {
-        // Paged out first: of the pages only we map (our own binary), the page cache lets go
-        // too, so the kernel's fault-around cannot map them back in clusters around the few
-        // the idle loop touches. Pages shared with other processes (the C library) stay cached.
-        for advice in [Advice::LinuxPageOut, Advice::LinuxDontNeed] {
-            // SAFETY: a read-only mapping of a file that holds no private (anonymous) page, so
-            // every page of it is the file's own content: dropping it loses nothing, and the
-            // next access maps the same bytes again. No thread can write to it (it is not
-            // writable), so no private page can appear between the check and this call.
-            let _ = unsafe { madvise(start as *mut c_void, end.saturating_sub(start), advice) };
-        }
+    let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+    for (start, end, path) in clean_file_mappings(&smaps) {
+        // Our own binary is paged out: the page cache lets go of it too, so the kernel's
+        // fault-around cannot map it back in clusters around the few pages the idle loop
+        // touches (unmapped but cached, it came back as 500-800 KiB within a second). The
+        // libraries are only unmapped: evicting them would make every process that starts
+        // next (the next server, a command) read them from disk again.
+        let advice = match std::path::Path::new(path) == exe {
+            true => Advice::LinuxPageOut,
+            false => Advice::LinuxDontNeed,
+        };
+        // SAFETY: a read-only mapping of a file that holds no private (anonymous) page, so
+        // every page of it is the file's own content: dropping it loses nothing, and the next
+        // access maps the same bytes again. No thread can write to it (it is not writable), so
+        // no private page can appear between the check and this call.
+        let _ = unsafe { madvise(start as *mut c_void, end.saturating_sub(start), advice) };
     }
 }
 
 /// The address ranges of read-only, file-backed mappings without anonymous pages. A mapping
 /// with anonymous pages (RELRO: relocated, then made read-only; or code patched by text
 /// relocations) is left alone: dropping its pages would undo the relocations.
-fn clean_file_mappings(smaps: &str) -> Vec<(usize, usize)> {
+fn clean_file_mappings(smaps: &str) -> Vec<(usize, usize, &str)> {
     let mut clean = Vec::new();
-    let mut current: Option<(usize, usize)> = None;
+    let mut current: Option<(usize, usize, &str)> = None;
     for line in smaps.lines() {
         if let Some(anon) = line.strip_prefix("Anonymous:") {
             let no_anon = anon.trim().strip_suffix("kB").map(str::trim) == Some("0");
@@ -61,7 +66,7 @@ fn clean_file_mappings(smaps: &str) -> Vec<(usize, usize)> {
         };
         let path = fields.nth(3).unwrap_or_default();
         let read_only = perms.starts_with('r') && !perms.contains('w');
-        current = (read_only && path.starts_with('/')).then_some((start, end));
+        current = (read_only && path.starts_with('/')).then_some((start, end, path));
     }
     clean
 }
@@ -89,7 +94,10 @@ Anonymous:             4 kB
 ";
         assert_eq!(
             clean_file_mappings(smaps),
-            vec![(0x1000, 0x2000), (0x2000, 0x3000)]
+            vec![
+                (0x1000, 0x2000, "/usr/bin/x"),
+                (0x2000, 0x3000, "/usr/bin/x")
+            ]
         );
     }
 
