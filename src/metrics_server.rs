@@ -8,6 +8,7 @@
 
 use crate::http::{self, ResponseHead};
 use crate::metrics;
+use crate::transport::is_per_connection_error;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
@@ -269,13 +270,4 @@ fn route(method: &str, path: &str) -> (u16, &'static str, String) {
             "not found: try /metrics, /healthz or /readyz\n".into(),
         ),
     }
-}
-
-fn is_per_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::Interrupted
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
 }

@@ -21,7 +21,7 @@ use crate::request::{Endpoints, Request, ServerError, Verdict, log_request};
 use crate::script::Runtime;
 use crate::signals::Signal;
 use crate::stop::Stop;
-use crate::transport::{Accepted, Listener, Stream};
+use crate::transport::{Accepted, Listener, Stream, is_per_connection_error};
 use crate::workers::{ConnRef, Inbox, Job, Outbound, WorkerPool};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
@@ -225,13 +225,4 @@ fn find(connections: &mut Slab<Connection>, conn: ConnRef) -> Option<&mut Connec
     connections
         .get_mut(conn.key)
         .filter(|c| c.serial == conn.serial)
-}
-
-fn is_per_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::Interrupted
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
 }

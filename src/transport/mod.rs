@@ -337,3 +337,14 @@ impl TlsStream {
         Ok(true)
     }
 }
+
+/// An accept error that concerns one connection only (it gave up before we took it): take
+/// the next one. Anything else (EMFILE, ENOBUFS) concerns the listener, and pausing is right.
+pub fn is_per_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}

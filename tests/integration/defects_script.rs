@@ -215,16 +215,6 @@ fn http_post(addr: SocketAddr, body: &[u8]) -> String {
     text(&reply)
 }
 
-/// A field of `/proc/PID/status` in kB (`VmHWM` is the peak RSS).
-fn status_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 const HOARD: &str = r#"
 fn hold(big, n) {
     let mine = big + n;

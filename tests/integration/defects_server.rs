@@ -3,7 +3,7 @@
 use crate::util::*;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// Serves `script` with the test token, `args`, and with `--metrics-listen` when `metrics`;
@@ -391,33 +391,4 @@ fn absurd_or_zero_durations_and_sizes_exit_2_naming_the_flag() {
     ];
     let (code, _, err) = run(&call, WAIT);
     assert_eq!(code, Some(2), "{err}");
-}
-
-/// `exchange` from another loopback address (std cannot bind before connecting).
-fn exchange_from(ip: &str, to: SocketAddr, request: &str) -> Vec<u8> {
-    let program = "import socket, sys\n\
-        s = socket.socket()\n\
-        s.settimeout(15)\n\
-        s.bind((sys.argv[1], 0))\n\
-        s.connect((sys.argv[2], int(sys.argv[3])))\n\
-        s.sendall(sys.argv[4].encode())\n\
-        s.shutdown(socket.SHUT_WR)\n\
-        while (b := s.recv(65536)):\n    sys.stdout.buffer.write(b)\n";
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            program,
-            ip,
-            &to.ip().to_string(),
-            &to.port().to_string(),
-            request,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }

@@ -47,16 +47,6 @@ fn start_limited(nofile: u32, script: &str, args: &[&str]) -> Server {
     Server::spawn(command, scratch, &["--listen", "127.0.0.1:0"], args)
 }
 
-/// A field of `/proc/PID/status` in kB, such as `VmHWM` (peak RSS).
-fn status_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// One request as a legitimate client makes it; `Err` instead of a panic, so failures count.
 fn try_ask(addr: SocketAddr, payload: &str) -> Result<String, String> {
     // A request that gets no reply within this is a failure (send's default is 30 s).
@@ -589,35 +579,6 @@ fn backoff_holds_under_parallel_wrong_tokens() {
     let warnings = server.log.text().matches("refusing this IP").count();
     assert_eq!(warnings, 1, "{}", server.log.text());
     assert!(!server.log.text().contains(TOKEN));
-}
-
-/// `exchange` from another loopback address (std cannot bind before connecting).
-fn exchange_from(ip: &str, to: SocketAddr, request: &str) -> Vec<u8> {
-    let program = "import socket, sys\n\
-        s = socket.socket()\n\
-        s.settimeout(15)\n\
-        s.bind((sys.argv[1], 0))\n\
-        s.connect((sys.argv[2], int(sys.argv[3])))\n\
-        s.sendall(sys.argv[4].encode())\n\
-        s.shutdown(socket.SHUT_WR)\n\
-        while (b := s.recv(65536)):\n    sys.stdout.buffer.write(b)\n";
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            program,
-            ip,
-            &to.ip().to_string(),
-            &to.port().to_string(),
-            request,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 // ---- regressions ----

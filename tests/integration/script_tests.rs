@@ -2,10 +2,9 @@
 //! mocks, recorded commands and exact output; `call --dry-run`; `check`'s caret and unknown
 //! functions; and the test files shipped for every handler in `scripts/`.
 
-use crate::util::{Scratch, Server, WAIT, command};
+use crate::util::{Scratch, Server, WAIT, command, output_within};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 
 /// Runs the binary with `args` (logging off, so stderr holds only what the command prints)
 /// to its end, within `WAIT`.
@@ -14,26 +13,6 @@ fn run(args: &[&str]) -> Output {
     let mut command = command();
     command.env("RUST_LOG", "off").args(args);
     finish(command)
-}
-
-#[track_caller]
-fn finish(mut command: Command) -> Output {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting command-trigger");
-    let pid = child.id();
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || sender.send(child.wait_with_output()));
-    match receiver.recv_timeout(WAIT) {
-        Ok(output) => output.expect("waiting for command-trigger"),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-            panic!("{command:?} did not finish within {WAIT:?}")
-        }
-    }
 }
 
 fn out(output: &Output) -> String {
@@ -433,4 +412,10 @@ fn every_shipped_handler_has_tests_and_they_pass() {
             "{name}: {summary}"
         );
     }
+}
+
+/// Runs `command` to its end with its output captured, within `WAIT`.
+#[track_caller]
+fn finish(command: Command) -> Output {
+    output_within(command, WAIT)
 }

@@ -30,27 +30,6 @@ fn call(name: &str, payload: &[&str], env: &[(&str, &str)]) -> Output {
     finish(command)
 }
 
-/// Runs `command` to its end with its output captured, within `WAIT`.
-#[track_caller]
-fn finish(mut command: Command) -> Output {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting a command");
-    let pid = child.id();
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || sender.send(child.wait_with_output()));
-    match receiver.recv_timeout(WAIT) {
-        Ok(output) => output.expect("waiting for a command"),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-            panic!("{command:?} did not finish within {WAIT:?}")
-        }
-    }
-}
-
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -524,4 +503,10 @@ fn the_image_entrypoint_serves_the_default_script_with_only_a_token_file() {
         server.ask("hello"),
         "hello from command-trigger, request 1\n"
     );
+}
+
+/// Runs `command` to its end with its output captured, within `WAIT`.
+#[track_caller]
+fn finish(command: Command) -> Output {
+    output_within(command, WAIT)
 }

@@ -352,3 +352,64 @@ pub fn cpu_ticks(pid: u32) -> u64 {
         .collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
+
+/// `exchange` from another loopback address (std cannot bind before connecting).
+pub fn exchange_from(ip: &str, to: SocketAddr, request: &str) -> Vec<u8> {
+    let program = "import socket, sys\n\
+        s = socket.socket()\n\
+        s.settimeout(15)\n\
+        s.bind((sys.argv[1], 0))\n\
+        s.connect((sys.argv[2], int(sys.argv[3])))\n\
+        s.sendall(sys.argv[4].encode())\n\
+        s.shutdown(socket.SHUT_WR)\n\
+        while (b := s.recv(65536)):\n    sys.stdout.buffer.write(b)\n";
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            program,
+            ip,
+            &to.ip().to_string(),
+            &to.port().to_string(),
+            request,
+        ])
+        .output()
+        .expect("running python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A field of `/proc/PID/status` in kB (`VmHWM` is the peak RSS).
+pub fn status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Runs `command` to its end with its output captured; killed, and the test failed, if it has
+/// not finished within `limit`.
+#[track_caller]
+pub fn output_within(mut command: Command, limit: Duration) -> Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting a command");
+    let pid = child.id();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || sender.send(child.wait_with_output()));
+    match receiver.recv_timeout(limit) {
+        Ok(output) => output.expect("waiting for a command"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("{command:?} did not finish within {limit:?}")
+        }
+    }
+}
