@@ -28,8 +28,13 @@ pub trait Runner: Send + Sync {
     /// runtime is gone. Under a virtual clock no timer runs: time moves only by `advance`,
     /// which starts what became due itself, so a test never races a timer thread.
     fn spawn_timer(&self, name: String, body: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
-        std::thread::Builder::new().name(name).spawn(body).map(drop)
+        spawn_thread(name, body)
     }
+}
+
+/// A named thread for `body`, detached: the job or timer ends on its own.
+fn spawn_thread(name: String, body: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
+    std::thread::Builder::new().name(name).spawn(body).map(drop)
 }
 
 /// Real child processes, each in its own process group (see [`crate::commands::run`]).
@@ -47,7 +52,7 @@ impl Runner for Processes {
     }
 
     fn spawn_job(&self, name: String, body: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
-        std::thread::Builder::new().name(name).spawn(body).map(drop)
+        spawn_thread(name, body)
     }
 }
 
@@ -170,7 +175,7 @@ impl Runner for Recorder {
 
     fn spawn_timer(&self, name: String, body: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
         match self.echo {
-            Some(_) => std::thread::Builder::new().name(name).spawn(body).map(drop),
+            Some(_) => spawn_thread(name, body),
             None => Ok(()),
         }
     }
