@@ -80,13 +80,8 @@ fn serve_in(scratch: Scratch, args: &[&str]) -> Server {
 
 fn serve_listening(scratch: Scratch, listen: &[&str], args: &[&str]) -> Server {
     let script = scratch.write("handler.rhai", SCRIPT);
-    let mut command = command();
-    command
-        .arg("serve")
-        .arg("--script")
-        .arg(&script)
-        .args(["--token-env", "TOKEN"])
-        .env("DIR", scratch.dir.path());
+    let mut command = serve_command(&script);
+    command.env("DIR", scratch.dir.path());
     Server::spawn(command, scratch, listen, args)
 }
 

@@ -325,12 +325,7 @@ fn send_all_reaches_every_address_of_a_name() {
     }
     let scratch = Scratch::new();
     let script = scratch.write("handler.rhai", r#"fn handle(req) { "from " + req.local }"#);
-    let mut command = command();
-    command
-        .arg("serve")
-        .arg("--script")
-        .arg(script)
-        .args(["--token-env", "TOKEN"]);
+    let command = serve_command(&script);
     let listen = ["--listen", "127.0.0.1:0", "--listen", "[::1]:0"];
     let server = Server::spawn(command, scratch, &listen, &[]);
     // Both listeners share a port only by chance, so each address carries its own port:

@@ -15,12 +15,7 @@ fn keep_alive_over_a_unix_socket_answers_in_order_then_closes_when_idle() {
     let sock = scratch.path("ct.sock");
     let listen = format!("unix:{}", sock.display());
     let script = scratch.write("handler.rhai", ECHO_LINE);
-    let mut command = command();
-    command
-        .arg("serve")
-        .arg("--script")
-        .arg(&script)
-        .args(["--token-env", "TOKEN"]);
+    let command = serve_command(&script);
     let args = ["--keep-alive", "--read-timeout", "300ms"];
     let _server = Server::spawn(command, scratch, &["--listen", &listen], &args);
     let mut stream = UnixStream::connect(&sock).expect("connecting to the Unix socket");

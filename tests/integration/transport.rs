@@ -141,12 +141,7 @@ fn start_with(scratch: Scratch, script: &str, listen: &[&str], args: &[String]) 
 #[track_caller]
 fn spawn_raw(scratch: Scratch, script: &str, listen: &[&str], args: &[String]) -> Server {
     let path = scratch.write("handler.rhai", script);
-    let mut command = command();
-    command
-        .arg("serve")
-        .arg("--script")
-        .arg(&path)
-        .args(["--token-env", "TOKEN"]);
+    let command = serve_command(&path);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Server::spawn(command, scratch, listen, &args)
 }
@@ -639,12 +634,8 @@ fn rotation_through_a_data_symlink_swap_and_a_garbage_file_keeps_the_old() {
 fn serve_fails(args: &[String], needle: &str) {
     let scratch = Scratch::new();
     let script = scratch.write("handler.rhai", ECHO);
-    let mut command = command();
+    let mut command = serve_command(&script);
     command
-        .arg("serve")
-        .arg("--script")
-        .arg(&script)
-        .args(["--token-env", "TOKEN"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

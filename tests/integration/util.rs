@@ -20,6 +20,18 @@ pub fn binary() -> PathBuf {
 }
 
 /// A command for the binary with `TOKEN` set and logging at debug.
+/// `command-trigger serve --script SCRIPT --token-env TOKEN`, the test token's variable set:
+/// what most tests start, before their own flags.
+pub fn serve_command(script: &Path) -> Command {
+    let mut command = command();
+    command
+        .arg("serve")
+        .arg("--script")
+        .arg(script)
+        .args(["--token-env", "TOKEN"]);
+    command
+}
+
 pub fn command() -> Command {
     let mut command = Command::new(binary());
     command
@@ -108,12 +120,7 @@ impl Server {
     pub fn start(script: &str, args: &[&str]) -> Server {
         let scratch = Scratch::new();
         let path = scratch.write("handler.rhai", script);
-        let mut command = command();
-        command
-            .arg("serve")
-            .arg("--script")
-            .arg(&path)
-            .args(["--token-env", "TOKEN"]);
+        let command = serve_command(&path);
         Server::spawn(command, scratch, &["--listen", "127.0.0.1:0"], args)
     }
 
