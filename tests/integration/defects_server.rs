@@ -342,10 +342,19 @@ fn absurd_or_zero_durations_and_sizes_exit_2_naming_the_flag() {
         "--handler-timeout",
         "--command-timeout",
         "--shutdown-timeout",
+        "--watch-debounce",
+        "--watch-poll",
+        "--every",
     ] {
         cases.push((flag, absurd_duration));
     }
-    for flag in ["--read-timeout", "--handler-timeout", "--command-timeout"] {
+    for flag in [
+        "--read-timeout",
+        "--handler-timeout",
+        "--command-timeout",
+        "--watch-poll",
+        "--every",
+    ] {
         cases.push((flag, "0s"));
     }
     for flag in [
@@ -357,10 +366,17 @@ fn absurd_or_zero_durations_and_sizes_exit_2_naming_the_flag() {
         "--max-output-bytes",
         "--max-jobs",
         "--auth-failures",
+        "--job-output-bytes",
+        "--state-max-keys",
     ] {
         cases.push((flag, absurd_size));
     }
-    for flag in ["--workers", "--max-connections", "--max-request-bytes"] {
+    for flag in [
+        "--workers",
+        "--max-connections",
+        "--max-request-bytes",
+        "--state-max-keys",
+    ] {
         cases.push((flag, "0"));
     }
     for (flag, value) in cases {
