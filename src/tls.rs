@@ -117,9 +117,19 @@ fn unix_now() -> i64 {
 
 /// The ring provider: it builds for static musl with no C toolchain beyond `cc`, unlike
 /// aws-lc-rs. rustls 0.23.48 deprecates it only for lacking post-quantum key exchange.
+///
+/// Key exchange prefers X25519, as OpenSSL, curl and browsers do, over ring's default order
+/// (P-384 first): ring has assembly for X25519 and P-256 but only portable C for P-384, whose
+/// two scalar multiplications made a full handshake cost ~1 ms of CPU on each side (BENCHMARKS.md).
+/// The server takes the first group in this order for which the client sent a key share, so a
+/// client that offers only P-384 still gets it, without a retry.
 #[allow(deprecated)]
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::{default_provider, kx_group};
+    Arc::new(CryptoProvider {
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        ..default_provider()
+    })
 }
 
 /// TLS 1.2 and 1.3 only (SPEC §11): rustls has nothing older, and we ask for both explicitly.
@@ -330,6 +340,18 @@ mod tests {
             standard_suite_name("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"),
             "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"
         );
+    }
+
+    #[test]
+    fn key_exchange_prefers_the_groups_ring_has_assembly_for() {
+        use rustls::NamedGroup;
+        let groups: Vec<NamedGroup> = provider().kx_groups.iter().map(|g| g.name()).collect();
+        let want = [
+            NamedGroup::X25519,
+            NamedGroup::secp256r1,
+            NamedGroup::secp384r1,
+        ];
+        assert_eq!(groups, want);
     }
 
     #[test]

@@ -51,7 +51,13 @@ fn client_config(args: &Args) -> io::Result<Arc<ClientConfig>> {
             .add(cert.map_err(io::Error::other)?)
             .map_err(io::Error::other)?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // X25519 first, as OpenSSL and curl clients offer it (ring's default puts P-384 first,
+    // which every TLS peer here would then pay for in portable C, on both sides).
+    use rustls::crypto::ring::{default_provider, kx_group};
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        ..default_provider()
+    });
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(io::Error::other)?
