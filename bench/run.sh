@@ -273,7 +273,7 @@ bench_spawn_ceiling() {
         local rate=${RESULT[spawn.t$threads.spawns_per_s]}
         ROWS+=("$(printf '| spawn ceiling | /bin/true | %s | %s threads | %s | | | | %s |' \
             "$threads" "$threads" "$rate" "posix_spawn + waitpid only: the W2 limit")")
-        [ "$rate" -gt "$SPAWN_CEILING" ] && SPAWN_CEILING=$rate
+        if [ "$rate" -gt "$SPAWN_CEILING" ]; then SPAWN_CEILING=$rate; fi
     done
 }
 
