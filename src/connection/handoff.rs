@@ -1,4 +1,4 @@
-//! A worker's hand-off of a reply straight to a plain socket ([`ReplyWriter`]), and the
+//! A worker's hand-off of a reply straight to the client's socket ([`ReplyWriter`]), and the
 //! flags that tell the loop whether it went out quietly.
 
 use crate::transport::ReplySocket;
@@ -16,7 +16,8 @@ pub(super) const WAITING: u8 = 2;
 /// every connection, does not pay for the `send` (on loopback the sender's system call also
 /// runs the receiver's TCP input: the largest single cost of a keep-alive request). Writes
 /// only what the socket takes now, so a slow client never holds a worker: the loop sends the
-/// rest. Plain TCP and Unix sockets only.
+/// rest. On TLS the worker encrypts the reply with the connection's session, which the loop
+/// does not use meanwhile, and records the socket did not take are left to the loop.
 pub struct ReplyWriter {
     pub(super) socket: ReplySocket,
     pub(super) handoff: Arc<AtomicU8>,
@@ -46,7 +47,7 @@ impl ReplyWriter {
     /// out, so the client's next request (or close) will bring the loop here anyway, and then
     /// it takes the reply first (`Connection::reply_went_quietly`).
     pub fn may_go_quietly(&self, unsent: usize) -> bool {
-        unsent == 0 && self.client_to_move
+        unsent == 0 && self.client_to_move && !self.socket.records_pending()
     }
 
     /// Marks the quiet reply as sent (its `Done` already queued); true when the loop had news

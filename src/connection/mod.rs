@@ -88,9 +88,9 @@ impl Connection {
         let _ = registry.deregister(&mut self.stream);
     }
 
-    /// The socket, for the worker to write this request's reply to itself, when it may: a
-    /// plain socket (TLS records are made by the session the loop holds), and nothing of ours
-    /// waiting to be sent before the reply, or the worker's bytes would overtake it. The loop
+    /// The stream, for the worker to write this request's reply to itself, when it may:
+    /// nothing of ours waiting to be sent before the reply, or the worker's bytes would
+    /// overtake it. The loop
     /// writes nothing to the connection while the request is handled unless the handler
     /// streams output, and then the worker does not write (see `workers::Worker::run`).
     /// The worker writes only a reply after which the connection stays open (see
@@ -99,7 +99,7 @@ impl Connection {
         if self.pending_output() > 0 {
             return None;
         }
-        let socket = self.stream.reply_socket()?;
+        let socket = self.stream.reply_socket();
         let handoff = self.handoff.get_or_insert_with(Arc::default);
         handoff.store(0, Ordering::SeqCst);
         Some(ReplyWriter {

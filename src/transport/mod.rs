@@ -17,7 +17,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 mod listener;
@@ -49,30 +49,48 @@ pub struct PeerCred {
     pub gid: u32,
 }
 
-/// One accepted connection's byte stream. A plain socket is shared with the worker handling
-/// a request, which may write the reply itself ([`ReplySocket`]); it closes with its last
-/// holder.
+/// One accepted connection's byte stream. It is shared with the worker handling a request,
+/// which may write the reply itself ([`ReplySocket`]); it closes with its last holder.
 pub enum Stream {
     Tcp(Arc<TcpStream>),
-    /// Boxed: a rustls connection is a few hundred bytes, a plain socket four.
-    Tls(Box<TlsStream>),
+    /// Behind a lock, as the session is used by the loop (reading, the handshake) and by the
+    /// worker that encrypts and sends a reply, one at a time; uncontended, as the loop reads
+    /// nothing from a connection while its request is handled.
+    Tls(Arc<Mutex<TlsStream>>),
     Unix(Arc<UnixStream>),
 }
 
-/// A plain socket as a worker holds it, to write a reply to it without the loop.
+/// A connection's stream as a worker holds it, to write a reply to it without the loop.
 pub enum ReplySocket {
     Tcp(Arc<TcpStream>),
+    Tls(Arc<Mutex<TlsStream>>),
     Unix(Arc<UnixStream>),
 }
 
 impl ReplySocket {
-    /// Bytes to the client; `WouldBlock` when the socket takes no more now.
+    /// Bytes to the client (plaintext, for TLS); `WouldBlock` when no more is taken now.
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             ReplySocket::Tcp(s) => (&**s).write(buf),
+            ReplySocket::Tls(s) => lock(s).write(buf),
             ReplySocket::Unix(s) => (&**s).write(buf),
         }
     }
+
+    /// TLS records made from what was written that the socket did not take yet: only the
+    /// loop, woken for it, sends them when the socket is writable again.
+    pub fn records_pending(&self) -> bool {
+        match self {
+            ReplySocket::Tls(s) => lock(s).wants_write(),
+            _ => false,
+        }
+    }
+}
+
+/// The TLS stream, even if a thread panicked while holding it: its state is rustls', whose
+/// calls do not panic halfway, and a broken session fails the next read or write anyway.
+fn lock(stream: &Mutex<TlsStream>) -> MutexGuard<'_, TlsStream> {
+    stream.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A TCP socket with a rustls server session on it.
@@ -96,7 +114,7 @@ pub struct TlsStream {
 
 impl Stream {
     pub fn tls(sock: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<Stream> {
-        Ok(Stream::Tls(Box::new(TlsStream {
+        Ok(Stream::Tls(Arc::new(Mutex::new(TlsStream {
             sock,
             tls: None,
             config,
@@ -105,7 +123,7 @@ impl Stream {
             reported: false,
             failed: false,
             client_cert_rejected: false,
-        })))
+        }))))
     }
 
     /// Plaintext from the client. `WouldBlock` when none is there yet; `Ok(0)` once the
@@ -113,7 +131,7 @@ impl Stream {
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => (&**s).read(buf),
-            Stream::Tls(s) => s.read(buf),
+            Stream::Tls(s) => lock(s).read(buf),
             Stream::Unix(s) => (&**s).read(buf),
         }
     }
@@ -122,7 +140,7 @@ impl Stream {
     pub fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => (&**s).write(buf),
-            Stream::Tls(s) => s.write(buf),
+            Stream::Tls(s) => lock(s).write(buf),
             Stream::Unix(s) => (&**s).write(buf),
         }
     }
@@ -130,7 +148,7 @@ impl Stream {
     /// Sends what the transport holds itself (TLS records); true once nothing is left.
     pub fn flush_transport(&mut self) -> io::Result<bool> {
         match self {
-            Stream::Tls(s) => s.push_records(),
+            Stream::Tls(s) => lock(s).push_records(),
             _ => Ok(true),
         }
     }
@@ -138,7 +156,7 @@ impl Stream {
     /// Whether the transport has bytes of its own waiting for the socket to be writable.
     pub fn wants_write(&self) -> bool {
         match self {
-            Stream::Tls(s) => s.tls.as_ref().is_some_and(|t| t.wants_write()),
+            Stream::Tls(s) => lock(s).wants_write(),
             _ => false,
         }
     }
@@ -151,6 +169,7 @@ impl Stream {
             Stream::Tcp(s) => drop(s.shutdown(Shutdown::Write)),
             Stream::Unix(s) => drop(s.shutdown(Shutdown::Write)),
             Stream::Tls(s) => {
+                let s = &mut *lock(s);
                 if let Some(tls) = s.tls.as_mut()
                     && !std::mem::replace(&mut s.close_queued, true)
                 {
@@ -168,12 +187,12 @@ impl Stream {
     /// Makes dropping the socket send a reset instead of a FIN. For a reply given up half
     /// written: after a FIN, the part the client got would look like the whole reply.
     pub fn reset_on_drop(&self) {
-        let fd = match self {
-            Stream::Tcp(s) => s.as_fd(),
-            Stream::Tls(s) => s.sock.as_fd(),
+        let linger = Some(Duration::ZERO);
+        let _ = match self {
+            Stream::Tcp(s) => rustix::net::sockopt::set_socket_linger(s.as_fd(), linger),
+            Stream::Tls(s) => rustix::net::sockopt::set_socket_linger(lock(s).sock.as_fd(), linger),
             Stream::Unix(_) => return, // no resets on Unix sockets
         };
-        let _ = rustix::net::sockopt::set_socket_linger(fd, Some(Duration::ZERO));
     }
 
     /// Whether anything said to the client must wait for a handshake (TLS): a refusal at
@@ -185,7 +204,11 @@ impl Stream {
     /// The facts of the TLS handshake, once, right after it finished.
     pub fn take_tls_info(&mut self) -> Option<TlsInfo> {
         match self {
-            Stream::Tls(s) if !s.reported => {
+            Stream::Tls(s) => {
+                let s = &mut *lock(s);
+                if s.reported {
+                    return None;
+                }
                 let tls = s.tls.as_ref().filter(|t| !t.is_handshaking())?;
                 s.reported = true;
                 crate::metrics::metrics().record_tls_handshake("ok");
@@ -198,31 +221,31 @@ impl Stream {
     /// A TLS connection that closes before its handshake finished or failed (a timeout, a
     /// client that went away, a TCP probe).
     pub fn handshake_abandoned(&self) -> bool {
-        matches!(self, Stream::Tls(s)
-            if s.tls.as_ref().is_none_or(|t| t.is_handshaking()) && !s.failed)
+        let Stream::Tls(s) = self else { return false };
+        let s = lock(s);
+        s.tls.as_ref().is_none_or(|t| t.is_handshaking()) && !s.failed
     }
 
     /// The handshake failed on the client's certificate (mTLS): an authentication failure.
     pub fn client_cert_rejected(&self) -> bool {
-        matches!(self, Stream::Tls(s) if s.client_cert_rejected)
+        matches!(self, Stream::Tls(s) if lock(s).client_cert_rejected)
     }
 
-    /// The plain socket, for a worker to write a reply to; none for TLS, whose records only
-    /// the session in the loop can make.
-    pub fn reply_socket(&self) -> Option<ReplySocket> {
+    /// The stream, for a worker to write a reply to.
+    pub fn reply_socket(&self) -> ReplySocket {
         match self {
-            Stream::Tcp(s) => Some(ReplySocket::Tcp(s.clone())),
-            Stream::Unix(s) => Some(ReplySocket::Unix(s.clone())),
-            Stream::Tls(_) => None,
+            Stream::Tcp(s) => ReplySocket::Tcp(s.clone()),
+            Stream::Tls(s) => ReplySocket::Tls(s.clone()),
+            Stream::Unix(s) => ReplySocket::Unix(s.clone()),
         }
     }
 
-    /// The descriptor the loop registers: shared plain sockets go by their descriptor, as
-    /// mio's own sources do.
+    /// The descriptor the loop registers: shared streams go by their descriptor, as mio's
+    /// own sources do.
     fn with_source<T>(&mut self, f: impl FnOnce(&mut dyn Source) -> T) -> T {
         match self {
             Stream::Tcp(s) => f(&mut SourceFd(&s.as_raw_fd())),
-            Stream::Tls(s) => f(&mut s.sock),
+            Stream::Tls(s) => f(&mut SourceFd(&lock(s).sock.as_raw_fd())),
             Stream::Unix(s) => f(&mut SourceFd(&s.as_raw_fd())),
         }
     }
@@ -241,6 +264,10 @@ impl Source for Stream {
 }
 
 impl TlsStream {
+    fn wants_write(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
     /// Makes the rustls session once the client has sent something: a connection that never
     /// does (a TCP probe, an idle attacker) costs a socket, not a session. False: the client
     /// closed without a word.

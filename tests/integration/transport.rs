@@ -927,3 +927,128 @@ fn a_full_unix_listener_answers_err_busy_and_a_full_tls_one_closes() {
     assert!(bytes.is_empty(), "{bytes:?}");
     drop(held);
 }
+
+/// `big` is 4 MiB, `huge` 32 MiB: more than loopback's socket buffers and a pipe hold.
+const BIG_OR_SMALL: &str = r#"
+fn handle(req) {
+    let size = switch req.payload { "big" => 4194304, "huge" => 33554432, _ => 0 };
+    if size == 0 { return req.payload + "\n"; }
+    let s = "0123456789abcdef";
+    while s.len() < size { s += s; }
+    s + "\n"
+}"#;
+
+/// `openssl s_client` on a kept TLS connection, its stdin and stdout ours.
+fn s_client(port: u16, certs: &Certs) -> std::process::Child {
+    Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["-CAfile", &certs.path("ca.crt")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting openssl s_client")
+}
+
+/// Reads `len` bytes from a child's stdout, within [`WAIT`] (a reader thread, so a missing
+/// reply fails the test instead of hanging it).
+fn read_child(out: std::process::ChildStdout, len: usize) -> (std::process::ChildStdout, Vec<u8>) {
+    use std::io::Read;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = out;
+        let mut got = vec![0; len];
+        let result = out.read_exact(&mut got).map(|_| got);
+        let _ = tx.send((out, result));
+    });
+    let (out, result) = rx.recv_timeout(WAIT).expect("no reply within the wait");
+    (out, result.expect("reading the reply"))
+}
+
+#[test]
+fn tls_keep_alive_replies_in_order_and_a_large_one_arrives_whole() {
+    // The worker encrypts and writes a kept connection's reply itself; what the socket does
+    // not take, the loop sends as the client reads.
+    use std::io::Write;
+    if !require("openssl", INSTALL) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let certs = Certs::make(&scratch);
+    let mut args = tls_args(&certs);
+    args.push("--keep-alive".into());
+    let server = start_with(scratch, BIG_OR_SMALL, &["tls://127.0.0.1:0"], &args);
+    let mut client = s_client(server.port(), &certs);
+    let mut stdin = client.stdin.take().unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    for i in 0..50 {
+        writeln!(stdin, "{TOKEN} n{i}").unwrap();
+        let (out, got) = read_child(stdout, format!("n{i}\n").len());
+        stdout = out;
+        assert_eq!(String::from_utf8_lossy(&got), format!("n{i}\n"));
+    }
+    writeln!(stdin, "{TOKEN} big").unwrap();
+    // Not reading yet: the socket fills up while the reply is being written.
+    std::thread::sleep(Duration::from_millis(300));
+    let (out, big) = read_child(stdout, 4_194_305);
+    assert!(big.ends_with(b"cdef\n"), "{:?}", &big[big.len() - 8..]);
+    assert!(
+        big.chunks(16)
+            .take(262_144)
+            .all(|c| c == b"0123456789abcdef")
+    );
+    writeln!(stdin, "{TOKEN} after").unwrap();
+    assert_eq!(read_child(out, 6).1, b"after\n");
+    let _ = client.kill();
+    let _ = client.wait();
+}
+
+#[test]
+fn a_tls_client_that_stops_reading_holds_no_worker() {
+    // One worker: if writing the big reply waited for the client, the next client would wait.
+    use std::io::Write;
+    if !require("openssl", INSTALL) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let certs = Certs::make(&scratch);
+    let mut args = tls_args(&certs);
+    // --max-output-bytes raises the string limit (6·O) above the 32 MiB reply.
+    args.extend(
+        [
+            "--keep-alive",
+            "--workers",
+            "1",
+            "--max-output-bytes",
+            "8388608",
+        ]
+        .map(String::from),
+    );
+    let marker = scratch.path("big-started");
+    let script = BIG_OR_SMALL.replace(
+        "let s =",
+        &format!("exec([\"touch\", \"{}\"]); let s =", marker.display()),
+    );
+    let server = start_with(scratch, &script, &["tls://127.0.0.1:0"], &args);
+    let mut stalled = s_client(server.port(), &certs);
+    let mut stdin = stalled.stdin.take().unwrap();
+    writeln!(stdin, "{TOKEN} huge").unwrap();
+    // Its reply is on its way; the client never reads it.
+    assert!(
+        file_exists_within(&marker, WAIT),
+        "the huge request was not handled"
+    );
+    let mut other = s_client(server.port(), &certs);
+    writeln!(other.stdin.as_mut().unwrap(), "{TOKEN} other").unwrap();
+    let (_, reply) = read_child(other.stdout.take().unwrap(), 6);
+    assert_eq!(reply, b"other\n");
+    for mut client in [stalled, other] {
+        let _ = client.kill();
+        let _ = client.wait();
+    }
+}
