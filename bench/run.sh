@@ -473,8 +473,11 @@ footprint_targets() {
     [ "$held" -ge 10000 ] || held_ok="**missed** (held $held)"
     echo "| 10,000 idle connections at ≤ 4 KiB each ($tag) | $held held, $per KiB each |" \
         "$( [ "$held_ok" = met ] && verdict "$per" 4 le || echo "$held_ok") |"
-    echo "| stripped binary ≤ 5 MB (issue 12; $tag) | ${BINARY_SIZE[$tag]} B |" \
-        "$(verdict "${BINARY_SIZE[$tag]}" 5000000 le) |"
+    # The target is the image's binary (the glibc size is in the footprint table).
+    if [ "$tag" = musl ]; then
+        echo "| stripped static binary ≤ 5 MB (issue 12) | ${BINARY_SIZE[$tag]} B |" \
+            "$(verdict "${BINARY_SIZE[$tag]}" 5000000 le) |"
+    fi
     echo "| start to listening ≤ 5 ms ($tag) | ${STARTUP_MS[$tag]} ms |" \
         "$(verdict "${STARTUP_MS[$tag]}" 5 le) |"
 }
