@@ -254,6 +254,7 @@ struct Conn {
     /// Server passes (reads until `WouldBlock` or the end), `read` calls, plaintext bytes.
     passes: usize,
     reads: usize,
+    interrupted: usize,
     plaintext: usize,
     /// The handshake's facts, taken as the loop takes them.
     handshake: Option<TlsInfo>,
@@ -295,6 +296,7 @@ impl Conn {
             scratch: vec![0; read_size],
             passes: 0,
             reads: 0,
+            interrupted: 0,
             plaintext: 0,
             handshake: None,
             framer: None,
@@ -334,6 +336,9 @@ impl Conn {
             Some(tls) => send_records(tls, &mut self.client),
             None => send_raw(&mut self.raw, &mut self.client),
         };
+        // Forget the readiness of bytes already there: the pass must take them all, or the
+        // loop, edge-triggered, would not be woken for them again; a wait then stalls.
+        let _ = self.poll.poll(&mut self.events, Some(Duration::ZERO));
         let read = self.server_pass();
         let received = self
             .tls
@@ -400,8 +405,15 @@ impl Conn {
                     }
                     return got;
                 }
-                // Interrupted: counted as a pass of its own, as the loop retries it.
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.passes += 1,
+                // Retried, as the loop does; counted as a pass of its own, a few times at most.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    self.passes += 1;
+                    self.interrupted += 1;
+                    assert!(
+                        self.interrupted <= MAX_WAITS,
+                        "Stream::read interrupted forever"
+                    );
+                }
                 Err(e) => {
                     self.end = Some(Err(e));
                     return true;
