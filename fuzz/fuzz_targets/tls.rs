@@ -78,6 +78,7 @@ fn writes(mut data: &[u8]) -> Vec<&[u8]> {
     writes
 }
 
+/// Garbage on the TCP connection, write by write, then a FIN (see the top of the file).
 fn garbage(data: &[u8]) {
     let mut conn = Conn::open(&fixture().http, None, READ_CHUNK);
     for write in writes(data) {
@@ -105,6 +106,7 @@ fn garbage(data: &[u8]) {
     }
 }
 
+/// A real client: header bytes `[version, framing, max, read_size, end]`, then the writes.
 fn session(data: &[u8]) {
     let Some((&[version, framing, max, read_size, end], rest)) = data.split_first_chunk() else {
         return;
