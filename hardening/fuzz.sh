@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 runs=${1:-10000000}
-for target in framing auth; do
+for target in framing auth tls; do
     work=/tmp/command-trigger-fuzz/$target
     mkdir -p "$work"
     SECONDS=0
