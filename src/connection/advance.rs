@@ -69,7 +69,9 @@ impl Connection {
         loop {
             match self.phase {
                 Phase::Handling => {
-                    self.flush()?;
+                    if self.has_output_to_send() {
+                        self.flush()?;
+                    }
                     return Ok(Step::Wait);
                 }
                 Phase::Reading { .. } => {
@@ -157,6 +159,8 @@ impl Connection {
     /// Queues a reply and moves on: to read the next request, or to close as the protocol
     /// decided. `force_close` overrides that (a stop, or an answer the server gives itself).
     pub fn answer(&mut self, reply: Encoded, force_close: bool, read_timeout: Duration) {
+        // The reply is back: the stream is the loop's again.
+        self.worker_writes = false;
         self.push_output(&reply.bytes);
         let deadline = Instant::now() + read_timeout;
         self.phase = if force_close || reply.close {

@@ -54,6 +54,10 @@ pub struct Connection {
     /// The hand-off state of the request being handled, shared with the worker that writes
     /// its reply itself (see [`ReplyWriter`]); made with the first such request.
     handoff: Option<Arc<AtomicU8>>,
+    /// A worker holds this request's [`ReplyWriter`]: until its reply comes back, the loop
+    /// leaves the stream alone (a TLS session is locked while the worker encrypts and sends,
+    /// and the loop must not wait for that lock).
+    worker_writes: bool,
 }
 
 /// Was the read stopped because the socket is empty, or because enough is buffered?
@@ -77,6 +81,7 @@ impl Connection {
             timer: None,
             continue_sent: false,
             handoff: None,
+            worker_writes: false,
         }
     }
 
@@ -102,6 +107,7 @@ impl Connection {
         let socket = self.stream.reply_socket();
         let handoff = self.handoff.get_or_insert_with(Arc::default);
         handoff.store(0, Ordering::SeqCst);
+        self.worker_writes = true;
         Some(ReplyWriter {
             socket,
             handoff: handoff.clone(),
@@ -171,6 +177,12 @@ impl Connection {
         }
     }
 
+    /// Whether there is anything for the loop to send now. While a worker writes the reply,
+    /// only streamed output, which the worker then leaves to the loop (see `reply_writer`).
+    pub fn has_output_to_send(&self) -> bool {
+        self.pending_output() > 0 || (!self.worker_writes && self.stream.wants_write())
+    }
+
     pub fn push_output(&mut self, bytes: &[u8]) {
         self.output.extend_from_slice(bytes);
     }
@@ -209,7 +221,7 @@ impl Connection {
 
     /// Asks for WRITABLE events exactly while output is pending, ours or the transport's.
     pub fn update_interest(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        let wants = self.pending_output() > 0 || self.stream.wants_write();
+        let wants = self.has_output_to_send();
         if wants != self.wants_writable {
             let interest = if wants {
                 Interest::READABLE | Interest::WRITABLE
