@@ -277,7 +277,7 @@ bench_spawn_ceiling() {
     done
 }
 
-# TLS 1.3, ECDSA P-256 certificate; the generator is one blocking rustls client per connection.
+# TLS 1.3, ECDSA P-256 certificate; the generator runs a rustls client on each of its sockets.
 bench_tls() {
     local TLS_GEN=(--tls "$WORK/ca.crt" --servername localhost)
     local tls=(--tls-cert "$WORK/server.crt" --tls-key "$WORK/server.key")

@@ -24,8 +24,8 @@ usage: ct-bench --addr IP:PORT --send TEXT [options]
   --no-half-close       close mode: do not shut down the sending side after the request
   --timeout DUR         a request not answered within DUR is an error [default: 5s]
   --error-pause DUR     a client that failed waits DUR before its next attempt [default: 10ms]
-  --tls CAFILE          speak TLS (rustls), trusting the CA in CAFILE; one blocking thread per
-                        client (close, keep-alive and --http modes)
+  --tls CAFILE          speak TLS (rustls), trusting the CA in CAFILE, on the same event loop
+                        (close, keep-alive and --http modes); no session resumption
   --servername NAME     the name checked in the server's certificate and sent as SNI
                         [default: localhost]
   --sources N           to a 127.0.0.0/8 server, connect from 127.0.0.2 .. 127.0.0.(N+1) in

@@ -12,6 +12,7 @@ use socket2::{Domain, Socket, Type};
 
 use crate::args::{Args, Mode};
 use crate::stats::{Failure, Stats};
+use crate::tls::{TlsConn, TlsSetup};
 
 /// A reply larger than this is wrong for every workload here; stop reading it.
 const MAX_REPLY: usize = 64 * 1024;
@@ -28,9 +29,45 @@ enum Phase {
     Receiving,
 }
 
+/// A client's connection: the socket, or a TLS session on it.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsConn>),
+}
+
+impl Conn {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(sock) => sock,
+            Conn::Tls(tls) => &tls.sock,
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(sock) => sock.write(buf),
+            Conn::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(sock) => sock.read(buf),
+            Conn::Tls(tls) => tls.read(buf),
+        }
+    }
+
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(sock) => sock.shutdown(Shutdown::Write),
+            Conn::Tls(tls) => tls.shutdown_write(),
+        }
+    }
+}
+
 /// One simulated client and its current connection.
 struct Client {
-    stream: Option<TcpStream>,
+    stream: Option<Conn>,
     phase: Phase,
     /// Bytes of the request already written.
     written: usize,
@@ -51,6 +88,8 @@ pub struct Driver<'a> {
     /// Source addresses connections are opened from, in turn; empty: the kernel's choice.
     sources: Vec<Ipv4Addr>,
     next_source: usize,
+    /// `--tls`: every connection speaks TLS.
+    tls: Option<TlsSetup>,
 }
 
 /// What a read told us about the reply.
@@ -89,6 +128,11 @@ impl<'a> Driver<'a> {
             start,
             sources,
             next_source: 0,
+            tls: args
+                .tls
+                .is_some()
+                .then(|| TlsSetup::new(args))
+                .transpose()?,
         })
     }
 
@@ -143,11 +187,14 @@ impl<'a> Driver<'a> {
             self.poll
                 .registry()
                 .register(&mut stream, Token(id), interest)?;
-            Ok(stream)
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                Some(tls) => Ok(Conn::Tls(Box::new(tls.connect(stream)?))),
+                None => Ok(Conn::Plain(stream)),
+            }
         });
         match opened {
             Ok(stream) => {
-                let _ = stream.set_nodelay(true);
                 client.stream = Some(stream);
                 client.phase = Phase::Connecting;
             }
@@ -166,7 +213,7 @@ impl<'a> Driver<'a> {
 
     /// mio's recipe: an error from `take_error`, or a `peer_addr` that is not yet known.
     fn on_connecting(&mut self, id: usize) {
-        let Some(stream) = self.clients[id].stream.as_ref() else {
+        let Some(stream) = self.clients[id].stream.as_ref().map(Conn::socket) else {
             return;
         };
         match (stream.take_error(), stream.peer_addr()) {
@@ -198,7 +245,7 @@ impl<'a> Driver<'a> {
             }
         }
         if args.mode == Mode::Close && args.half_close {
-            let _ = stream.shutdown(Shutdown::Write);
+            let _ = stream.shutdown_write();
         }
         client.phase = Phase::Receiving;
     }

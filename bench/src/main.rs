@@ -6,7 +6,7 @@
 //! - [`args`]: the command line; [`load`]: one mio event loop driving its share of the clients;
 //!   [`stats`]: counters, latencies and the report line; [`hold`]: idle connections for RSS;
 //!   [`startup`]: time from exec to listening; [`spawn`]: the spawn ceiling W2 is held to;
-//!   [`tls`]: the same workloads over TLS.
+//!   [`tls`]: the client side of TLS for the event loops.
 
 mod args;
 mod hold;
@@ -43,8 +43,6 @@ fn main() -> ExitCode {
     };
     let outcome = match args.mode {
         Mode::Hold => hold::run(&args),
-        _ if args.tls.is_some() => tls::drive(&args)
-            .map(|stats| println!("{} cpu_s={:.2}", Report(stats), own_cpu_seconds())),
         _ => drive(&args).map(|stats| println!("{} cpu_s={:.2}", Report(stats), own_cpu_seconds())),
     };
     match outcome {
