@@ -42,6 +42,9 @@ pub struct Connection {
     pub input: Vec<u8>,
     /// The client has shut down its sending side.
     pub input_closed: bool,
+    /// An event said the client closed its side (or the socket failed): read until the end
+    /// is seen, even after a short read.
+    pub peer_closing: bool,
     output: Vec<u8>,
     /// How much of `output` is already written.
     written: usize,
@@ -75,6 +78,7 @@ impl Connection {
             phase,
             input: Vec::new(),
             input_closed: false,
+            peer_closing: false,
             output: Vec::new(),
             written: 0,
             wants_writable: false,
@@ -150,6 +154,13 @@ impl Connection {
             }
             match read {
                 Ok(0) => self.input_closed = true,
+                // A short read took all the socket held: the read that would only say
+                // `WouldBlock` is saved (one system call of the few a keep-alive request
+                // costs). More data, or the client's close, raises a new edge.
+                Ok(n) if n < scratch.len() && !self.peer_closing && self.stream.is_plain() => {
+                    self.input.extend_from_slice(&scratch[..n]);
+                    break;
+                }
                 Ok(n) => self.input.extend_from_slice(&scratch[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -4,8 +4,12 @@
 use super::*;
 
 impl Server {
-    /// The socket of connection `key` has news.
-    pub(super) fn on_socket_event(&mut self, key: usize) {
+    /// The socket of connection `key` has news; `closing`: the client closed its side, or
+    /// the socket failed.
+    pub(super) fn on_socket_event(&mut self, key: usize, closing: bool) {
+        if closing && let Some(connection) = self.connections.get_mut(key) {
+            connection.peer_closing = true;
+        }
         if let Some(connection) = self.connections.get(key)
             && connection.phase == Phase::Handling
             && connection.reply_went_quietly()

@@ -184,7 +184,9 @@ impl Server {
                     Token(t) if t > LISTENER_BASE - self.listeners.len() => {
                         self.accept(LISTENER_BASE - t)
                     }
-                    Token(key) => self.on_socket_event(key),
+                    Token(key) => {
+                        self.on_socket_event(key, event.is_read_closed() || event.is_error())
+                    }
                 }
             }
             let now = Instant::now();

@@ -195,6 +195,12 @@ impl Stream {
         };
     }
 
+    /// A plain socket: a read returns what arrived, so one shorter than asked emptied it. (A
+    /// TLS read returns plaintext a record at a time, with more records possibly waiting.)
+    pub fn is_plain(&self) -> bool {
+        !matches!(self, Stream::Tls(_))
+    }
+
     /// Whether anything said to the client must wait for a handshake (TLS): a refusal at
     /// accept is then a bare close, since the handshake is the cost the refusal avoids.
     pub fn needs_handshake(&self) -> bool {
