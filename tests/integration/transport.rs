@@ -970,18 +970,27 @@ fn read_child(out: std::process::ChildStdout, len: usize) -> (std::process::Chil
     (out, result.expect("reading the reply"))
 }
 
+/// Test certificates in a new scratch directory, and the TLS flags plus `extra`; none (the
+/// test is skipped) without openssl.
+fn tls_setup(extra: &[&str]) -> Option<(Scratch, Certs, Vec<String>)> {
+    if !require("openssl", INSTALL) {
+        return None;
+    }
+    let scratch = Scratch::new();
+    let certs = Certs::make(&scratch);
+    let mut args = tls_args(&certs);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Some((scratch, certs, args))
+}
+
 #[test]
 fn tls_keep_alive_replies_in_order_and_a_large_one_arrives_whole() {
     // The worker encrypts and writes a kept connection's reply itself; what the socket does
     // not take, the loop sends as the client reads.
     use std::io::Write;
-    if !require("openssl", INSTALL) {
+    let Some((scratch, certs, args)) = tls_setup(&["--keep-alive"]) else {
         return;
-    }
-    let scratch = Scratch::new();
-    let certs = Certs::make(&scratch);
-    let mut args = tls_args(&certs);
-    args.push("--keep-alive".into());
+    };
     let server = start_with(scratch, BIG_OR_SMALL, &["tls://127.0.0.1:0"], &args);
     let mut client = s_client(server.port(), &certs);
     let mut stdin = client.stdin.take().unwrap();
@@ -1011,24 +1020,18 @@ fn tls_keep_alive_replies_in_order_and_a_large_one_arrives_whole() {
 #[test]
 fn a_tls_client_that_stops_reading_holds_no_worker() {
     // One worker: if writing the big reply waited for the client, the next client would wait.
-    use std::io::Write;
-    if !require("openssl", INSTALL) {
-        return;
-    }
-    let scratch = Scratch::new();
-    let certs = Certs::make(&scratch);
-    let mut args = tls_args(&certs);
     // --max-output-bytes raises the string limit (6·O) above the 32 MiB reply.
-    args.extend(
-        [
-            "--keep-alive",
-            "--workers",
-            "1",
-            "--max-output-bytes",
-            "8388608",
-        ]
-        .map(String::from),
-    );
+    use std::io::Write;
+    let extra = [
+        "--keep-alive",
+        "--workers",
+        "1",
+        "--max-output-bytes",
+        "8388608",
+    ];
+    let Some((scratch, certs, args)) = tls_setup(&extra) else {
+        return;
+    };
     let marker = scratch.path("big-started");
     let script = BIG_OR_SMALL.replace(
         "let s =",
