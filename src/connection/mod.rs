@@ -99,11 +99,10 @@ impl Connection {
 
     /// The stream, for the worker to write this request's reply to itself, when it may:
     /// nothing of ours waiting to be sent before the reply, or the worker's bytes would
-    /// overtake it. The loop
-    /// writes nothing to the connection while the request is handled unless the handler
-    /// streams output, and then the worker does not write (see `workers::Worker::run`).
-    /// The worker writes only a reply after which the connection stays open (see
-    /// `workers::Worker::finish`).
+    /// overtake it. The loop writes nothing to the connection while the request is handled
+    /// unless the handler streams output, and then the worker does not write (see
+    /// `workers::Worker::run`). The worker writes only a reply after which the connection
+    /// stays open (see `workers::Worker::finish`).
     pub fn reply_writer(&mut self) -> Option<ReplyWriter> {
         if self.pending_output() > 0 {
             return None;
