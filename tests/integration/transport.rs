@@ -155,6 +155,19 @@ fn tls_args(certs: &Certs) -> Vec<String> {
     ]
 }
 
+/// Test certificates in a new scratch directory, and the TLS flags plus `extra`; none (the
+/// test is skipped) without openssl.
+fn tls_setup(extra: &[&str]) -> Option<(Scratch, Certs, Vec<String>)> {
+    if !require("openssl", INSTALL) {
+        return None;
+    }
+    let scratch = Scratch::new();
+    let certs = Certs::make(&scratch);
+    let mut args = tls_args(&certs);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Some((scratch, certs, args))
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -170,12 +183,13 @@ fn run(line: &str, port: u16, certs: &Certs) -> Output {
 
 #[track_caller]
 fn tls_client_gets(client: &str, pipeline: &str, want: &[&str]) {
-    if !require(client, INSTALL) || !require("openssl", INSTALL) {
+    if !require(client, INSTALL) {
         return;
     }
-    let scratch = Scratch::new();
-    let certs = Certs::make(&scratch);
-    let server = start_with(scratch, ECHO, &["tls://127.0.0.1:0"], &tls_args(&certs));
+    let Some((scratch, certs, args)) = tls_setup(&[]) else {
+        return;
+    };
+    let server = start_with(scratch, ECHO, &["tls://127.0.0.1:0"], &args);
     let out = run(pipeline, server.port(), &certs);
     let text = stdout(&out);
     for needle in want {
@@ -231,13 +245,12 @@ fn ncat_ssl() {
 
 #[test]
 fn stream_framing_body_over_tls() {
-    if !require("socat", INSTALL) || !require("openssl", INSTALL) {
+    if !require("socat", INSTALL) {
         return;
     }
-    let scratch = Scratch::new();
-    let certs = Certs::make(&scratch);
-    let mut args = tls_args(&certs);
-    args.extend(["--framing".into(), "stream".into()]);
+    let Some((scratch, certs, args)) = tls_setup(&["--framing", "stream"]) else {
+        return;
+    };
     let server = start_with(scratch, ECHO, &["tls://127.0.0.1:0"], &args);
     let out = run(
         r#"(echo "$TOKEN upload"; head -c 50000 /dev/zero) | socat - OPENSSL:127.0.0.1:$PORT,cafile=$PKI/ca.crt,verify=0"#,
@@ -252,12 +265,10 @@ fn stream_framing_body_over_tls() {
 
 #[test]
 fn send_over_tls_checks_the_server_certificate() {
-    if !require("openssl", INSTALL) {
+    let Some((scratch, certs, args)) = tls_setup(&[]) else {
         return;
-    }
-    let scratch = Scratch::new();
-    let certs = Certs::make(&scratch);
-    let server = start_with(scratch, ECHO, &["tls://127.0.0.1:0"], &tls_args(&certs));
+    };
+    let server = start_with(scratch, ECHO, &["tls://127.0.0.1:0"], &args);
     let port = server.port();
     let send = |extra: &str| {
         let bin = binary().display().to_string();
@@ -852,12 +863,10 @@ fn stale_socket_replaced_and_removed_at_clean_exit() {
 
 #[test]
 fn a_garbage_flood_on_the_tls_port_does_not_starve_a_tls_client() {
-    if !require("openssl", INSTALL) {
+    let Some((scratch, certs, args)) = tls_setup(&[]) else {
         return;
-    }
-    let scratch = Scratch::new();
-    let certs = Certs::make(&scratch);
-    let server = start_with(scratch, ECHO, &["tls://127.0.0.1:0"], &tls_args(&certs));
+    };
+    let server = start_with(scratch, ECHO, &["tls://127.0.0.1:0"], &args);
     let flood_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hardening/flood.py");
     // hardening/flood.py's garbage mode: 200 clients sending random bytes, reconnecting.
     let mut flood = Command::new("python3")
@@ -903,15 +912,11 @@ fn a_garbage_flood_on_the_tls_port_does_not_starve_a_tls_client() {
 fn a_full_unix_listener_answers_err_busy_and_a_full_tls_one_closes() {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
-    if !require("openssl", INSTALL) {
+    let Some((scratch, _certs, args)) = tls_setup(&["--max-connections", "1"]) else {
         return;
-    }
-    let scratch = Scratch::new();
-    let certs = Certs::make(&scratch);
+    };
     let sock = scratch.path("busy.sock");
     let unix = format!("unix:{}", sock.display());
-    let mut args = tls_args(&certs);
-    args.extend(["--max-connections".into(), "1".into()]);
     let server = start_with(scratch, ECHO, &[&unix, "tls://127.0.0.1:0"], &args);
     let held = UnixStream::connect(&sock).unwrap();
     server.log.wait_for("connection from unix");
@@ -968,19 +973,6 @@ fn read_child(out: std::process::ChildStdout, len: usize) -> (std::process::Chil
     });
     let (out, result) = rx.recv_timeout(WAIT).expect("no reply within the wait");
     (out, result.expect("reading the reply"))
-}
-
-/// Test certificates in a new scratch directory, and the TLS flags plus `extra`; none (the
-/// test is skipped) without openssl.
-fn tls_setup(extra: &[&str]) -> Option<(Scratch, Certs, Vec<String>)> {
-    if !require("openssl", INSTALL) {
-        return None;
-    }
-    let scratch = Scratch::new();
-    let certs = Certs::make(&scratch);
-    let mut args = tls_args(&certs);
-    args.extend(extra.iter().map(|a| a.to_string()));
-    Some((scratch, certs, args))
 }
 
 #[test]
