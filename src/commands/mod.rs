@@ -5,19 +5,17 @@
 //! One thread waits on the child's pipes and its pidfd with `poll`, so a command that prints
 //! gigabytes, never reads stdin, or ignores SIGTERM cannot stall or outlive its deadline.
 
+mod spawn;
 mod supervise;
+use spawn::Plan;
 use supervise::supervise;
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use rustix::process::{
-    Pid, PidfdFlags, Signal, kill_process_group, pidfd_open, test_kill_process_group,
-};
+use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -165,17 +163,17 @@ pub enum OutputSink<'a> {
 /// Runs `spec` to completion. Never fails: a command that cannot start is an outcome too.
 pub fn run(spec: &CommandSpec, sink: OutputSink<'_>, groups: &ProcessGroups) -> Outcome {
     let started = Instant::now();
-    let mut command = match build(spec) {
-        Ok(command) => command,
+    let plan = match build(spec) {
+        Ok(plan) => plan,
         Err(reason) => return Outcome::not_started("command", &reason, started),
     };
-    let mut child = match command.spawn() {
+    let child = match plan.spawn() {
         Ok(child) => child,
         Err(error) => return Outcome::not_started(&display_name(&spec.program), &error, started),
     };
-    let pgid = child.id() as i32;
+    let pgid = child.pid.as_raw_nonzero().get();
     groups.insert(pgid);
-    let mut outcome = supervise(&mut child, spec, sink, started);
+    let mut outcome = supervise(child, spec, sink, started);
     groups.remove(pgid);
     outcome.duration = started.elapsed();
     outcome
@@ -208,50 +206,11 @@ pub fn check_env(name: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn build(spec: &CommandSpec) -> io::Result<Command> {
-    let mut command = match &spec.program {
-        Program::Argv(argv) => {
-            let (program, args) = argv
-                .split_first()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "empty argv"))?;
-            let mut command = match in_child_path(program, spec) {
-                Some(path) => {
-                    let mut command = Command::new(path);
-                    command.arg0(program);
-                    command
-                }
-                None => Command::new(program),
-            };
-            command.args(args);
-            command
-        }
-        Program::Shell(line) => {
-            let mut command = Command::new("/bin/sh");
-            command.arg("-c").arg(line);
-            command
-        }
-    };
+fn build(spec: &CommandSpec) -> io::Result<Plan> {
     if let Some(reason) = spec.env.iter().find_map(|(k, v)| check_env(k, v).err()) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, reason));
     }
-    if spec.clear_env {
-        command.env_clear();
-    }
-    command.envs(spec.env.iter().map(|(k, v)| (k, v)));
-    if let Some(cwd) = &spec.cwd {
-        command.current_dir(cwd);
-    }
-    let stdin = if spec.stdin.is_empty() {
-        dev_null()
-    } else {
-        Stdio::piped()
-    };
-    command
-        .stdin(stdin)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    Ok(command)
+    Plan::new(spec)
 }
 
 /// The search path `execvp` uses when the environment has no `PATH`.
@@ -260,56 +219,23 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/bin:/usr/bin";
 #[cfg(not(target_env = "musl"))]
 const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
-/// Where a bare program name is found on the child's `PATH`, when that differs from ours.
-///
-/// `std` spawns with `posix_spawnp` (vfork semantics: the address space is shared, not
-/// copied) except when it cannot: a `pre_exec` closure, a uid/gid/groups change, a pidfd asked
-/// of `std`, a `cwd` without `posix_spawn_file_actions_addchdir_np` (glibc < 2.29), glibc < 2.24,
-/// or a bare program name with a changed `PATH` (`env: #{PATH: ..}` or `clear_env`), because
-/// `posix_spawnp` would search the server's `PATH` instead of the child's. Then it forks, which
-/// copies the page tables of the whole server. None of the others apply here; for the last,
-/// the name is looked up here on the child's `PATH` as `execvp` would, so the spawn stays a
-/// vfork (argv[0] stays the bare name). `None`: leave it to `std` (also when a `PATH` entry is
-/// relative, which would be searched from the child's directory).
-fn in_child_path(program: &str, spec: &CommandSpec) -> Option<String> {
-    if program.is_empty() || program.contains('/') {
-        return None;
-    }
-    let path = match spec.env.iter().rev().find(|(name, _)| name == "PATH") {
-        Some((_, path)) => path.as_str(),
-        None if spec.clear_env => DEFAULT_PATH,
-        None => return None,
-    };
-    if path.split(':').any(|dir| !dir.starts_with('/')) {
-        return None;
-    }
-    path.split(':')
-        .map(|dir| format!("{}/{program}", dir.trim_end_matches('/')))
-        .find(|candidate| is_executable_file(candidate))
-}
-
-fn is_executable_file(path: &str) -> bool {
-    std::fs::metadata(path).is_ok_and(|meta| meta.is_file())
-        && rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok()
-}
-
-/// `/dev/null` for a command's stdin. `Stdio::null()` opens the path for every spawn (a path
-/// walk and a new open file, 2% of the server's CPU in W2). When the server's own stdin is
-/// `/dev/null` already (a container, a service, the bench), the child simply inherits it: no
-/// descriptor to open or duplicate, and no redirection for `posix_spawn` to make (glibc checks
-/// each one with two `getrlimit` calls). Otherwise a duplicate of one descriptor opened once;
-/// `Stdio::null()` if that open failed.
-fn dev_null() -> Stdio {
-    static DEV_NULL: OnceLock<Option<File>> = OnceLock::new();
+/// The descriptor a command's stdin is duplicated from when the script gives it no input:
+/// `None` when the server's own stdin is `/dev/null` already (a container, a service, the
+/// bench), so the child simply inherits it; else `/dev/null`, opened once. `None` too when
+/// that open failed: the child then keeps the server's stdin.
+fn dev_null_fd() -> Option<RawFd> {
+    static DEV_NULL: OnceLock<Option<OwnedFd>> = OnceLock::new();
     static STDIN_IS_DEV_NULL: OnceLock<bool> = OnceLock::new();
     if *STDIN_IS_DEV_NULL.get_or_init(stdin_is_dev_null) {
-        return Stdio::inherit();
+        return None;
     }
     DEV_NULL
-        .get_or_init(|| File::open("/dev/null").ok())
+        .get_or_init(|| {
+            let file = File::open("/dev/null").ok()?;
+            spawn::above_stdio(file.into()).ok()
+        })
         .as_ref()
-        .and_then(|file| file.try_clone().ok())
-        .map_or_else(Stdio::null, Stdio::from)
+        .map(|fd| fd.as_raw_fd())
 }
 
 /// Whether descriptor 0 is open on the `/dev/null` device (checked once: nothing in the server
@@ -403,17 +329,52 @@ mod tests {
     }
 
     #[test]
-    fn a_bare_name_is_found_on_the_childs_path() {
-        let spec = argv_spec(&["sh"], &[("PATH", "/nonexistent:/bin")], false);
-        assert_eq!(in_child_path("sh", &spec).as_deref(), Some("/bin/sh"));
-        let cleared = argv_spec(&["sh"], &[], true);
-        assert_eq!(in_child_path("sh", &cleared).as_deref(), Some("/bin/sh"));
-        // Left to std: our own PATH, a path, a relative PATH entry, a name found nowhere.
-        assert_eq!(in_child_path("sh", &argv_spec(&["sh"], &[], false)), None);
-        assert_eq!(in_child_path("/bin/sh", &cleared), None);
-        let relative = argv_spec(&["sh"], &[("PATH", "bin:/bin")], false);
-        assert_eq!(in_child_path("sh", &relative), None);
-        assert_eq!(in_child_path("no-such-program-here", &cleared), None);
+    fn a_relative_path_entry_is_searched_from_the_commands_cwd() {
+        let dir = std::env::temp_dir().join(format!("ct-path-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("bin/hello"), "#!/bin/sh\necho hi from $0\n").unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+        std::fs::set_permissions(dir.join("bin/hello"), mode).unwrap();
+        let mut spec = argv_spec(&["hello"], &[("PATH", "/nonexistent:bin")], false);
+        spec.cwd = Some(dir.to_string_lossy().into_owned());
+        let outcome = run(&spec, OutputSink::Capture(64), &ProcessGroups::default());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            (outcome.code, outcome.stdout.as_slice()),
+            (0, &b"hi from bin/hello\n"[..])
+        );
+    }
+
+    #[test]
+    fn a_nul_byte_or_a_missing_cwd_fails_to_start() {
+        let spec = argv_spec(&["/bin/echo", "a\0b"], &[], false);
+        let outcome = run(&spec, OutputSink::Capture(64), &ProcessGroups::default());
+        assert_eq!(
+            outcome.code,
+            126,
+            "{:?}",
+            String::from_utf8_lossy(&outcome.stderr)
+        );
+        let mut spec = argv_spec(&["/bin/true"], &[], false);
+        spec.cwd = Some("/nonexistent/dir".into());
+        let outcome = run(&spec, OutputSink::Capture(64), &ProcessGroups::default());
+        assert_eq!(outcome.code, 127);
+        assert!(String::from_utf8_lossy(&outcome.stderr).contains("No such file"));
+    }
+
+    #[test]
+    fn the_environment_is_ours_with_the_scripts_variables_over_it() {
+        let spec = argv_spec(
+            &["/bin/sh", "-c", "echo $HOME:$CT_X"],
+            &[("CT_X", "1")],
+            false,
+        );
+        let outcome = run(&spec, OutputSink::Capture(256), &ProcessGroups::default());
+        let home = std::env::var("HOME").unwrap_or_default();
+        assert_eq!(outcome.stdout, format!("{home}:1\n").into_bytes());
+        let spec = argv_spec(&["/usr/bin/env"], &[("CT_X", "1"), ("CT_X", "2")], true);
+        let outcome = run(&spec, OutputSink::Capture(256), &ProcessGroups::default());
+        assert_eq!(outcome.stdout, b"CT_X=2\n");
     }
 
     #[test]

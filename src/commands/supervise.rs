@@ -2,14 +2,16 @@
 //! captured or streamed), its deadline enforced with SIGTERM then SIGKILL to the group, and
 //! its exit status read once it has ended.
 
+use super::spawn::Spawned;
 use super::*;
+use rustix::process::{WaitOptions, WaitStatus, waitpid};
 
 /// The pipes of a running child and what has come out of them.
 pub(super) struct Pipes {
-    stdin: Option<ChildStdin>,
+    stdin: Option<File>,
     stdin_written: usize,
-    stdout: Option<ChildStdout>,
-    stderr: Option<ChildStderr>,
+    stdout: Option<File>,
+    stderr: Option<File>,
     /// One read buffer for the command's life, not one zeroed 16 KiB array per read.
     chunk: Vec<u8>,
 }
@@ -47,24 +49,31 @@ pub(super) fn advance(
 }
 
 pub(super) fn supervise(
-    child: &mut Child,
+    child: Spawned,
     spec: &CommandSpec,
     mut sink: OutputSink<'_>,
     started: Instant,
 ) -> Outcome {
-    let pgid = child.id() as i32;
-    let pidfd = Pid::from_raw(pgid).and_then(|pid| pidfd_open(pid, PidfdFlags::empty()).ok());
+    let Spawned {
+        pid,
+        pidfd,
+        stdin,
+        stdout,
+        stderr,
+    } = child;
+    let pgid = pid.as_raw_nonzero().get();
     let mut pipes = Pipes {
-        stdin: child.stdin.take(),
+        stdin,
         stdin_written: 0,
-        stdout: child.stdout.take(),
-        stderr: child.stderr.take(),
+        stdout: Some(stdout),
+        stderr: Some(stderr),
         chunk: vec![0; 16 * 1024],
     };
     let mut outcome = Outcome::default();
     let mut term_at = started + spec.timeout;
     let mut phase = Phase::Running;
     let mut exited_at = None;
+    let mut status = None;
     // With a pidfd, `wait4` is asked only once the pidfd says the command has exited: one
     // system call less per wake-up of this loop (a few per command).
     let mut may_have_exited = pidfd.is_none();
@@ -75,8 +84,9 @@ pub(super) fn supervise(
         }
         if exited_at.is_none() {
             phase = advance(phase, pgid, term_at, now, &mut outcome);
-            if may_have_exited && matches!(child.try_wait(), Ok(Some(_))) {
-                exited_at = Some(now);
+            if may_have_exited {
+                status = try_reap(pid);
+                exited_at = status.map(|_| now);
             }
         }
         let wake_at = match (exited_at, phase) {
@@ -100,7 +110,7 @@ pub(super) fn supervise(
         );
         may_have_exited = pidfd_ready || pidfd.is_none();
     }
-    outcome.code = exit_code(child);
+    outcome.code = exit_code(status.or_else(|| reap(pid)));
     if outcome.timed_out {
         kill_stragglers(pgid, phase);
     }
@@ -122,14 +132,34 @@ pub(super) fn kill_stragglers(pgid: i32, phase: Phase) {
     signal_group(pgid, Signal::KILL);
 }
 
-pub(super) fn exit_code(child: &mut Child) -> i32 {
-    match child.wait() {
-        Ok(status) => status
-            .code()
-            .or_else(|| status.signal().map(|s| 128 + s))
-            .unwrap_or(128),
-        Err(_) => 128,
+/// The command's status if it has exited (and is reaped now), else `None`.
+fn try_reap(pid: Pid) -> Option<WaitStatus> {
+    match waitpid(Some(pid), WaitOptions::NOHANG) {
+        Ok(Some((_, status))) => Some(status),
+        _ => None,
     }
+}
+
+/// Waits for the command to exit. `None`: it cannot be waited for (already reaped elsewhere).
+fn reap(pid: Pid) -> Option<WaitStatus> {
+    loop {
+        match waitpid(Some(pid), WaitOptions::empty()) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok(Some((_, status))) => return Some(status),
+            _ => return None,
+        }
+    }
+}
+
+/// The exit code, 128+N for a death by signal N, 128 when unknown.
+pub(super) fn exit_code(status: Option<WaitStatus>) -> i32 {
+    status
+        .and_then(|status| {
+            status
+                .exit_status()
+                .or_else(|| status.terminating_signal().map(|s| 128 + s))
+        })
+        .unwrap_or(128)
 }
 
 /// Waits up to `wait` for any pipe or the pidfd, then moves what is ready. True when the

@@ -1,0 +1,385 @@
+//! Starting a command: `clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)` on a stack kept per
+//! thread, and in the child only what this command needs before `execve`.
+//!
+//! This is what glibc's `posix_spawn` (under `std::process::Command`) does, minus what a
+//! general library cannot avoid and W2 paid for with ~9% of its throughput (BENCHMARKS.md):
+//! a fresh child stack mapped and unmapped per spawn (the unmap shoots down TLB entries on
+//! every core running a worker), a child that asks the kernel about all 64 signals because it
+//! cannot know which ones have handlers, two `getrlimit` per redirection, and one more system
+//! call for the pidfd. Here the handled signals are learned once, the stack is reused, and the
+//! pidfd comes with the clone.
+//!
+//! The child shares our memory until `execve`, with our thread's stack frozen under it: it
+//! must not allocate, lock or unwind. Everything it touches is prepared in a `ChildPlan` before
+//! the clone, and it reports a failure through one atomic the parent reads after.
+
+use super::{CommandSpec, DEFAULT_PATH, Program};
+use rustix::pipe::{PipeFlags, pipe_with};
+use rustix::process::Pid;
+use std::cell::RefCell;
+use std::ffi::{CString, OsString, c_char, c_int, c_void};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The child's stack. It runs a handful of libc calls before `execve`; glibc's `posix_spawn`
+/// gives the same work 32 KiB plus the size of argv, which this child never copies.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// A command ready to start: every string already NUL-terminated, the program's places to be
+/// tried in order (execvp's search, done by the child, so a relative `PATH` entry is taken
+/// from the command's own `cwd`).
+pub(super) struct Plan {
+    candidates: Vec<CString>,
+    argv: Vec<CString>,
+    /// `None`: the server's own environment, passed as it is.
+    env: Option<Vec<CString>>,
+    cwd: Option<CString>,
+    pipe_stdin: bool,
+}
+
+/// A started command and our ends of its pipes.
+pub(super) struct Spawned {
+    pub pid: Pid,
+    /// `None` only on kernels before 5.2; the supervisor then polls for the exit.
+    pub pidfd: Option<OwnedFd>,
+    pub stdin: Option<File>,
+    pub stdout: File,
+    pub stderr: File,
+}
+
+impl Plan {
+    /// Fails (as the spawn would) on a NUL byte in an argument, the `cwd` or the program.
+    pub(super) fn new(spec: &CommandSpec) -> io::Result<Plan> {
+        let (program, argv) = match &spec.program {
+            Program::Argv(argv) => match argv.first() {
+                Some(program) if !program.is_empty() => (program.as_str(), argv.clone()),
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "empty program name",
+                    ));
+                }
+            },
+            Program::Shell(line) => ("/bin/sh", vec!["/bin/sh".into(), "-c".into(), line.clone()]),
+        };
+        Ok(Plan {
+            candidates: search(program, spec)
+                .into_iter()
+                .map(c_string)
+                .collect::<io::Result<_>>()?,
+            argv: argv.into_iter().map(c_string).collect::<io::Result<_>>()?,
+            env: environment(spec)?,
+            cwd: spec.cwd.clone().map(c_string).transpose()?,
+            pipe_stdin: !spec.stdin.is_empty(),
+        })
+    }
+
+    pub(super) fn spawn(&self) -> io::Result<Spawned> {
+        let (stdout, stdout_child) = cloexec_pipe()?;
+        let (stderr, stderr_child) = cloexec_pipe()?;
+        let (stdin, stdin_child) = match self.pipe_stdin {
+            true => cloexec_pipe().map(|(ours, theirs)| (Some(theirs), Some(ours)))?,
+            false => (None, None),
+        };
+        let stdin_from = match &stdin_child {
+            Some(read_end) => Some(read_end.as_raw_fd()),
+            None => super::dev_null_fd(),
+        };
+        let candidates = pointers(&self.candidates);
+        let argv = pointers(&self.argv);
+        let env = self.env.as_deref().map(pointers);
+        let plan = ChildPlan {
+            candidates: &candidates,
+            argv: argv.as_ptr(),
+            envp: env.as_ref().map_or_else(environ, |env| env.as_ptr()),
+            cwd: self
+                .cwd
+                .as_ref()
+                .map_or(std::ptr::null(), |cwd| cwd.as_ptr()),
+            redirects: [
+                (stdin_from.unwrap_or(0), 0),
+                (stdout_child.as_raw_fd(), 1),
+                (stderr_child.as_raw_fd(), 2),
+            ],
+            reset_signals: handled_signals(),
+            error: AtomicI32::new(0),
+        };
+        let (pid, pidfd) = clone_child(&plan)?;
+        drop((stdout_child, stderr_child, stdin_child));
+        let Some(pid) = Pid::from_raw(pid) else {
+            return Err(io::Error::other("clone returned no child"));
+        };
+        match plan.error.load(Ordering::Acquire) {
+            0 => Ok(Spawned {
+                pid,
+                pidfd,
+                stdin: stdin.map(File::from),
+                stdout: File::from(stdout),
+                stderr: File::from(stderr),
+            }),
+            errno => {
+                // The child has exited already (vfork: clone returned after it did).
+                let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+                Err(io::Error::from_raw_os_error(errno))
+            }
+        }
+    }
+}
+
+fn c_string(s: impl Into<Vec<u8>>) -> io::Result<CString> {
+    CString::new(s).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "nul byte found in provided data",
+        )
+    })
+}
+
+/// A NULL-terminated array of pointers into `strings`, which must outlive it.
+fn pointers(strings: &[CString]) -> Vec<*const c_char> {
+    let mut pointers: Vec<_> = strings.iter().map(|s| s.as_ptr()).collect();
+    pointers.push(std::ptr::null());
+    pointers
+}
+
+/// Where `execvp` would look for `program`: itself when it holds a `/`, else each entry of the
+/// command's `PATH` (an empty entry is the current directory). The command's `PATH` is the one
+/// in `env`, else ours, else the C library's default.
+fn search(program: &str, spec: &CommandSpec) -> Vec<String> {
+    if program.contains('/') {
+        return vec![program.to_string()];
+    }
+    let path = match spec.env.iter().rev().find(|(name, _)| name == "PATH") {
+        Some((_, path)) => path.clone(),
+        None if spec.clear_env => DEFAULT_PATH.to_string(),
+        None => std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string()),
+    };
+    path.split(':')
+        .map(|dir| match dir {
+            "" => program.to_string(),
+            dir => format!("{}/{program}", dir.trim_end_matches('/')),
+        })
+        .collect()
+}
+
+/// The command's environment when it differs from ours: ours (unless cleared) with the
+/// script's variables set over it, in order.
+fn environment(spec: &CommandSpec) -> io::Result<Option<Vec<CString>>> {
+    if spec.env.is_empty() && !spec.clear_env {
+        return Ok(None);
+    }
+    let mut vars: Vec<(OsString, OsString)> = match spec.clear_env {
+        true => Vec::new(),
+        false => std::env::vars_os().collect(),
+    };
+    for (name, value) in &spec.env {
+        vars.retain(|(existing, _)| existing.as_encoded_bytes() != name.as_bytes());
+        vars.push((name.into(), value.into()));
+    }
+    vars.into_iter()
+        .map(|(name, value)| {
+            let mut entry = name.into_vec();
+            entry.push(b'=');
+            entry.extend(value.into_vec());
+            c_string(entry)
+        })
+        .collect::<io::Result<_>>()
+        .map(Some)
+}
+
+/// A pipe whose both ends close on `execve`, neither of them on descriptors 0–2 (a server
+/// started with those closed would otherwise hand the child a pipe end as its own stdout,
+/// which the `dup2`s would then close under it).
+fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (read_end, write_end) = pipe_with(PipeFlags::CLOEXEC)?;
+    Ok((above_stdio(read_end)?, above_stdio(write_end)?))
+}
+
+pub(super) fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    match fd.as_raw_fd() {
+        0..=2 => Ok(rustix::io::fcntl_dupfd_cloexec(&fd, 3)?),
+        _ => Ok(fd),
+    }
+}
+
+/// The signals with a handler in this process, plus SIGPIPE (which Rust's runtime ignores and
+/// a command must get back at its default, as `std` does). Learned once, at the first spawn:
+/// every handler is installed at start-up, before any command runs.
+fn handled_signals() -> &'static [c_int] {
+    static HANDLED: OnceLock<Vec<c_int>> = OnceLock::new();
+    HANDLED.get_or_init(|| {
+        let mut handled = vec![libc::SIGPIPE];
+        for signal in 1..=libc::SIGRTMAX() {
+            // SAFETY: a query only (no new action); `current` is a valid out pointer.
+            let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+            let queried = unsafe { libc::sigaction(signal, std::ptr::null(), &mut current) };
+            let has_handler =
+                current.sa_sigaction != libc::SIG_DFL && current.sa_sigaction != libc::SIG_IGN;
+            if queried == 0 && has_handler && signal != libc::SIGPIPE {
+                handled.push(signal);
+            }
+        }
+        handled
+    })
+}
+
+/// What the child reads between the clone and `execve`. Plain pointers into the parent's
+/// memory, valid because the parent is suspended (`CLONE_VFORK`) until the child execs or
+/// exits.
+struct ChildPlan<'a> {
+    candidates: &'a [*const c_char],
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    cwd: *const c_char,
+    /// `(from, to)`; `from == 0` for stdin means inherited.
+    redirects: [(RawFd, RawFd); 3],
+    reset_signals: &'a [c_int],
+    /// The errno that stopped the child, 0 while none did.
+    error: AtomicI32,
+}
+
+fn environ() -> *const *const c_char {
+    unsafe extern "C" {
+        static environ: *const *const c_char;
+    }
+    // SAFETY: nothing in the server changes the environment once threads run (app.rs removes
+    // the token variables before the first one starts).
+    unsafe { environ }
+}
+
+thread_local! {
+    static STACK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Clones the child on this thread's stack and returns once it has exec'd or exited, with its
+/// pid and (kernel ≥ 5.2) its pidfd. All signals stay blocked around the clone, so none runs a
+/// handler of ours on the child's stack before it has reset them.
+fn clone_child(plan: &ChildPlan<'_>) -> io::Result<(i32, Option<OwnedFd>)> {
+    STACK.with(|stack| {
+        // Never taken twice: the child does not come back through here.
+        let Ok(mut stack) = stack.try_borrow_mut() else {
+            return Err(io::Error::other("the spawn stack is in use"));
+        };
+        if stack.len() < CHILD_STACK {
+            stack.resize(CHILD_STACK, 0);
+        }
+        // The stack grows down from its end, which must be 16-byte aligned.
+        let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+        let arg = plan as *const ChildPlan<'_> as *mut c_void;
+        let _blocked = SignalsBlocked::new();
+        let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+        let mut pidfd: c_int = -1;
+        // SAFETY: `top` is the aligned end of a buffer this thread owns and nobody else uses
+        // until clone returns; `plan` outlives the child's use of it (CLONE_VFORK); the three
+        // trailing arguments are parent_tid (where CLONE_PIDFD puts the pidfd), tls, child_tid.
+        let clone = |flags: c_int, pidfd: *mut c_int| unsafe {
+            libc::clone(
+                child_main,
+                top as *mut c_void,
+                flags,
+                arg,
+                pidfd,
+                std::ptr::null_mut::<c_void>(),
+                std::ptr::null_mut::<c_int>(),
+            )
+        };
+        let mut pid = clone(flags | libc::CLONE_PIDFD, &mut pidfd);
+        if pid < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            pidfd = -1;
+            pid = clone(flags, std::ptr::null_mut());
+        }
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel gave us this descriptor and nothing else owns it.
+        let pidfd = (pidfd >= 0)
+            .then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) });
+        Ok((pid, pidfd))
+    })
+}
+
+/// Every signal blocked on this thread until dropped.
+struct SignalsBlocked {
+    previous: libc::sigset_t,
+}
+
+impl SignalsBlocked {
+    fn new() -> SignalsBlocked {
+        // SAFETY: both sets are valid for the calls; a failure leaves the mask as it was.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut previous: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
+            SignalsBlocked { previous }
+        }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `new`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut()) };
+    }
+}
+
+/// The child, from the clone to `execve`. Only async-signal-safe C calls on data the parent
+/// prepared; on failure it leaves the errno in the plan and exits 127.
+extern "C" fn child_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the parent's `ChildPlan`, alive and unmoved while the parent waits.
+    let plan = unsafe { &*(arg as *const ChildPlan<'_>) };
+    // SAFETY: as above; `exec` only reads the plan and calls into the C library.
+    let errno = unsafe { exec(plan) };
+    plan.error.store(errno, Ordering::Release);
+    // SAFETY: ends the child without running anything of the parent's (no atexit, no flush).
+    unsafe { libc::_exit(127) }
+}
+
+/// Returns only on failure, with the errno to report.
+///
+/// # Safety
+/// Every pointer in `plan` must be valid: NUL-terminated strings, NULL-terminated arrays.
+unsafe fn exec(plan: &ChildPlan<'_>) -> c_int {
+    let errno = || {
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    };
+    unsafe {
+        if libc::setpgid(0, 0) != 0 {
+            return errno();
+        }
+        for &(from, to) in &plan.redirects {
+            if from != to && libc::dup2(from, to) < 0 {
+                return errno();
+            }
+        }
+        if !plan.cwd.is_null() && libc::chdir(plan.cwd) != 0 {
+            return errno();
+        }
+        let mut default: libc::sigaction = std::mem::zeroed();
+        default.sa_sigaction = libc::SIG_DFL;
+        for &signal in plan.reset_signals {
+            libc::sigaction(signal, &default, std::ptr::null_mut());
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // As execvp: a place that does not exist (or is not a directory) is passed over, one
+        // we may not execute is remembered; any other failure (ENOEXEC, E2BIG...) is final.
+        let mut failure = libc::ENOENT;
+        for &candidate in plan.candidates.iter().take_while(|c| !c.is_null()) {
+            libc::execve(candidate, plan.argv, plan.envp);
+            match errno() {
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                libc::EACCES => failure = libc::EACCES,
+                other => return other,
+            }
+        }
+        failure
+    }
+}
