@@ -19,5 +19,6 @@ mod reply_path;
 mod rough_edges;
 mod script_tests;
 mod scripts;
+mod spawning;
 mod structure;
 mod transport;
