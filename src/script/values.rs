@@ -7,6 +7,10 @@ use crate::tls::TlsInfo;
 use rhai::{Dynamic, Map};
 
 /// `req` as the script sees it (SPEC §5, §10).
+///
+/// Built in one go from its fields in key order: `collect` then sorts nothing and searches
+/// nothing, where eleven `insert`s cost ~570 instructions each (a third of a keep-alive request
+/// in callgrind).
 pub(crate) fn request_map(request: &Request) -> Map {
     // HTTP carries its payload in the body; the other framings on the first line.
     let payload_bytes = if request.http.is_some() {
@@ -15,55 +19,53 @@ pub(crate) fn request_map(request: &Request) -> Map {
         &request.payload
     };
     let payload = String::from_utf8_lossy(payload_bytes).into_owned();
-    let args: Vec<String> = match &request.http {
-        Some(head) => head.segments(),
-        None => payload.split_whitespace().map(str::to_owned).collect(),
+    let args: rhai::Array = match &request.http {
+        Some(head) => head.segments().into_iter().map(Dynamic::from).collect(),
+        None => payload
+            .split_whitespace()
+            .map(|word| Dynamic::from(word.to_owned()))
+            .collect(),
     };
     let token_name = match &request.token_name {
         Some(name) => Dynamic::from(name.to_string()),
         None => Dynamic::UNIT,
     };
-    let mut map = Map::new();
-    map.insert("id".into(), Dynamic::from(request.id as i64));
-    map.insert("token_name".into(), token_name);
-    map.insert("payload".into(), Dynamic::from(payload));
-    map.insert(
-        "args".into(),
-        Dynamic::from_array(args.into_iter().map(Dynamic::from).collect()),
-    );
-    map.insert("body".into(), Dynamic::from_blob(request.body.clone()));
-    map.insert(
-        "peer".into(),
-        Dynamic::from(request.endpoints.peer_text.clone()),
-    );
-    map.insert(
-        "local".into(),
-        Dynamic::from(request.endpoints.local_text.clone()),
-    );
-    map.insert("framing".into(), request.framing.name().into());
-    insert_transport_fields(&mut map, &request.endpoints);
+    let endpoints = &request.endpoints;
+    let fields: [(&str, Dynamic); 11] = [
+        ("args", Dynamic::from_array(args)),
+        ("body", Dynamic::from_blob(request.body.clone())),
+        ("framing", request.framing.name().into()),
+        ("id", Dynamic::from(request.id as i64)),
+        ("listener", endpoints.listener.name().into()),
+        ("local", Dynamic::from(endpoints.local_text.clone())),
+        ("payload", Dynamic::from(payload)),
+        ("peer", Dynamic::from(endpoints.peer_text.clone())),
+        ("peer_cred", peer_cred(endpoints)),
+        (
+            "tls",
+            endpoints
+                .tls
+                .as_deref()
+                .map_or(Dynamic::UNIT, |tls| tls_map(tls).into()),
+        ),
+        ("token_name", token_name),
+    ];
+    let mut map: Map = fields.into_iter().map(|(k, v)| (k.into(), v)).collect();
     if let Some(head) = &request.http {
         insert_http_fields(&mut map, head);
     }
     map
 }
 
-/// `req.listener`, `req.tls` and `req.peer_cred` (SPEC §11); `()` where they do not apply.
-fn insert_transport_fields(map: &mut Map, endpoints: &Endpoints) {
-    map.insert("listener".into(), endpoints.listener.name().into());
-    let tls = endpoints
-        .tls
-        .as_deref()
-        .map_or(Dynamic::UNIT, |tls| Dynamic::from_map(tls_map(tls)));
-    map.insert("tls".into(), tls);
-    let cred = endpoints.peer_cred.map_or(Dynamic::UNIT, |cred| {
+/// `req.peer_cred` (SPEC §11): the Unix client's credentials, `()` over TCP.
+fn peer_cred(endpoints: &Endpoints) -> Dynamic {
+    endpoints.peer_cred.map_or(Dynamic::UNIT, |cred| {
         let mut m = Map::new();
         m.insert("pid".into(), Dynamic::from(i64::from(cred.pid)));
         m.insert("uid".into(), Dynamic::from(i64::from(cred.uid)));
         m.insert("gid".into(), Dynamic::from(i64::from(cred.gid)));
         Dynamic::from_map(m)
-    });
-    map.insert("peer_cred".into(), cred);
+    })
 }
 
 fn tls_map(tls: &TlsInfo) -> Map {
