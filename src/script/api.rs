@@ -182,20 +182,22 @@ fn run_command(runtime: &Runtime, program: Program, opts: Map) -> ScriptResult<M
     Ok(result_map(&outcome))
 }
 
+/// Collected from its fields in key order, as `req` is (values.rs): no key is searched for.
 fn result_map(outcome: &Outcome) -> Map {
     let text = |bytes: &[u8]| Dynamic::from(String::from_utf8_lossy(bytes).into_owned());
-    let mut map = Map::new();
-    map.insert("code".into(), Dynamic::from(outcome.code as i64));
-    map.insert("success".into(), Dynamic::from(outcome.success()));
-    map.insert("stdout".into(), text(&outcome.stdout));
-    map.insert("stderr".into(), text(&outcome.stderr));
-    map.insert("truncated".into(), Dynamic::from(outcome.truncated));
-    map.insert("timed_out".into(), Dynamic::from(outcome.timed_out));
-    map.insert(
-        "duration_ms".into(),
-        Dynamic::from(outcome.duration.as_millis() as i64),
-    );
-    map
+    let fields = [
+        ("code", Dynamic::from(outcome.code as i64)),
+        (
+            "duration_ms",
+            Dynamic::from(outcome.duration.as_millis() as i64),
+        ),
+        ("stderr", text(&outcome.stderr)),
+        ("stdout", text(&outcome.stdout)),
+        ("success", Dynamic::from(outcome.success())),
+        ("timed_out", Dynamic::from(outcome.timed_out)),
+        ("truncated", Dynamic::from(outcome.truncated)),
+    ];
+    fields.into_iter().map(|(k, v)| (k.into(), v)).collect()
 }
 
 /// A duration argument: a string like `"500ms"`, `"5s"`, `"24h"`, or whole milliseconds.
