@@ -12,7 +12,7 @@ pub(super) struct Pipes {
     stdin_written: usize,
     stdout: Option<File>,
     stderr: Option<File>,
-    /// One read buffer for the command's life, not one zeroed 16 KiB array per read.
+    /// One read buffer per thread (`take_chunk`), not one zeroed 16 KiB array per read.
     chunk: Vec<u8>,
 }
 
@@ -67,7 +67,7 @@ pub(super) fn supervise(
         stdin_written: 0,
         stdout: Some(stdout),
         stderr: Some(stderr),
-        chunk: vec![0; 16 * 1024],
+        chunk: take_chunk(),
     };
     let mut outcome = Outcome::default();
     let mut term_at = started + spec.timeout;
@@ -111,6 +111,7 @@ pub(super) fn supervise(
         may_have_exited = pidfd_ready || pidfd.is_none();
     }
     outcome.code = exit_code(status.or_else(|| reap(pid)));
+    CHUNK.set(pipes.chunk);
     if outcome.timed_out {
         kill_stragglers(pgid, phase);
     }
@@ -130,6 +131,18 @@ pub(super) fn kill_stragglers(pgid: i32, phase: Phase) {
         }
     }
     signal_group(pgid, Signal::KILL);
+}
+
+thread_local! {
+    /// The read buffer of the command this thread supervises, kept between commands.
+    static CHUNK: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The thread's read buffer: 16 KiB, allocated and zeroed once per thread, not per command.
+fn take_chunk() -> Vec<u8> {
+    let mut chunk = CHUNK.take();
+    chunk.resize(16 * 1024, 0);
+    chunk
 }
 
 /// The command's status if it has exited (and is reaped now), else `None`.
