@@ -14,7 +14,7 @@ use crate::server::{self, Parts, Server};
 use crate::signals::SignalSource;
 use crate::state::State;
 use crate::tls::TlsServer;
-use crate::transport::{Listener, UnixBindError, UnixSocket};
+use crate::transport::{Listener, TcpPort, UnixBindError, UnixSocket};
 use crate::trigger::{Kind, Triggers};
 use crate::watch::WatchSettings;
 use crate::{
@@ -205,9 +205,9 @@ fn forget_token_variables(config: &Config) {
 
 fn bind_all(config: &Config, tls: Option<&Arc<TlsServer>>) -> Result<Vec<Listener>, Fatal> {
     let bind = |spec: &ListenSpec| match spec {
-        ListenSpec::Tcp(addr) => bind_tcp(addr).map(Listener::Tcp),
+        ListenSpec::Tcp(addr) => bind_tcp(addr).map(|l| Listener::Tcp(TcpPort::new(l))),
         ListenSpec::Tls(addr) => match tls {
-            Some(tls) => Ok(Listener::Tls(bind_tcp(addr)?, tls.clone())),
+            Some(tls) => Ok(Listener::Tls(TcpPort::new(bind_tcp(addr)?), tls.clone())),
             None => Err(Fatal::Usage("a tls:// listener needs --tls-cert".into())),
         },
         ListenSpec::Unix(path) => match UnixSocket::bind(path, config.unix_mode) {

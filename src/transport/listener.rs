@@ -7,10 +7,49 @@ use super::*;
 
 /// A listening socket of any kind.
 pub enum Listener {
-    Tcp(TcpListener),
+    Tcp(TcpPort),
     /// New handshakes take the `TlsServer`'s current configuration (it rotates).
-    Tls(TcpListener, Arc<TlsServer>),
+    Tls(TcpPort, Arc<TlsServer>),
     Unix(UnixSocket),
+}
+
+/// A TCP listening socket, and its address when that is one address (not 0.0.0.0 or ::): then
+/// it is every connection's own end too, known without a `getsockname` per connection.
+pub struct TcpPort {
+    listener: TcpListener,
+    fixed_local: Option<SocketAddr>,
+}
+
+impl TcpPort {
+    pub fn new(listener: TcpListener) -> TcpPort {
+        let fixed_local = listener
+            .local_addr()
+            .ok()
+            .filter(|addr| !addr.ip().is_unspecified());
+        TcpPort {
+            listener,
+            fixed_local,
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    fn accept(&self, kind: ListenerKind) -> io::Result<(TcpStream, Arc<Endpoints>)> {
+        let (stream, peer) = self.listener.accept()?;
+        let local = match self.fixed_local {
+            Some(local) => local,
+            None => stream.local_addr().map_err(per_connection)?,
+        };
+        let _ = stream.set_nodelay(true);
+        Ok((stream, Endpoints::tcp(peer, local, kind)))
+    }
+}
+
+/// A failure after `accept(2)` itself succeeded concerns that one connection.
+fn per_connection(e: io::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, e)
 }
 
 /// A Unix listening socket that removes its file when it is dropped (a clean exit), unless
@@ -53,21 +92,16 @@ impl Listener {
     /// that one connection: it comes back as `ConnectionAborted`, never as an error that would
     /// make the loop pause accepting.
     pub fn accept(&self) -> io::Result<Accepted> {
-        let per_connection = |e: io::Error| io::Error::new(io::ErrorKind::ConnectionAborted, e);
         match self {
             Listener::Tcp(l) => {
-                let (stream, peer) = l.accept()?;
-                let endpoints =
-                    tcp_endpoints(&stream, peer, ListenerKind::Tcp).map_err(per_connection)?;
+                let (stream, endpoints) = l.accept(ListenerKind::Tcp)?;
                 Ok(Accepted {
                     stream: Stream::Tcp(Arc::new(stream)),
                     endpoints,
                 })
             }
             Listener::Tls(l, server) => {
-                let (stream, peer) = l.accept()?;
-                let endpoints =
-                    tcp_endpoints(&stream, peer, ListenerKind::Tls).map_err(per_connection)?;
+                let (stream, endpoints) = l.accept(ListenerKind::Tls)?;
                 Ok(Accepted {
                     stream: Stream::tls(stream, server.config()).map_err(per_connection)?,
                     endpoints,
@@ -93,20 +127,10 @@ impl Listener {
 
     fn source(&mut self) -> &mut dyn Source {
         match self {
-            Listener::Tcp(l) | Listener::Tls(l, _) => l,
+            Listener::Tcp(l) | Listener::Tls(l, _) => &mut l.listener,
             Listener::Unix(u) => &mut u.listener,
         }
     }
-}
-
-fn tcp_endpoints(
-    stream: &TcpStream,
-    peer: SocketAddr,
-    kind: ListenerKind,
-) -> io::Result<Arc<Endpoints>> {
-    let local = stream.local_addr()?;
-    let _ = stream.set_nodelay(true);
-    Ok(Endpoints::tcp(peer, local, kind))
 }
 
 impl Source for Listener {

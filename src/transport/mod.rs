@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 mod listener;
-pub use listener::{Accepted, LISTEN_BACKLOG, Listener, UnixBindError, UnixSocket};
+pub use listener::{Accepted, LISTEN_BACKLOG, Listener, TcpPort, UnixBindError, UnixSocket};
 
 /// Which kind of listener a connection came through: `req.listener`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

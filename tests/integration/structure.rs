@@ -11,7 +11,7 @@ use command_trigger::error::Outcome;
 use command_trigger::script::{Runtime, ScriptHost};
 use command_trigger::server::{self, Parts};
 use command_trigger::signals::Signal;
-use command_trigger::transport::Listener;
+use command_trigger::transport::{Listener, TcpPort};
 use command_trigger::{app, stop};
 use mio::net::TcpListener;
 use std::process::Output;
@@ -125,7 +125,7 @@ fn in_process(script: &str) -> (Config, Vec<Listener>, Parts) {
         panic!("not a TCP listener")
     };
     let listener = TcpListener::bind(addr).expect("binding");
-    (config, vec![Listener::Tcp(listener)], parts)
+    (config, vec![Listener::Tcp(TcpPort::new(listener))], parts)
 }
 
 /// `server::run` with a `stop::Switch` instead of signals: the loop serves in this process and
