@@ -12,8 +12,8 @@ use mio::Waker;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, Thread};
 use std::time::Instant;
 
 /// Names a connection across threads; the serial tells a reused slot from the original.
@@ -117,18 +117,39 @@ enum Task {
 
 /// Requests waiting for a worker. The event loop bounds its length (`--queue`) and takes the
 /// waiting ones back at shutdown; workers only hold the lock to pop, never while waiting.
+///
+/// The worker that went to sleep last is woken first. With a condition variable the one asleep
+/// longest was, so with fast handlers every worker of the pool took turns: each slept after
+/// about one request, woke cold, and (with the scheduler's credit for its long sleep) preempted
+/// the event loop. Last-in-first-out keeps the same few workers warm and the rest asleep:
+/// keep-alive W1 with the default 8 workers went from ~60 k to the ~95 k of 2 workers
+/// (BENCHMARKS.md), with no change when all of them are busy.
 #[derive(Default)]
 struct JobQueue {
     state: Mutex<Waiting>,
-    available: Condvar,
 }
 
 #[derive(Default)]
 struct Waiting {
     jobs: VecDeque<Task>,
-    /// Workers asleep on `available`. Under load none are, and a push then costs no wake-up
-    /// system call at all.
-    idle_workers: usize,
+    /// The workers parked waiting for a job, the most recent last. Under load none are, and
+    /// a push then costs no wake-up system call at all.
+    idle: Vec<Thread>,
+    /// Workers unparked for a job and not yet running: while one is on its way, a push wakes
+    /// nobody else; the woken one wakes the next if it finds more than its own job waiting.
+    woken: usize,
+}
+
+impl Waiting {
+    /// The next worker to wake, if jobs wait and none is on its way to them.
+    fn sleeper_to_wake(&mut self) -> Option<Thread> {
+        if self.jobs.is_empty() || self.woken > 0 {
+            return None;
+        }
+        let worker = self.idle.pop()?;
+        self.woken += 1;
+        Some(worker)
+    }
 }
 
 impl JobQueue {
@@ -139,26 +160,37 @@ impl JobQueue {
     fn push(&self, job: Task) {
         let mut state = self.lock();
         state.jobs.push_back(job);
-        let someone_sleeps = state.idle_workers > 0;
+        let sleeper = state.sleeper_to_wake();
         drop(state);
-        if someone_sleeps {
-            self.available.notify_one();
+        if let Some(worker) = sleeper {
+            worker.unpark();
         }
     }
 
     fn pop(&self) -> Task {
+        let me = thread::current();
         let mut state = self.lock();
         loop {
             if let Some(job) = state.jobs.pop_front() {
+                let next = state.sleeper_to_wake();
+                drop(state);
+                if let Some(worker) = next {
+                    worker.unpark();
+                }
                 metrics().queue_depth.dec();
                 return job;
             }
-            state.idle_workers += 1;
-            state = self
-                .available
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
-            state.idle_workers -= 1;
+            state.idle.push(me.clone());
+            drop(state);
+            // An unpark between the unlock and here is not lost: park then returns at once.
+            thread::park();
+            state = self.lock();
+            let listed = state.idle.len();
+            state.idle.retain(|idle| idle.id() != me.id());
+            if state.idle.len() == listed {
+                // Unlisted by the pusher that woke us (else park returned spuriously).
+                state.woken = state.woken.saturating_sub(1);
+            }
         }
     }
 }

@@ -91,3 +91,37 @@ fn handle(req) {
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+#[test]
+fn a_burst_of_slow_requests_wakes_every_worker() {
+    // Workers are woken one at a time, each waking the next when it finds more waiting: a
+    // burst must still end with all of them running at once, not queued behind the first.
+    let scratch = Scratch::new();
+    let go = scratch.path("go");
+    let script = format!(
+        r#"fn handle(req) {{
+            exec(["sh", "-c", "touch \"$0\"; i=0; while [ ! -e '{}' ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done", "{}/started-" + req.payload]);
+            req.payload + "\n"
+        }}"#,
+        go.display(),
+        scratch.path("").display()
+    );
+    let server = Server::start(&script, &["--workers", "8"]);
+    let mut streams: Vec<_> = (0..8)
+        .map(|i| open_with(server.addr(), format!("{TOKEN} {i}\n").as_bytes()))
+        .collect();
+    // One bound for all eight: run one after another, each would take its whole 30 s loop.
+    let deadline = Instant::now() + WAIT;
+    for i in 0..8 {
+        let started = scratch.path(&format!("started-{i}"));
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            file_exists_within(&started, left),
+            "request {i} never started: not every worker was woken"
+        );
+    }
+    std::fs::write(&go, "").unwrap();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        assert_eq!(read_to_close(stream), format!("{i}\n").into_bytes());
+    }
+}
