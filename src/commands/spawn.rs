@@ -82,7 +82,9 @@ impl Plan {
         let (stdout, stdout_child) = cloexec_pipe()?;
         let (stderr, stderr_child) = cloexec_pipe()?;
         let (stdin, stdin_child) = match self.pipe_stdin {
-            true => cloexec_pipe().map(|(ours, theirs)| (Some(theirs), Some(ours)))?,
+            true => {
+                cloexec_pipe().map(|(read_end, write_end)| (Some(write_end), Some(read_end)))?
+            }
             false => (None, None),
         };
         let stdin_from = match &stdin_child {
@@ -235,7 +237,7 @@ struct ChildPlan<'a> {
     argv: *const *const c_char,
     envp: *const *const c_char,
     cwd: *const c_char,
-    /// `(from, to)`; `from == 0` for stdin means inherited.
+    /// `(from, to)`, left alone when `from == to` (stdin inherited).
     redirects: [(RawFd, RawFd); 3],
     reset_signals: &'a [c_int],
     /// The errno that stopped the child, 0 while none did.
