@@ -253,8 +253,52 @@ fn environ() -> *const *const c_char {
     unsafe { environ }
 }
 
+/// The stack the child runs on until `execve`, mapped once per thread. Its pages become
+/// resident only as the child touches them (a few KiB; a zeroed buffer would have made all of
+/// it resident in every worker that ever ran a command), and a guard page below it turns an
+/// overflow into a fault instead of a write over our memory.
+struct ChildStack {
+    base: *mut c_void,
+    guard: usize,
+}
+
+impl ChildStack {
+    fn map() -> io::Result<ChildStack> {
+        use rustix::mm::{MapFlags, MprotectFlags, ProtFlags, mmap_anonymous, mprotect};
+        // SAFETY: sysconf has no preconditions.
+        let guard = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let read_write = ProtFlags::READ | ProtFlags::WRITE;
+        // SAFETY: a new private anonymous mapping, placed by the kernel: it aliases nothing.
+        let base = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                guard + CHILD_STACK,
+                read_write,
+                MapFlags::PRIVATE,
+            )
+        }?;
+        let stack = ChildStack { base, guard };
+        // SAFETY: the first page of the mapping just made, which nothing uses.
+        unsafe { mprotect(base, guard, MprotectFlags::empty()) }?;
+        Ok(stack)
+    }
+
+    /// Where the child's stack starts: it grows down from the end, page-aligned (so 16-byte
+    /// aligned, as the ABI wants).
+    fn top(&self) -> *mut c_void {
+        self.base.wrapping_byte_add(self.guard + CHILD_STACK)
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the whole mapping made by `map`, unused once its thread ends.
+        let _ = unsafe { rustix::mm::munmap(self.base, self.guard + CHILD_STACK) };
+    }
+}
+
 thread_local! {
-    static STACK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static STACK: RefCell<Option<ChildStack>> = const { RefCell::new(None) };
 }
 
 /// Clones the child on this thread's stack and returns once it has exec'd or exited, with its
@@ -266,22 +310,21 @@ fn clone_child(plan: &ChildPlan<'_>) -> io::Result<(i32, Option<OwnedFd>)> {
         let Ok(mut stack) = stack.try_borrow_mut() else {
             return Err(io::Error::other("the spawn stack is in use"));
         };
-        if stack.len() < CHILD_STACK {
-            stack.resize(CHILD_STACK, 0);
+        if stack.is_none() {
+            *stack = Some(ChildStack::map()?);
         }
-        // The stack grows down from its end, which must be 16-byte aligned.
-        let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+        let top = stack.as_ref().map_or(std::ptr::null_mut(), ChildStack::top);
         let arg = plan as *const ChildPlan<'_> as *mut c_void;
         let _blocked = SignalsBlocked::new();
         let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
         let mut pidfd: c_int = -1;
-        // SAFETY: `top` is the aligned end of a buffer this thread owns and nobody else uses
-        // until clone returns; `plan` outlives the child's use of it (CLONE_VFORK); the three
+        // SAFETY: `top` is the end of a stack this thread owns and nobody else uses until clone
+        // returns; `plan` outlives the child's use of it (CLONE_VFORK); the three
         // trailing arguments are parent_tid (where CLONE_PIDFD puts the pidfd), tls, child_tid.
         let clone = |flags: c_int, pidfd: *mut c_int| unsafe {
             libc::clone(
                 child_main,
-                top as *mut c_void,
+                top,
                 flags,
                 arg,
                 pidfd,
