@@ -29,7 +29,7 @@ mod framer;
 
 use command_trigger::framing::Framing;
 use command_trigger::tls::{self, TlsFiles, TlsInfo, TlsServer};
-use command_trigger::transport::{Listener, Stream};
+use command_trigger::transport::{Listener, Stream, TcpPort};
 use framer::Framer;
 use libfuzzer_sys::fuzz_target;
 use mio::net::TcpStream;
@@ -215,7 +215,7 @@ fn port(alpn_http: bool) -> Port {
     // Valid as long as the listener, which lives in a static.
     let fd = listener.as_raw_fd();
     Port {
-        listener: Listener::Tls(listener, Arc::new(server)),
+        listener: Listener::Tls(TcpPort::new(listener), Arc::new(server)),
         fd,
         addr,
     }
