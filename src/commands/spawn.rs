@@ -158,7 +158,7 @@ fn search(program: &str, spec: &CommandSpec) -> Vec<String> {
     let path = match spec.env.iter().rev().find(|(name, _)| name == "PATH") {
         Some((_, path)) => path.clone(),
         None if spec.clear_env => DEFAULT_PATH.to_string(),
-        None => std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string()),
+        None => our_path().to_string(),
     };
     path.split(':')
         .map(|dir| match dir {
@@ -166,6 +166,12 @@ fn search(program: &str, spec: &CommandSpec) -> Vec<String> {
             dir => format!("{}/{program}", dir.trim_end_matches('/')),
         })
         .collect()
+}
+
+/// Our own `PATH`, read once: nothing changes the server's environment after start-up.
+fn our_path() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string()))
 }
 
 /// The command's environment when it differs from ours: ours (unless cleared) with the
