@@ -54,9 +54,11 @@ pub(super) struct Spawned {
 impl Plan {
     /// Fails (as the spawn would) on a NUL byte in an argument, the `cwd` or the program.
     pub(super) fn new(spec: &CommandSpec) -> io::Result<Plan> {
-        let (program, argv) = match &spec.program {
+        let (program, argv): (&str, Vec<&str>) = match &spec.program {
             Program::Argv(argv) => match argv.first() {
-                Some(program) if !program.is_empty() => (program.as_str(), argv.clone()),
+                Some(program) if !program.is_empty() => {
+                    (program, argv.iter().map(String::as_str).collect())
+                }
                 _ => {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
@@ -64,7 +66,7 @@ impl Plan {
                     ));
                 }
             },
-            Program::Shell(line) => ("/bin/sh", vec!["/bin/sh".into(), "-c".into(), line.clone()]),
+            Program::Shell(line) => ("/bin/sh", vec!["/bin/sh", "-c", line]),
         };
         Ok(Plan {
             candidates: search(program, spec)
@@ -73,7 +75,7 @@ impl Plan {
                 .collect::<io::Result<_>>()?,
             argv: argv.into_iter().map(c_string).collect::<io::Result<_>>()?,
             env: environment(spec)?,
-            cwd: spec.cwd.clone().map(c_string).transpose()?,
+            cwd: spec.cwd.as_deref().map(c_string).transpose()?,
             pipe_stdin: !spec.stdin.is_empty(),
         })
     }
