@@ -444,3 +444,31 @@ unsafe fn exec(plan: &ChildPlan<'_>) -> c_int {
         failure
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocked_now(signal: c_int) -> bool {
+        // SAFETY: a query of this thread's mask into a valid set.
+        unsafe {
+            let mut current: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut current);
+            libc::sigismember(&current, signal) == 1
+        }
+    }
+
+    /// A SIGCHLD blocked at a command's exit is queued, then delivered to another thread of the
+    /// server for nothing (`SignalsBlocked::new`); blocked only when it has a handler.
+    #[test]
+    fn sigchld_stays_open_around_the_clone_unless_it_has_a_handler() {
+        {
+            let _blocked = SignalsBlocked::new(&[libc::SIGTERM]);
+            assert!(blocked_now(libc::SIGTERM));
+            assert!(!blocked_now(libc::SIGCHLD));
+        }
+        assert!(!blocked_now(libc::SIGTERM));
+        let _blocked = SignalsBlocked::new(&[libc::SIGCHLD]);
+        assert!(blocked_now(libc::SIGCHLD));
+    }
+}
