@@ -12,6 +12,7 @@ pub mod context;
 pub(crate) mod diagnose;
 mod jobs_api;
 pub mod limits;
+mod req_use;
 mod state_api;
 mod values;
 mod webhook;
@@ -21,6 +22,7 @@ pub use crate::runtime::Runtime;
 pub use compile::ScriptError;
 pub(crate) use compile::{check_calls, compile, compile_source, read_source};
 use context::{ClientSink, HandlerContext};
+use req_use::{ReqUse, req_use};
 use rhai::packages::{Package, StandardPackage};
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
 use std::path::{Path, PathBuf};
@@ -29,7 +31,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 pub use values::bytes_of;
 use values::reply_from;
-pub(crate) use values::request_map;
+pub(crate) use values::{request_fields, request_map};
 
 /// How one `handle(req)` call ended.
 pub enum HandlerResult {
@@ -40,12 +42,25 @@ pub enum HandlerResult {
     TimedOut,
 }
 
+/// One version of the script, and which fields of `req` its `handle` reads.
+struct Compiled {
+    ast: AST,
+    req_use: ReqUse,
+}
+
+impl Compiled {
+    fn new(ast: AST) -> Arc<Compiled> {
+        let req_use = req_use(&ast);
+        Arc::new(Compiled { ast, req_use })
+    }
+}
+
 /// The compiled script and the engine that runs it.
 pub struct ScriptHost {
     engine: Engine,
     path: PathBuf,
     /// Replaced whole on reload; a running call keeps the `Arc` it started with.
-    ast: RwLock<Arc<AST>>,
+    script: RwLock<Arc<Compiled>>,
     pub runtime: Arc<Runtime>,
     /// Functions besides `handle` that the flags need (`on_change`, `on_tick`): a script, or a
     /// reload, without them is refused.
@@ -75,7 +90,7 @@ impl ScriptHost {
         Ok(ScriptHost {
             engine,
             path: path.to_owned(),
-            ast: RwLock::new(Arc::new(ast)),
+            script: RwLock::new(Compiled::new(ast)),
             runtime,
             required,
             memory_budget,
@@ -89,12 +104,15 @@ impl ScriptHost {
     /// Compiles the file again; on success new requests use it, on failure nothing changes.
     pub fn reload(&self) -> Result<(), ScriptError> {
         let ast = compile(&self.engine, &self.path, &self.required)?;
-        *self.ast.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ast);
+        *self.script.write().unwrap_or_else(|p| p.into_inner()) = Compiled::new(ast);
         Ok(())
     }
 
-    fn current(&self) -> Arc<AST> {
-        self.ast.read().unwrap_or_else(|p| p.into_inner()).clone()
+    fn current(&self) -> Arc<Compiled> {
+        self.script
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Runs `handle(req)` on this thread. Returns the result and the exit codes of the
@@ -106,9 +124,11 @@ impl ScriptHost {
     ) -> (HandlerResult, Vec<i32>) {
         let deadline = Instant::now() + self.runtime.limits.handler_timeout;
         let context = HandlerContext::new(request.id, deadline, client);
-        // Built before the budget starts counting: the budget is for what the script makes.
-        let req = Dynamic::from_map(request_map(request));
-        self.call("handle", req, context)
+        // `req` is built for the version that runs it (with the fields it reads), before the
+        // budget starts counting: the budget is for what the script makes.
+        let script = self.current();
+        let req = Dynamic::from_map(request_fields(request, &script.req_use));
+        self.call(&script, "handle", req, context)
     }
 
     /// Runs `function(argument)` for a local trigger (`on_change`, `on_tick`) under the same
@@ -123,22 +143,27 @@ impl ScriptHost {
     ) -> (HandlerResult, Vec<i32>) {
         let deadline = Instant::now() + self.runtime.limits.handler_timeout;
         let context = HandlerContext::new(id, deadline, client).labelled(label);
-        self.call(function, Dynamic::from_map(argument), context)
+        self.call(
+            &self.current(),
+            function,
+            Dynamic::from_map(argument),
+            context,
+        )
     }
 
     fn call(
         &self,
+        script: &Compiled,
         function: &str,
         argument: Dynamic,
         context: HandlerContext,
     ) -> (HandlerResult, Vec<i32>) {
-        let ast = self.current();
         let _guard = context::enter(context.with_memory_budget(self.memory_budget));
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
         let result = self.engine.call_fn_with_options::<Dynamic>(
             options,
             &mut Scope::new(),
-            &ast,
+            &script.ast,
             function,
             (argument,),
         );

@@ -1,60 +1,74 @@
 //! Values across the script boundary: the request as the map `req`, and the value `handle`
 //! returns as a [`Reply`] (a string, a blob, `()` or a reply map).
 
+use super::req_use::ReqUse;
 use crate::http::HttpHead;
 use crate::request::{Content, Endpoints, Reply, Request};
 use crate::tls::TlsInfo;
 use rhai::{Dynamic, Map};
 
 /// `req` as the script sees it (SPEC §5, §10).
-///
-/// Built in one go from its fields in key order: `collect` then sorts nothing and searches
-/// nothing, where eleven `insert`s cost ~570 instructions each (a third of a keep-alive request
-/// in callgrind).
 pub(crate) fn request_map(request: &Request) -> Map {
-    // HTTP carries its payload in the body; the other framings on the first line.
-    let payload_bytes = if request.http.is_some() {
+    request_fields(request, &ReqUse::All)
+}
+
+/// The fields of `req` that `wanted` names (see [`ReqUse`]), built in one go in key order:
+/// `collect` then sorts nothing and searches nothing, where eleven `insert`s cost ~570
+/// instructions each (a third of a keep-alive request in callgrind).
+pub(crate) fn request_fields(request: &Request, wanted: &ReqUse) -> Map {
+    type Field = (&'static str, fn(&Request) -> Dynamic);
+    const FIELDS: [Field; 11] = [
+        ("args", args),
+        ("body", |r| Dynamic::from_blob(r.body.clone())),
+        ("framing", |r| r.framing.name().into()),
+        ("id", |r| Dynamic::from(r.id as i64)),
+        ("listener", |r| r.endpoints.listener.name().into()),
+        ("local", |r| Dynamic::from(r.endpoints.local_text.clone())),
+        ("payload", |r| Dynamic::from(payload_text(r).into_owned())),
+        ("peer", |r| Dynamic::from(r.endpoints.peer_text.clone())),
+        ("peer_cred", |r| peer_cred(&r.endpoints)),
+        ("tls", |r| {
+            r.endpoints
+                .tls
+                .as_deref()
+                .map_or(Dynamic::UNIT, |tls| tls_map(tls).into())
+        }),
+        ("token_name", |r| {
+            r.token_name
+                .as_ref()
+                .map_or(Dynamic::UNIT, |name| Dynamic::from(name.to_string()))
+        }),
+    ];
+    let mut map: Map = FIELDS
+        .iter()
+        .filter(|(name, _)| wanted.wants(name))
+        .map(|(name, make)| ((*name).into(), make(request)))
+        .collect();
+    if let Some(head) = &request.http {
+        insert_http_fields(&mut map, head, wanted);
+    }
+    map
+}
+
+/// HTTP carries its payload in the body; the other framings on the first line.
+fn payload_text(request: &Request) -> std::borrow::Cow<'_, str> {
+    let bytes = if request.http.is_some() {
         &request.body
     } else {
         &request.payload
     };
-    let payload = String::from_utf8_lossy(payload_bytes).into_owned();
+    String::from_utf8_lossy(bytes)
+}
+
+fn args(request: &Request) -> Dynamic {
     let args: rhai::Array = match &request.http {
         Some(head) => head.segments().into_iter().map(Dynamic::from).collect(),
-        None => payload
+        None => payload_text(request)
             .split_whitespace()
             .map(|word| Dynamic::from(word.to_owned()))
             .collect(),
     };
-    let token_name = match &request.token_name {
-        Some(name) => Dynamic::from(name.to_string()),
-        None => Dynamic::UNIT,
-    };
-    let endpoints = &request.endpoints;
-    let fields: [(&str, Dynamic); 11] = [
-        ("args", Dynamic::from_array(args)),
-        ("body", Dynamic::from_blob(request.body.clone())),
-        ("framing", request.framing.name().into()),
-        ("id", Dynamic::from(request.id as i64)),
-        ("listener", endpoints.listener.name().into()),
-        ("local", Dynamic::from(endpoints.local_text.clone())),
-        ("payload", Dynamic::from(payload)),
-        ("peer", Dynamic::from(endpoints.peer_text.clone())),
-        ("peer_cred", peer_cred(endpoints)),
-        (
-            "tls",
-            endpoints
-                .tls
-                .as_deref()
-                .map_or(Dynamic::UNIT, |tls| tls_map(tls).into()),
-        ),
-        ("token_name", token_name),
-    ];
-    let mut map: Map = fields.into_iter().map(|(k, v)| (k.into(), v)).collect();
-    if let Some(head) = &request.http {
-        insert_http_fields(&mut map, head);
-    }
-    map
+    Dynamic::from_array(args)
 }
 
 /// `req.peer_cred` (SPEC §11): the Unix client's credentials, `()` over TCP.
@@ -92,24 +106,30 @@ fn tls_map(tls: &TlsInfo) -> Map {
     m
 }
 
-fn insert_http_fields(map: &mut Map, head: &HttpHead) {
+fn insert_http_fields(map: &mut Map, head: &HttpHead, wanted: &ReqUse) {
     let strings = |pairs: Vec<(String, String)>| -> Map {
         pairs
             .into_iter()
             .map(|(k, v)| (k.into(), Dynamic::from(v)))
             .collect()
     };
-    let query = head
-        .query()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    map.insert("method".into(), Dynamic::from(head.method.clone()));
-    map.insert("path".into(), Dynamic::from(head.path().to_owned()));
-    map.insert("query".into(), Dynamic::from_map(strings(query)));
-    map.insert(
-        "headers".into(),
-        Dynamic::from_map(strings(head.joined_headers())),
-    );
+    if wanted.wants("method") {
+        map.insert("method".into(), Dynamic::from(head.method.clone()));
+    }
+    if wanted.wants("path") {
+        map.insert("path".into(), Dynamic::from(head.path().to_owned()));
+    }
+    if wanted.wants("query") {
+        let query = head
+            .query()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        map.insert("query".into(), Dynamic::from_map(strings(query)));
+    }
+    if wanted.wants("headers") {
+        let headers = strings(head.joined_headers());
+        map.insert("headers".into(), Dynamic::from_map(headers));
+    }
 }
 
 /// Turns `handle`'s return value into a reply (SPEC §5 and §10 "The return value").

@@ -135,6 +135,25 @@ fn sighup_reloads_and_running_requests_finish_on_the_old_script() {
     assert_eq!(read_to_close(&mut slow), b"old");
 }
 
+/// `req` is built with only the fields `handle` reads (worked out at each compile): a reload
+/// that reads other fields gets them, and one that uses `req` whole gets all eleven.
+#[test]
+fn a_reload_that_reads_other_fields_of_req_gets_them() {
+    let server = Server::start(r#"fn handle(req) { req.payload }"#, &[]);
+    assert_eq!(server.ask("a b"), "a b");
+    let script = server.scratch.path("handler.rhai");
+    std::fs::write(
+        &script,
+        r#"fn handle(req) { req.framing + " " + req.args.len() }"#,
+    )
+    .unwrap();
+    server.signal(1);
+    ask_until(&server, "a b", "line 2");
+    std::fs::write(&script, r#"fn handle(req) { let r = req; r.keys().len() }"#).unwrap();
+    server.signal(1);
+    ask_until(&server, "a b", "11");
+}
+
 const WHO: &str = r#"fn handle(req) { "hello " + req.token_name }"#;
 
 /// Serves `WHO` with the token in a Secret-like projected volume.
