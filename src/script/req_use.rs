@@ -2,14 +2,15 @@
 //! (eleven fields, the HTTP ones besides, each an allocation or two) was a third of the
 //! instructions of a keep-alive request whose handler reads one field or none.
 
-use rhai::{AST, ASTNode, Expr, Module};
+use rhai::{AST, ASTNode, Expr, Module, Stmt};
 use std::collections::BTreeSet;
 
 /// The fields of `req` a handler reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum ReqUse {
-    /// The map as a whole may be seen: passed on, returned, iterated, indexed by a computed key,
-    /// or reachable through `eval`. Every field is built.
+    /// The map as a whole may be seen: passed on, returned, iterated, indexed by a string, or
+    /// reachable through `eval` (disabled in the server's engine, counted all the same). Every
+    /// field is built.
     All,
     /// Only ever `req.name` (or `req.name...`): these names, and no others, are built.
     Fields(BTreeSet<String>),
@@ -43,7 +44,11 @@ pub(crate) fn req_use(ast: &AST) -> ReqUse {
     let mut all = false;
     handle_only.walk(&mut |path: &[ASTNode]| {
         match path.last() {
-            Some(ASTNode::Expr(Expr::FnCall(call, ..))) if call.name == "eval" => all = true,
+            Some(ASTNode::Expr(Expr::FnCall(call, ..)) | ASTNode::Stmt(Stmt::FnCall(call, ..)))
+                if call.name == "eval" =>
+            {
+                all = true
+            }
             Some(ASTNode::Expr(variable)) if is_variable(variable, &param) => {
                 match property_read(path, variable) {
                     Some(field) => {
@@ -129,6 +134,7 @@ mod tests {
             "fn handle(req) { for k in req.keys() { } }",
             r#"fn handle(req) { `${req}` }"#,
             r#"fn handle(req) { eval("req.peer") }"#,
+            r#"fn handle(req) { eval("req.peer"); "ok" }"#,
             "fn handle(req) { req.payload + req }",
         ] {
             assert_eq!(use_of(script), ReqUse::All, "{script}");
