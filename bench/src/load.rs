@@ -225,7 +225,11 @@ impl<'a> Driver<'a> {
             Conn::Tls(tls) => &tls.sock,
         };
         match (stream.take_error(), stream.peer_addr()) {
-            (Ok(None), Ok(_)) => self.start_sending(id),
+            (Ok(None), Ok(_)) => {
+                // Connected by this check: a failed write from here on is `short`, as before.
+                self.clients[id].connected = true;
+                self.start_sending(id)
+            }
             (Ok(None), Err(e)) if e.kind() == io::ErrorKind::NotConnected => {}
             _ => self.fail(id, Failure::Connect, Instant::now()),
         }
