@@ -332,10 +332,15 @@ mod tests {
     fn a_relative_path_entry_is_searched_from_the_commands_cwd() {
         let dir = std::env::temp_dir().join(format!("ct-path-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("bin")).unwrap();
-        std::fs::write(dir.join("bin/hello"), "#!/bin/sh\necho hi from $0\n").unwrap();
-        let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
-        std::fs::set_permissions(dir.join("bin/hello"), mode).unwrap();
-        let mut spec = argv_spec(&["hello"], &[("PATH", "/nonexistent:bin")], false);
+        // A link, not a written script: a sibling test's child could still hold a script's
+        // write descriptor when this one runs it, which the kernel refuses (ETXTBSY).
+        let _ = std::fs::remove_file(dir.join("bin/hello"));
+        std::os::unix::fs::symlink("/bin/echo", dir.join("bin/hello")).unwrap();
+        let mut spec = argv_spec(
+            &["hello", "hi from bin/hello"],
+            &[("PATH", "/nonexistent:bin")],
+            false,
+        );
         spec.cwd = Some(dir.to_string_lossy().into_owned());
         let outcome = run(&spec, OutputSink::Capture(64), &ProcessGroups::default());
         let _ = std::fs::remove_dir_all(&dir);

@@ -411,12 +411,7 @@ fn serve_script(name: &str, env: &[(&str, &str)], args: &[&str]) -> Server {
 #[test]
 fn coalesce_script_debounces_rebuilds_and_follows_one() {
     let scratch = Scratch::new();
-    let rebuild = scratch.write("rebuild", "#!/bin/sh\necho rebuilt\n");
-    std::fs::set_permissions(
-        &rebuild,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let rebuild = scratch.write_executable("rebuild", "#!/bin/sh\necho rebuilt\n");
     let server = serve_script(
         "coalesce.rhai",
         &[

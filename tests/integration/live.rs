@@ -331,7 +331,7 @@ fn deploy_script_starts_a_job_and_reports_its_status() {
     let scratch = Scratch::new();
     let go = scratch.path("go");
     let record = scratch.path("deployed");
-    let deployer = scratch.write(
+    let deployer = scratch.write_executable(
         "deploy.sh",
         &format!(
             "#!/bin/sh\n{}\nprintf '%s' \"$1\" > '{}'\nexit 4\n",
@@ -339,7 +339,6 @@ fn deploy_script_starts_a_job_and_reports_its_status() {
             record.display()
         ),
     );
-    shell(&format!("chmod +x '{}'", deployer.display()));
     let server = serve_ready_script(
         "deploy.rhai",
         &[("DEPLOY_SCRIPT", deployer.display().to_string())],

@@ -62,6 +62,24 @@ impl Scratch {
         std::fs::write(&path, text).expect("writing a test file");
         path
     }
+
+    /// Writes an executable from a child shell: had this process held the write descriptor,
+    /// a sibling test forking a server at that moment would carry it until its exec, and the
+    /// kernel refuses to run a file open for writing (ETXTBSY, exit 126).
+    pub fn write_executable(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        let mut writer = Command::new("sh")
+            .args(["-c", "cat > \"$0\" && chmod 755 \"$0\""])
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("starting sh");
+        let mut stdin = writer.stdin.take().expect("sh's stdin");
+        stdin.write_all(text.as_bytes()).expect("writing to sh");
+        drop(stdin);
+        assert!(writer.wait().expect("waiting for sh").success());
+        path
+    }
 }
 
 /// The server's stderr, collected line by line by a thread, so tests can wait for a line.
