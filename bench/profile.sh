@@ -8,6 +8,7 @@
 #   instructions per request (start-up subtracted) and the top inclusive functions;
 # - perf: samples the server at full speed (`perf record -e cpu-clock -g`; this VM has no
 #   hardware counters) while ct-bench drives it, and prints the split by thread and by symbol.
+# KEEP=FILE keeps the callgrind output there, for `callgrind_annotate --tree=calling FILE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,7 @@ WORK=$(mktemp -d /tmp/ct-profile.XXXXXX)
 SERVER=
 cleanup() {
     [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null
+    if [ -n "${KEEP:-}" ] && [ -f "$WORK/cg.out" ]; then cp "$WORK/cg.out" "$KEEP"; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
