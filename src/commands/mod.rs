@@ -173,8 +173,11 @@ pub fn run(spec: &CommandSpec, sink: OutputSink<'_>, groups: &ProcessGroups) -> 
     };
     let pgid = child.pid.as_raw_nonzero().get();
     groups.insert(pgid);
-    let mut outcome = supervise(child, spec, sink, started);
+    let (mut outcome, not_started) = supervise(child, spec, sink, started);
     groups.remove(pgid);
+    if let Some(error) = not_started {
+        return Outcome::not_started(&display_name(&spec.program), &error, started);
+    }
     outcome.duration = started.elapsed();
     outcome
 }
@@ -306,13 +309,18 @@ mod tests {
 
     #[test]
     fn missing_program_is_127() {
-        let spec = CommandSpec {
-            program: Program::Argv(vec!["/nonexistent/x".into()]),
-            ..Default::default()
-        };
+        let spec = argv_spec(&["/nonexistent/x"], &[], false);
         let outcome = run(&spec, OutputSink::Capture(64), &ProcessGroups::default());
-        assert_eq!(outcome.code, 127);
-        assert!(!outcome.stderr.is_empty());
+        assert_eq!(
+            (
+                outcome.code,
+                String::from_utf8_lossy(&outcome.stderr).as_ref()
+            ),
+            (
+                127,
+                "/nonexistent/x: No such file or directory (os error 2)"
+            )
+        );
     }
 
     fn argv_spec(argv: &[&str], env: &[(&str, &str)], clear_env: bool) -> CommandSpec {
@@ -348,6 +356,30 @@ mod tests {
             (outcome.code, outcome.stdout.as_slice()),
             (0, &b"hi from bin/hello\n"[..])
         );
+    }
+
+    /// The spawning thread goes on while the child searches `PATH` (no vfork wait): what the
+    /// child reads (its plan, the candidates, its stack) must outlive it (freed at the clone,
+    /// 196-199 of these 200 failed), and its failed `execve`s must not go through the C
+    /// library's `errno`, which is that thread's. Eight threads, twenty missing places first.
+    #[test]
+    fn concurrent_path_searches_each_find_their_program() {
+        let missing = (0..20).map(|i| format!("/nonexistent/{i}"));
+        let path = missing.chain(["/bin".into()]).collect::<Vec<_>>().join(":");
+        let searches: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let spec = argv_spec(&["echo", "found"], &[("PATH", &path)], false);
+                    (0..25)
+                        .map(|_| run(&spec, OutputSink::Capture(64), &ProcessGroups::default()))
+                        .filter(|outcome| (outcome.code, &outcome.stdout[..]) != (0, b"found\n"))
+                        .count()
+                })
+            })
+            .collect();
+        let failed: usize = searches.into_iter().map(|s| s.join().unwrap()).sum();
+        assert_eq!(failed, 0);
     }
 
     #[test]

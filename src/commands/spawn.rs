@@ -1,5 +1,5 @@
-//! Starting a command: `clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)` on a stack kept per
-//! thread, and in the child only what this command needs before `execve`.
+//! Starting a command: `clone(CLONE_VM | CLONE_PIDFD)` on a stack kept per thread, and in the
+//! child only what this command needs before `execve`.
 //!
 //! This is what glibc's `posix_spawn` (under `std::process::Command`) does, minus what a
 //! general library cannot avoid and W2 paid for with ~9% of its throughput (BENCHMARKS.md):
@@ -9,21 +9,30 @@
 //! call for the pidfd. Here the handled signals are learned once, the stack is reused, and the
 //! pidfd comes with the clone.
 //!
-//! The child shares our memory until `execve`, with our thread's stack frozen under it: it
-//! must not allocate, lock or unwind. Everything it touches is prepared in a `ChildPlan` before
-//! the clone, and it reports a failure through one atomic the parent reads after.
+//! Nor does this thread wait for the child to exec (`CLONE_VFORK`): it goes on to close the
+//! child's ends of the pipes and wait for output while the child execs, which saves a sleep
+//! and a wake-up per command (BENCHMARKS.md, sixth session). The child shares our memory until
+//! `execve` while this thread runs on, so:
+//! - everything it reads is prepared before the clone and kept, with its stack, in a `Launch`
+//!   that lives until the child is reaped;
+//! - it makes its system calls directly (rustix), never through the C library, whose failures
+//!   would write `errno`, and that is this thread's `errno`, in use by this thread;
+//! - it must not allocate, lock or unwind, and reports a failure through one atomic the parent
+//!   reads once it has reaped the child.
 
 use super::{CommandSpec, DEFAULT_PATH, Program};
 use rustix::pipe::{PipeFlags, pipe_with};
 use rustix::process::Pid;
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::ffi::{CString, OsString, c_char, c_int, c_void};
 use std::fs::File;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, Ordering};
+use syscalls::{Sysno, syscall};
 
 /// The child's stack. It runs a handful of libc calls before `execve`; glibc's `posix_spawn`
 /// gives the same work 32 KiB plus the size of argv, which this child never copies.
@@ -49,6 +58,50 @@ pub(super) struct Spawned {
     pub stdin: Option<File>,
     pub stdout: File,
     pub stderr: File,
+    /// Given back with `Launch::reaped` once the child is reaped.
+    pub launch: Launch,
+}
+
+/// What a started child may still be reading: until it is reaped, nothing in here is freed.
+pub(super) struct Launch {
+    memory: ManuallyDrop<LaunchMemory>,
+    child_may_read: bool,
+}
+
+struct LaunchMemory {
+    /// Boxed: the child holds its address, so it must not move with `Spawned`.
+    child_plan: Box<ChildPlan>,
+    _pointers: [Vec<*const c_char>; 3],
+    _strings: Plan,
+    stack: Option<ChildStack>,
+}
+
+impl Launch {
+    /// Frees what the child read, gives its stack back to the thread, and says why the child
+    /// did not exec, when it did not. Only once the child is reaped: dead, it reads nothing
+    /// more, and its store of the error came before its exit.
+    pub(super) fn reaped(mut self) -> Option<io::Error> {
+        self.child_may_read = false;
+        match self.memory.child_plan.error.load(Ordering::Acquire) {
+            0 => None,
+            errno => Some(io::Error::from_raw_os_error(errno)),
+        }
+    }
+}
+
+impl Drop for Launch {
+    fn drop(&mut self) {
+        if self.child_may_read {
+            // Dropped without `reaped` (a panic while supervising): leaked, never freed
+            // under a child that may not have exec'd yet.
+            return;
+        }
+        // SAFETY: taken once, here, and `memory` is not used after.
+        let memory = unsafe { ManuallyDrop::take(&mut self.memory) };
+        if let Some(stack) = memory.stack {
+            STACK.set(Some(stack));
+        }
+    }
 }
 
 impl Plan {
@@ -80,7 +133,8 @@ impl Plan {
         })
     }
 
-    pub(super) fn spawn(&self) -> io::Result<Spawned> {
+    /// Starts the command; the plan goes with it, as the child reads its strings.
+    pub(super) fn spawn(self) -> io::Result<Spawned> {
         let (stdout, stdout_child) = cloexec_pipe()?;
         let (stderr, stderr_child) = cloexec_pipe()?;
         let (stdin, stdin_child) = match self.pipe_stdin {
@@ -96,8 +150,8 @@ impl Plan {
         let candidates = pointers(&self.candidates);
         let argv = pointers(&self.argv);
         let env = self.env.as_deref().map(pointers);
-        let plan = ChildPlan {
-            candidates: &candidates,
+        let child_plan = Box::new(ChildPlan {
+            candidates: candidates.as_ptr(),
             argv: argv.as_ptr(),
             envp: env.as_ref().map_or_else(environ, |env| env.as_ptr()),
             cwd: self
@@ -111,26 +165,37 @@ impl Plan {
             ],
             reset_signals: handled_signals(),
             error: AtomicI32::new(0),
+        });
+        let mut stack = match STACK.take() {
+            Some(stack) => stack,
+            None => ChildStack::map()?,
         };
-        let (pid, pidfd) = clone_child(&plan)?;
+        let cloned = clone_child(&child_plan, &mut stack);
+        let launch = Launch {
+            memory: ManuallyDrop::new(LaunchMemory {
+                child_plan,
+                _pointers: [candidates, argv, env.unwrap_or_default()],
+                _strings: self,
+                stack: Some(stack),
+            }),
+            child_may_read: cloned.is_ok(),
+        };
+        let (pid, pidfd) = cloned?;
         drop((stdout_child, stderr_child, stdin_child));
         let Some(pid) = Pid::from_raw(pid) else {
             return Err(io::Error::other("clone returned no child"));
         };
-        match plan.error.load(Ordering::Acquire) {
-            0 => Ok(Spawned {
-                pid,
-                pidfd,
-                stdin: stdin.map(File::from),
-                stdout: File::from(stdout),
-                stderr: File::from(stderr),
-            }),
-            errno => {
-                // The child has exited already (vfork: clone returned after it did).
-                let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
-                Err(io::Error::from_raw_os_error(errno))
-            }
-        }
+        // The child does the same first thing: whichever of us comes first, its group exists
+        // from here on, for a timeout or a shutdown to signal. Fails once the child has exec'd.
+        let _ = rustix::process::setpgid(Some(pid), Some(pid));
+        Ok(Spawned {
+            pid,
+            pidfd,
+            stdin: stdin.map(File::from),
+            stdout: File::from(stdout),
+            stderr: File::from(stderr),
+            launch,
+        })
     }
 }
 
@@ -237,17 +302,17 @@ fn handled_signals() -> &'static [c_int] {
     })
 }
 
-/// What the child reads between the clone and `execve`. Plain pointers into the parent's
-/// memory, valid because the parent is suspended (`CLONE_VFORK`) until the child execs or
-/// exits.
-struct ChildPlan<'a> {
-    candidates: &'a [*const c_char],
+/// What the child reads between the clone and `execve`: plain pointers into strings the
+/// `Launch` keeps alive until the child is reaped.
+struct ChildPlan {
+    /// NULL-terminated, as `argv`.
+    candidates: *const *const c_char,
     argv: *const *const c_char,
     envp: *const *const c_char,
     cwd: *const c_char,
     /// `(from, to)`, left alone when `from == to` (stdin inherited).
     redirects: [(RawFd, RawFd); 3],
-    reset_signals: &'a [c_int],
+    reset_signals: &'static [c_int],
     /// The errno that stopped the child, 0 while none did.
     error: AtomicI32,
 }
@@ -306,53 +371,44 @@ impl Drop for ChildStack {
 }
 
 thread_local! {
-    static STACK: RefCell<Option<ChildStack>> = const { RefCell::new(None) };
+    /// The thread's child stack while no child runs on it (a `Launch` holds it meanwhile).
+    static STACK: Cell<Option<ChildStack>> = const { Cell::new(None) };
 }
 
-/// Clones the child on this thread's stack and returns once it has exec'd or exited, with its
-/// pid and (kernel ≥ 5.2) its pidfd. All signals stay blocked around the clone, so none runs a
-/// handler of ours on the child's stack before it has reset them.
-fn clone_child(plan: &ChildPlan<'_>) -> io::Result<(i32, Option<OwnedFd>)> {
-    STACK.with(|stack| {
-        // Never taken twice: the child does not come back through here.
-        let Ok(mut stack) = stack.try_borrow_mut() else {
-            return Err(io::Error::other("the spawn stack is in use"));
-        };
-        if stack.is_none() {
-            *stack = Some(ChildStack::map()?);
-        }
-        let top = stack.as_ref().map_or(std::ptr::null_mut(), ChildStack::top);
-        let arg = plan as *const ChildPlan<'_> as *mut c_void;
-        let _blocked = SignalsBlocked::new(plan.reset_signals);
-        let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
-        let mut pidfd: c_int = -1;
-        // SAFETY: `top` is the end of a stack this thread owns and nobody else uses until clone
-        // returns; `plan` outlives the child's use of it (CLONE_VFORK); the three
-        // trailing arguments are parent_tid (where CLONE_PIDFD puts the pidfd), tls, child_tid.
-        let clone = |flags: c_int, pidfd: *mut c_int| unsafe {
-            libc::clone(
-                child_main,
-                top,
-                flags,
-                arg,
-                pidfd,
-                std::ptr::null_mut::<c_void>(),
-                std::ptr::null_mut::<c_int>(),
-            )
-        };
-        let mut pid = clone(flags | libc::CLONE_PIDFD, &mut pidfd);
-        if pid < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-            pidfd = -1;
-            pid = clone(flags, std::ptr::null_mut());
-        }
-        if pid < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the kernel gave us this descriptor and nothing else owns it.
-        let pidfd = (pidfd >= 0)
-            .then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) });
-        Ok((pid, pidfd))
-    })
+/// Clones the child on `stack` and returns its pid and (kernel ≥ 5.2) its pidfd, without
+/// waiting for it to exec. All signals stay blocked around the clone, so none runs a handler
+/// of ours on the child's stack before it has reset them.
+fn clone_child(plan: &ChildPlan, stack: &mut ChildStack) -> io::Result<(i32, Option<OwnedFd>)> {
+    let arg = plan as *const ChildPlan as *mut c_void;
+    let _blocked = SignalsBlocked::new(plan.reset_signals);
+    let flags = libc::CLONE_VM | libc::SIGCHLD;
+    let mut pidfd: c_int = -1;
+    // SAFETY: `stack` is borrowed mutably here and then held by the `Launch` until the child
+    // is reaped, so nothing else runs on it; so is `plan`. The three trailing arguments are
+    // parent_tid (where CLONE_PIDFD puts the pidfd), tls, child_tid.
+    let clone = |flags: c_int, pidfd: *mut c_int| unsafe {
+        libc::clone(
+            child_main,
+            stack.top(),
+            flags,
+            arg,
+            pidfd,
+            std::ptr::null_mut::<c_void>(),
+            std::ptr::null_mut::<c_int>(),
+        )
+    };
+    let mut pid = clone(flags | libc::CLONE_PIDFD, &mut pidfd);
+    if pid < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        pidfd = -1;
+        pid = clone(flags, std::ptr::null_mut());
+    }
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel gave us this descriptor and nothing else owns it.
+    let pidfd =
+        (pidfd >= 0).then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) });
+    Ok((pid, pidfd))
 }
 
 /// Every signal with a handler blocked on this thread until dropped.
@@ -388,61 +444,93 @@ impl Drop for SignalsBlocked {
     }
 }
 
-/// The child, from the clone to `execve`. Only async-signal-safe C calls on data the parent
+/// The child, from the clone to `execve`. Only direct system calls on data the parent
 /// prepared; on failure it leaves the errno in the plan and exits 127.
 extern "C" fn child_main(arg: *mut c_void) -> c_int {
-    // SAFETY: `arg` is the parent's `ChildPlan`, alive and unmoved while the parent waits.
-    let plan = unsafe { &*(arg as *const ChildPlan<'_>) };
-    // SAFETY: as above; `exec` only reads the plan and calls into the C library.
+    // SAFETY: `arg` is the `ChildPlan` a `Launch` keeps alive and unmoved until we are reaped.
+    let plan = unsafe { &*(arg as *const ChildPlan) };
+    // SAFETY: as above; `exec` only reads the plan and makes system calls.
     let errno = unsafe { exec(plan) };
     plan.error.store(errno, Ordering::Release);
-    // SAFETY: ends the child without running anything of the parent's (no atexit, no flush).
+    // SAFETY: ends the child without running anything of the parent's (no atexit, no flush);
+    // it cannot fail, so it writes no errno.
     unsafe { libc::_exit(127) }
 }
 
-/// Returns only on failure, with the errno to report.
+/// Returns only on failure, with the errno to report. Every call is a system call made here
+/// (`syscalls`), none through the C library: its failures would write `errno`, which is the
+/// parent thread's, in use by it now.
 ///
 /// # Safety
 /// Every pointer in `plan` must be valid: NUL-terminated strings, NULL-terminated arrays.
-unsafe fn exec(plan: &ChildPlan<'_>) -> c_int {
-    let errno = || {
-        io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
-    };
+unsafe fn exec(plan: &ChildPlan) -> c_int {
+    // SAFETY: as for this function.
+    if let Err(errno) = unsafe { set_up(plan) } {
+        return errno.into_raw();
+    }
+    // As execvp: a place that does not exist (or is not a directory) is passed over, one
+    // we may not execute is remembered; any other failure (ENOEXEC, E2BIG...) is final.
+    let mut failure = libc::ENOENT;
+    let mut candidate = plan.candidates;
+    // SAFETY: NULL-terminated arrays of NUL-terminated strings, kept alive by the `Launch`.
     unsafe {
-        if libc::setpgid(0, 0) != 0 {
-            return errno();
-        }
-        for &(from, to) in &plan.redirects {
-            if from != to && libc::dup2(from, to) < 0 {
-                return errno();
-            }
-        }
-        if !plan.cwd.is_null() && libc::chdir(plan.cwd) != 0 {
-            return errno();
-        }
-        let mut default: libc::sigaction = std::mem::zeroed();
-        default.sa_sigaction = libc::SIG_DFL;
-        for &signal in plan.reset_signals {
-            libc::sigaction(signal, &default, std::ptr::null_mut());
-        }
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        // As execvp: a place that does not exist (or is not a directory) is passed over, one
-        // we may not execute is remembered; any other failure (ENOEXEC, E2BIG...) is final.
-        let mut failure = libc::ENOENT;
-        for &candidate in plan.candidates.iter().take_while(|c| !c.is_null()) {
-            libc::execve(candidate, plan.argv, plan.envp);
-            match errno() {
+        while !(*candidate).is_null() {
+            let errno = match syscall!(Sysno::execve, *candidate, plan.argv, plan.envp) {
+                Ok(_) => libc::EIO, // execve returns only on failure
+                Err(errno) => errno.into_raw(),
+            };
+            match errno {
                 libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
                 libc::EACCES => failure = libc::EACCES,
                 other => return other,
             }
+            candidate = candidate.add(1);
         }
-        failure
     }
+    failure
+}
+
+/// The child's own process group, its descriptors, directory and signals, as the command
+/// gets them.
+///
+/// # Safety
+/// As `exec`.
+unsafe fn set_up(plan: &ChildPlan) -> Result<(), syscalls::Errno> {
+    // The kernel's `struct sigaction` with every field zero: SIG_DFL, no flags, no mask.
+    let default_action = [0u64; 4];
+    let no_signals = 0u64;
+    let sigset_size = std::mem::size_of::<u64>();
+    // SAFETY: each call's arguments are what the kernel documents: descriptors, the plan's
+    // string, and the two buffers above, alive for the calls.
+    unsafe {
+        syscall!(Sysno::setpgid, 0, 0)?;
+        for &(from, to) in &plan.redirects {
+            // dup3, as not every architecture has dup2; the same for two different descriptors.
+            if from != to {
+                syscall!(Sysno::dup3, from, to, 0)?;
+            }
+        }
+        if !plan.cwd.is_null() {
+            syscall!(Sysno::chdir, plan.cwd)?;
+        }
+        for &signal in plan.reset_signals {
+            let _ = syscall!(
+                Sysno::rt_sigaction,
+                signal,
+                default_action.as_ptr(),
+                0,
+                sigset_size
+            );
+        }
+        let _ = syscall!(
+            Sysno::rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &raw const no_signals,
+            0,
+            sigset_size
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

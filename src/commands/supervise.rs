@@ -48,18 +48,21 @@ pub(super) fn advance(
     }
 }
 
+/// Sees the child through to its exit and reaps it. The second value is why it did not exec,
+/// when it did not: known only now, as the child reports it from its side of the clone.
 pub(super) fn supervise(
     child: Spawned,
     spec: &CommandSpec,
     mut sink: OutputSink<'_>,
     started: Instant,
-) -> Outcome {
+) -> (Outcome, Option<io::Error>) {
     let Spawned {
         pid,
         pidfd,
         stdin,
         stdout,
         stderr,
+        launch,
     } = child;
     let pgid = pid.as_raw_nonzero().get();
     let mut pipes = Pipes {
@@ -111,11 +114,12 @@ pub(super) fn supervise(
         may_have_exited = pidfd_ready || pidfd.is_none();
     }
     outcome.code = exit_code(status.or_else(|| reap(pid)));
+    let not_started = launch.reaped();
     CHUNK.set(pipes.chunk);
     if outcome.timed_out {
         kill_stragglers(pgid, phase);
     }
-    outcome
+    (outcome, not_started)
 }
 
 /// A timed-out group can outlive its leader: the shell dies of SIGTERM while what it started
