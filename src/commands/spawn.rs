@@ -15,8 +15,8 @@
 //! `execve` while this thread runs on, so:
 //! - everything it reads is prepared before the clone and kept, with its stack, in a `Launch`
 //!   that lives until the child is reaped;
-//! - it makes its system calls directly (rustix), never through the C library, whose failures
-//!   would write `errno`, and that is this thread's `errno`, in use by this thread;
+//! - it makes its system calls itself (`syscalls`), never through the C library, whose
+//!   failures would write `errno`, and that is this thread's `errno`, in use by this thread;
 //! - it must not allocate, lock or unwind, and reports a failure through one atomic the parent
 //!   reads once it has reaped the child.
 
@@ -34,7 +34,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, Ordering};
 use syscalls::{Sysno, syscall};
 
-/// The child's stack. It runs a handful of libc calls before `execve`; glibc's `posix_spawn`
+/// The child's stack. It makes a handful of system calls before `execve`; glibc's `posix_spawn`
 /// gives the same work 32 KiB plus the size of argv, which this child never copies.
 const CHILD_STACK: usize = 64 * 1024;
 
@@ -92,7 +92,7 @@ impl Launch {
 impl Drop for Launch {
     fn drop(&mut self) {
         if self.child_may_read {
-            // Dropped without `reaped` (a panic while supervising): leaked, never freed
+            // Dropped without `reaped` (a panic while supervising, say): leaked, never freed
             // under a child that may not have exec'd yet.
             return;
         }
