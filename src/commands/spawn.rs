@@ -27,7 +27,6 @@ use std::cell::Cell;
 use std::ffi::{CString, OsString, c_char, c_int, c_void};
 use std::fs::File;
 use std::io;
-use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::sync::OnceLock;
@@ -64,8 +63,8 @@ pub(super) struct Spawned {
 
 /// What a started child may still be reading: until it is reaped, nothing in here is freed.
 pub(super) struct Launch {
-    memory: ManuallyDrop<LaunchMemory>,
-    child_may_read: bool,
+    /// `None` once `reaped` has freed it.
+    memory: Option<LaunchMemory>,
 }
 
 struct LaunchMemory {
@@ -73,7 +72,7 @@ struct LaunchMemory {
     child_plan: Box<ChildPlan>,
     _pointers: [Vec<*const c_char>; 3],
     _strings: Plan,
-    stack: Option<ChildStack>,
+    stack: ChildStack,
 }
 
 impl Launch {
@@ -81,26 +80,18 @@ impl Launch {
     /// did not exec, when it did not. Only once the child is reaped: dead, it reads nothing
     /// more, and its store of the error came before its exit.
     pub(super) fn reaped(mut self) -> Option<io::Error> {
-        self.child_may_read = false;
-        match self.memory.child_plan.error.load(Ordering::Acquire) {
-            0 => None,
-            errno => Some(io::Error::from_raw_os_error(errno)),
-        }
+        let memory = self.memory.take()?;
+        let errno = memory.child_plan.error.load(Ordering::Acquire);
+        STACK.set(Some(memory.stack));
+        (errno != 0).then(|| io::Error::from_raw_os_error(errno))
     }
 }
 
 impl Drop for Launch {
+    /// Dropped without `reaped` (a panic while supervising, say): leaked, never freed under a
+    /// child that may not have exec'd yet.
     fn drop(&mut self) {
-        if self.child_may_read {
-            // Dropped without `reaped` (a panic while supervising, say): leaked, never freed
-            // under a child that may not have exec'd yet.
-            return;
-        }
-        // SAFETY: taken once, here, and `memory` is not used after.
-        let memory = unsafe { ManuallyDrop::take(&mut self.memory) };
-        if let Some(stack) = memory.stack {
-            STACK.set(Some(stack));
-        }
+        std::mem::forget(self.memory.take());
     }
 }
 
@@ -170,17 +161,16 @@ impl Plan {
             Some(stack) => stack,
             None => ChildStack::map()?,
         };
-        let cloned = clone_child(&child_plan, &mut stack);
+        // No child, nothing reads them: dropped on failure.
+        let (pid, pidfd) = clone_child(&child_plan, &mut stack)?;
         let launch = Launch {
-            memory: ManuallyDrop::new(LaunchMemory {
+            memory: Some(LaunchMemory {
                 child_plan,
                 _pointers: [candidates, argv, env.unwrap_or_default()],
                 _strings: self,
-                stack: Some(stack),
+                stack,
             }),
-            child_may_read: cloned.is_ok(),
         };
-        let (pid, pidfd) = cloned?;
         drop((stdout_child, stderr_child, stdin_child));
         let Some(pid) = Pid::from_raw(pid) else {
             return Err(io::Error::other("clone returned no child"));
