@@ -72,3 +72,30 @@ fn commands_started_during_a_storm_of_reloads_all_run_and_the_server_stays() {
     server.log.wait_for("script reloaded (SIGHUP)");
     assert_eq!(server.ask("x"), "0\n");
 }
+
+/// A child that cannot exec reports why only once it is reaped (the worker does not wait for
+/// the exec): 127 or 126 with the reason, and the worker's next command, on the same child
+/// stack, runs as usual. `PATH` places without the program are passed over, as by `execvp`.
+#[test]
+fn commands_that_cannot_start_say_why_and_the_next_ones_run() {
+    let server = Server::start(
+        r#"fn handle(req) {
+            let argv = if req.payload == "dir" { ["/tmp"] } else { [req.payload] };
+            let r = exec(argv, #{ env: #{ PATH: "/nonexistent:/:/bin" } });
+            `${r.code} ${r.stderr}|${r.stdout}`
+        }"#,
+        &["--workers", "1"],
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            server.ask("no-such-program"),
+            "127 no-such-program: No such file or directory (os error 2)|"
+        );
+        assert_eq!(
+            server.ask("dir"),
+            "126 /tmp: Permission denied (os error 13)|"
+        );
+        assert_eq!(server.ask("true"), "0 |");
+        assert_eq!(server.ask("echo"), "0 |\n");
+    }
+}
