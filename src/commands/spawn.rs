@@ -9,10 +9,10 @@
 //! call for the pidfd. Here the handled signals are learned once, the stack is reused, and the
 //! pidfd comes with the clone.
 //!
-//! Nor does this thread wait for the child to exec (`CLONE_VFORK`): it goes on to close the
-//! child's ends of the pipes and wait for output while the child execs, which saves a sleep
-//! and a wake-up per command (BENCHMARKS.md, sixth session). The child shares our memory until
-//! `execve` while this thread runs on, so:
+//! Nor does this thread wait for the child to exec (`CLONE_VFORK`, kept only under valgrind,
+//! which runs no other clone): it goes on to close the child's ends of the pipes and wait for
+//! output while the child execs, which saves a sleep and a wake-up per command (BENCHMARKS.md,
+//! sixth session). The child shares our memory until `execve` while this thread runs on, so:
 //! - everything it reads is prepared before the clone and kept, with its stack, in a `Launch`
 //!   that lives until the child is reaped;
 //! - it makes its system calls itself (`syscalls`), never through the C library, whose
@@ -371,7 +371,12 @@ thread_local! {
 fn clone_child(plan: &ChildPlan, stack: &mut ChildStack) -> io::Result<(i32, Option<OwnedFd>)> {
     let arg = plan as *const ChildPlan as *mut c_void;
     let _blocked = SignalsBlocked::new(plan.reset_signals);
-    let flags = libc::CLONE_VM | libc::SIGCHLD;
+    let wait_for_exec = if under_valgrind() {
+        libc::CLONE_VFORK
+    } else {
+        0
+    };
+    let flags = libc::CLONE_VM | wait_for_exec | libc::SIGCHLD;
     let mut pidfd: c_int = -1;
     // SAFETY: `stack` is borrowed mutably here and then held by the `Launch` until the child
     // is reaped, so nothing else runs on it; so is `plan`. The three trailing arguments are
@@ -399,6 +404,21 @@ fn clone_child(plan: &ChildPlan, stack: &mut ChildStack) -> io::Result<(i32, Opt
     let pidfd =
         (pidfd >= 0).then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) });
     Ok((pid, pidfd))
+}
+
+/// Valgrind runs only the clones it knows (fork-, vfork- and thread-like) and ends the whole
+/// process at any other, so under it (`bench/profile.sh ... callgrind`) the worker waits for
+/// the exec, as `posix_spawn` does. It names itself in the `LD_PRELOAD` it gives us.
+fn under_valgrind() -> bool {
+    static UNDER_VALGRIND: OnceLock<bool> = OnceLock::new();
+    *UNDER_VALGRIND.get_or_init(|| {
+        std::env::var_os("LD_PRELOAD").is_some_and(|preload| {
+            preload
+                .as_encoded_bytes()
+                .windows(9)
+                .any(|w| w == b"vgpreload")
+        })
+    })
 }
 
 /// Every signal with a handler blocked on this thread until dropped.
