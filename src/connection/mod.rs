@@ -204,8 +204,18 @@ impl Connection {
     /// Writes what the socket takes now; true when nothing is left, in our buffer or in the
     /// transport's (TLS records).
     pub fn flush(&mut self) -> io::Result<bool> {
+        self.flush_then(false)
+    }
+
+    /// `flush`, with `fin_follows`: our shutdown comes right after (see `write_before_fin`).
+    pub fn flush_then(&mut self, fin_follows: bool) -> io::Result<bool> {
         while self.written < self.output.len() {
-            match self.stream.write(&self.output[self.written..]) {
+            let unsent = &self.output[self.written..];
+            let wrote = match fin_follows {
+                true => self.stream.write_before_fin(unsent),
+                false => self.stream.write(unsent),
+            };
+            match wrote {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),

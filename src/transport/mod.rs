@@ -145,6 +145,20 @@ impl Stream {
         }
     }
 
+    /// Like `write`, for bytes our FIN follows at once: on TCP the kernel holds a last short
+    /// segment back (`MSG_MORE`) so the shutdown rides on it, one packet less for both sides.
+    pub fn write_before_fin(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use rustix::net::SendFlags;
+        match self {
+            Stream::Tcp(s) => Ok(rustix::net::send(
+                &**s,
+                buf,
+                SendFlags::MORE | SendFlags::NOSIGNAL,
+            )?),
+            _ => self.write(buf),
+        }
+    }
+
     /// Sends what the transport holds itself (TLS records); true once nothing is left.
     pub fn flush_transport(&mut self) -> io::Result<bool> {
         match self {
