@@ -146,7 +146,9 @@ impl Stream {
     }
 
     /// Like `write`, for bytes our FIN follows at once: on TCP the kernel holds a last short
-    /// segment back (`MSG_MORE`) so the shutdown rides on it, one packet less for both sides.
+    /// segment back (`MSG_MORE`) and the shutdown's FIN rides on it, so the client gets reply
+    /// and end in one segment and acknowledges both at once (8 packets a connection, not 10).
+    /// TLS and Unix sockets write as usual.
     pub fn write_before_fin(&mut self, buf: &[u8]) -> io::Result<usize> {
         use rustix::net::SendFlags;
         match self {
