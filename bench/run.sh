@@ -399,7 +399,9 @@ footprint_row() {
     echo "| $1 | $out |"
 }
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b ? a / b : 0 }'; }
+# Cut (not rounded) to three decimals: every ratio is held to a "≥" target, and a rounded 0.845
+# printed as 0.85 passed one.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b ? int(1000 * a / b) / 1000 : 0 }'; }
 verdict() { awk -v v="$1" -v t="$2" -v dir="$3" \
     'BEGIN { print ((dir == "ge" ? v >= t : v <= t) ? "met" : "**missed**") }'; }
 
