@@ -96,7 +96,7 @@ impl Connection {
                     }
                 }
                 Phase::Closing { .. } => {
-                    if !self.flush_then(true)? || !self.shutdown_output()? {
+                    if !self.flush_before_fin()? || !self.shutdown_output()? {
                         return Ok(Step::Wait);
                     }
                     self.phase = Phase::Draining {

@@ -204,18 +204,20 @@ impl Connection {
     /// Writes what the socket takes now; true when nothing is left, in our buffer or in the
     /// transport's (TLS records).
     pub fn flush(&mut self) -> io::Result<bool> {
-        self.flush_then(false)
+        self.flush_with(Stream::write)
     }
 
-    /// `flush`, with `fin_follows`: our shutdown comes right after (see `write_before_fin`).
-    pub fn flush_then(&mut self, fin_follows: bool) -> io::Result<bool> {
+    /// `flush` of the last bytes before our shutdown (see `Stream::write_before_fin`).
+    pub fn flush_before_fin(&mut self) -> io::Result<bool> {
+        self.flush_with(Stream::write_before_fin)
+    }
+
+    fn flush_with(
+        &mut self,
+        write: fn(&mut Stream, &[u8]) -> io::Result<usize>,
+    ) -> io::Result<bool> {
         while self.written < self.output.len() {
-            let unsent = &self.output[self.written..];
-            let wrote = match fin_follows {
-                true => self.stream.write_before_fin(unsent),
-                false => self.stream.write(unsent),
-            };
-            match wrote {
+            match write(&mut self.stream, &self.output[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
