@@ -125,3 +125,45 @@ fn a_burst_of_slow_requests_wakes_every_worker() {
         assert_eq!(read_to_close(stream), format!("{i}\n").into_bytes());
     }
 }
+
+#[test]
+fn the_end_of_a_closing_reply_comes_with_its_last_bytes() {
+    // The FIN rides on the reply's last segment (MSG_MORE before the shutdown): a client that
+    // reads the reply the moment it arrives finds the end already there. Sent apart, a client
+    // spinning on its socket reads the reply while the FIN is still on its way.
+    let server = Server::start(ECHO_LINE, &[]);
+    for i in 0..200 {
+        let mut stream = open_with(server.addr(), format!("{TOKEN} r{i}\n").as_bytes());
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + WAIT;
+        let mut reply = first_bytes_spinning(&mut stream, deadline);
+        let mut chunk = [0u8; 64];
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => reply.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    panic!("request {i}: {:?} came without the end", text(&reply))
+                }
+                Err(e) => panic!("request {i}: reading: {e}"),
+            }
+        }
+        assert_eq!(text(&reply), format!("r{i}\n"));
+    }
+}
+
+/// Reads without sleeping until bytes arrive (or fails the test at `deadline`).
+fn first_bytes_spinning(stream: &mut std::net::TcpStream, deadline: Instant) -> Vec<u8> {
+    let mut chunk = [0u8; 64];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(n) => return chunk[..n].to_vec(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no reply within {WAIT:?}");
+                std::hint::spin_loop();
+            }
+            Err(e) => panic!("reading: {e}"),
+        }
+    }
+}
