@@ -1,6 +1,7 @@
 //! The reply path of issue 16: on a connection that stays open, the worker writes the reply
 //! to the socket itself and the loop learns of it without a wake. These check what that must
-//! never change: order, completeness, the idle timeout, and Unix sockets alike.
+//! never change: order, completeness, the idle timeout, and Unix sockets alike. A reply that
+//! closes the connection carries its end (the FIN) on its last segment.
 
 use crate::util::*;
 use std::io::{Read, Write};
