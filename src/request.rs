@@ -7,7 +7,7 @@ use crate::tls::TlsInfo;
 use crate::transport::{ListenerKind, PeerCred};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// A complete, authenticated (or `--auth script`) request.
@@ -27,18 +27,18 @@ pub struct Request {
     pub http: Option<HttpHead>,
 }
 
-/// A connection's two addresses, with the text the script sees formatted once per connection
-/// rather than once per request (formatting them was a seventh of a trivial request's cost),
-/// and what its transport knows of the client.
+/// A connection's two addresses, with their text formatted when first asked for and kept for
+/// the connection's next requests: most requests never ask (formatting both was a fifth of a
+/// trivial request's instructions), and what its transport knows of the client.
 #[derive(Clone, Debug)]
 pub struct Endpoints {
     /// The client's address; `0.0.0.0:0` on a Unix socket, which has none (see [`Self::ip`]).
     pub peer: SocketAddr,
     pub local: SocketAddr,
     /// `req.peer`: `IP:PORT`, or `unix`.
-    pub peer_text: String,
+    peer_text: OnceLock<String>,
     /// `req.local`: `IP:PORT`, or `unix:/PATH`.
-    pub local_text: String,
+    local_text: OnceLock<String>,
     /// `req.listener`.
     pub listener: ListenerKind,
     /// `req.tls`: set once the handshake has finished.
@@ -57,8 +57,8 @@ impl Endpoints {
         Arc::new(Endpoints {
             peer,
             local,
-            peer_text: peer.to_string(),
-            local_text: local.to_string(),
+            peer_text: OnceLock::new(),
+            local_text: OnceLock::new(),
             listener,
             tls: None,
             peer_cred: None,
@@ -71,8 +71,8 @@ impl Endpoints {
         Arc::new(Endpoints {
             peer: none,
             local: none,
-            peer_text: "unix".into(),
-            local_text,
+            peer_text: OnceLock::from("unix".to_owned()),
+            local_text: OnceLock::from(local_text),
             listener: ListenerKind::Unix,
             tls: None,
             peer_cred: Some(cred),
@@ -83,6 +83,16 @@ impl Endpoints {
     /// socket, whose clients are told apart by user id instead.
     pub fn ip(&self) -> Option<IpAddr> {
         (self.listener != ListenerKind::Unix).then(|| self.peer.ip())
+    }
+
+    /// `req.peer`, and the client in log lines: `IP:PORT`, or `unix`.
+    pub fn peer_text(&self) -> &str {
+        self.peer_text.get_or_init(|| self.peer.to_string())
+    }
+
+    /// `req.local`: `IP:PORT`, or `unix:/PATH`.
+    pub fn local_text(&self) -> &str {
+        self.local_text.get_or_init(|| self.local.to_string())
     }
 
     /// The same connection after its TLS handshake.
@@ -264,9 +274,13 @@ pub fn log_request(
     if verdict == Verdict::Unauthorized {
         metrics.auth_failures.inc();
     }
+    // Before the line is built: its peer text would be formatted for nothing.
+    if !log::log_enabled!(log::Level::Info) {
+        return;
+    }
     let line = RequestLog {
         id: request.id,
-        peer: &request.endpoints.peer_text,
+        peer: request.endpoints.peer_text(),
         token_name: request.token_name.as_deref(),
         payload_bytes: request.payload.len() + request.body.len(),
         verdict,

@@ -129,7 +129,7 @@ impl Connection {
                     return Ok(ReadOutcome::Unreadable(ServerError::HeadTooLarge));
                 }
                 Frame::Malformed(reason) => {
-                    log::debug!("bad request from {}: {reason}", self.endpoints.peer_text);
+                    log::debug!("bad request from {}: {reason}", self.endpoints.peer_text());
                     return Ok(ReadOutcome::Unreadable(ServerError::Malformed));
                 }
                 Frame::Incomplete | Frame::WantsContinue if self.input_closed => {

@@ -23,9 +23,9 @@ pub(crate) fn request_fields(request: &Request, wanted: &ReqUse) -> Map {
         ("framing", |r| r.framing.name().into()),
         ("id", |r| Dynamic::from(r.id as i64)),
         ("listener", |r| r.endpoints.listener.name().into()),
-        ("local", |r| Dynamic::from(r.endpoints.local_text.clone())),
+        ("local", |r| r.endpoints.local_text().into()),
         ("payload", |r| Dynamic::from(payload_text(r).into_owned())),
-        ("peer", |r| Dynamic::from(r.endpoints.peer_text.clone())),
+        ("peer", |r| r.endpoints.peer_text().into()),
         ("peer_cred", |r| peer_cred(&r.endpoints)),
         ("tls", |r| {
             r.endpoints

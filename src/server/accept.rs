@@ -56,7 +56,6 @@ impl Server {
         if let Err(refusal) = self.gate.admit(Knock::Connection, &facts) {
             return self.refuse_connection(stream, &endpoints, refusal);
         }
-        let peer = &endpoints.peer_text;
         self.gate.opened(facts.peer);
         self.next_serial += 1;
         let phase = Phase::Reading {
@@ -66,13 +65,13 @@ impl Server {
         let key = self.connections.insert(connection);
         metrics().open_connections.inc();
         if let Err(e) = self.connections[key].register(self.parts.poll.registry(), Token(key)) {
-            log::warn!("registering connection from {peer}: {e}");
+            log::warn!("registering connection from {}: {e}", endpoints.peer_text());
             self.connections.remove(key);
             metrics().open_connections.dec();
             self.gate.closed(facts.peer);
             return;
         }
-        log::debug!("connection from {peer}");
+        log::debug!("connection from {}", endpoints.peer_text());
         // Data may already be there; with edge triggers we will not hear of it again.
         self.drive(key);
     }
@@ -106,7 +105,7 @@ impl Server {
         if let Some(counted) = refusal.counted {
             metrics().record_refusal(counted);
         }
-        log::debug!("refusing {}: {}", endpoints.peer_text, refusal.reason);
+        log::debug!("refusing {}: {}", endpoints.peer_text(), refusal.reason);
         let Some(answer) = refusal.answer else {
             return; // dropping the stream closes it, without a reply
         };

@@ -101,7 +101,7 @@ impl Server {
         connection.deregister(self.parts.poll.registry());
         log::debug!(
             "closed connection from {}: {why}",
-            connection.endpoints.peer_text
+            connection.endpoints.peer_text()
         );
     }
 
