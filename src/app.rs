@@ -118,9 +118,10 @@ fn serve(config: Config) -> Result<Outcome, Fatal> {
         metrics_server::spawn(listener).map_err(|e| Fatal::io("starting the metrics thread", e))?;
     }
     metrics::metrics().set_ready();
-    footprint::release_startup_code();
     let server = Server::new(config, listeners, parts, Box::new(signals))
         .map_err(|e| Fatal::io("registering listeners", e))?;
+    // Last before the loop: whatever start-up code runs after it is mapped back in clusters.
+    footprint::release_startup_code();
     server.run().map_err(|e| Fatal::io("event loop", e))
 }
 

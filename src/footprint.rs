@@ -3,10 +3,13 @@
 //! Building the script engine at start runs code from all over the binary (every built-in
 //! function registers itself) and from the C libraries, and the kernel maps code in clusters
 //! around each fault, so after start most of that code is mapped although little of it runs
-//! again. Once listening, we drop those pages from our page tables (`MADV_DONTNEED` on mappings
-//! that are read-only and hold only file pages): they stay in the page cache, shared with every
-//! other process, and what the request path needs is mapped back on first use (a minor fault,
-//! no disk read while the page cache keeps them).
+//! again. Once the server is built, right before its loop first sleeps, we drop those pages from
+//! our page tables (`MADV_DONTNEED` on mappings that are read-only and hold only file pages):
+//! they stay in the page cache, shared with every other process, and what the request path
+//! needs is mapped back on first use (a minor fault, no disk read while the page cache keeps
+//! them). Each fault maps back a whole cluster (64 KiB, or a page-cache folio of up to 128 KiB
+//! here), so every function that runs between this and the first sleep costs one (done before
+//! the server was built, it left 15% more resident: BENCHMARKS.md, eighth session).
 
 use rustix::mm::{Advice, madvise};
 use std::ffi::c_void;
