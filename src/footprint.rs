@@ -13,65 +13,83 @@
 
 use rustix::mm::{Advice, madvise};
 use std::ffi::c_void;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 
 /// Unmaps the clean, read-only file pages of the executable and its libraries. Best effort:
 /// without `/proc` nothing is released and only more memory stays resident.
 pub fn release_startup_code() {
-    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+    // Read in small pieces: the whole file (some 64 KiB) would stay in the heap's free space,
+    // resident, after it is freed.
+    let Ok(smaps) = std::fs::File::open("/proc/self/smaps") else {
         return;
     };
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
-    for (start, end, path) in clean_file_mappings(&smaps) {
+    for mapping in clean_file_mappings(BufReader::new(smaps), &exe) {
         // Our own binary is paged out: the page cache lets go of it too, so the kernel's
         // fault-around cannot map it back in clusters around the few pages the idle loop
         // touches (unmapped but cached, it came back as 500-800 KiB within a second). The
         // libraries are only unmapped: evicting them would make every process that starts
         // next (the next server, a command) read them from disk again.
-        let advice = match std::path::Path::new(path) == exe {
+        let advice = match mapping.of_executable {
             true => Advice::LinuxPageOut,
             false => Advice::LinuxDontNeed,
         };
+        let (start, len) = (mapping.start, mapping.end.saturating_sub(mapping.start));
         // SAFETY: a read-only mapping of a file that holds no private (anonymous) page, so
         // every page of it is the file's own content: dropping it loses nothing, and the next
         // access maps the same bytes again. No thread can write to it (it is not writable), so
         // no private page can appear between the check and this call.
-        let _ = unsafe { madvise(start as *mut c_void, end.saturating_sub(start), advice) };
+        let _ = unsafe { madvise(start as *mut c_void, len, advice) };
     }
 }
 
-/// The address ranges of read-only, file-backed mappings without anonymous pages. A mapping
-/// with anonymous pages (RELRO: relocated, then made read-only; or code patched by text
-/// relocations) is left alone: dropping its pages would undo the relocations.
-fn clean_file_mappings(smaps: &str) -> Vec<(usize, usize, &str)> {
+#[derive(Debug, PartialEq)]
+struct CleanMapping {
+    start: usize,
+    end: usize,
+    /// Of the file `exe` (our own binary), rather than of a library.
+    of_executable: bool,
+}
+
+/// The read-only, file-backed mappings without anonymous pages. A mapping with anonymous pages
+/// (RELRO: relocated, then made read-only; or code patched by text relocations) is left alone:
+/// dropping its pages would undo the relocations.
+fn clean_file_mappings(mut smaps: impl BufRead, exe: &Path) -> Vec<CleanMapping> {
     let mut clean = Vec::new();
-    let mut current: Option<(usize, usize, &str)> = None;
-    for line in smaps.lines() {
+    let mut current = None;
+    let mut line = String::new();
+    while matches!(smaps.read_line(&mut line), Ok(n) if n > 0) {
         if let Some(anon) = line.strip_prefix("Anonymous:") {
             let no_anon = anon.trim().strip_suffix("kB").map(str::trim) == Some("0");
-            if let Some(range) = current.take().filter(|_| no_anon) {
-                clean.push(range);
+            if let Some(mapping) = current.take().filter(|_| no_anon) {
+                clean.push(mapping);
             }
-            continue;
+        } else if let Some(mapping) = mapping_header(&line, exe) {
+            current = mapping;
         }
-        // A mapping's header: start-end perms offset dev inode path
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        let Some((start, end)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end)) = (
-            usize::from_str_radix(start, 16),
-            usize::from_str_radix(end, 16),
-        ) else {
-            continue; // a field line such as "Rss:"
-        };
-        let path = fields.nth(3).unwrap_or_default();
-        let read_only = perms.starts_with('r') && !perms.contains('w');
-        current = (read_only && path.starts_with('/')).then_some((start, end, path));
+        line.clear();
     }
     clean
+}
+
+/// `Some` for a mapping's header line ("start-end perms offset dev inode path"), holding the
+/// mapping if it is a candidate; `None` for a field line such as "Rss:".
+fn mapping_header(line: &str, exe: &Path) -> Option<Option<CleanMapping>> {
+    let mut fields = line.split_whitespace();
+    let (start, end) = fields.next()?.split_once('-')?;
+    let (start, end) = (
+        usize::from_str_radix(start, 16).ok()?,
+        usize::from_str_radix(end, 16).ok()?,
+    );
+    let perms = fields.next()?;
+    let path = fields.nth(3).unwrap_or_default();
+    let read_only = perms.starts_with('r') && !perms.contains('w');
+    Some((read_only && path.starts_with('/')).then(|| CleanMapping {
+        start,
+        end,
+        of_executable: Path::new(path) == exe,
+    }))
 }
 
 #[cfg(test)]
@@ -94,12 +112,20 @@ Anonymous:             0 kB
 Anonymous:             0 kB
 6000-7000 rw-p 00000000 00:00 0
 Anonymous:             4 kB
+7000-8000 r-xp 00001000 08:01 13 /usr/lib/libc.so
+Anonymous:             0 kB
 ";
+        let mapping = |start, end, of_executable| CleanMapping {
+            start,
+            end,
+            of_executable,
+        };
         assert_eq!(
-            clean_file_mappings(smaps),
+            clean_file_mappings(smaps.as_bytes(), Path::new("/usr/bin/x")),
             vec![
-                (0x1000, 0x2000, "/usr/bin/x"),
-                (0x2000, 0x3000, "/usr/bin/x")
+                mapping(0x1000, 0x2000, true),
+                mapping(0x2000, 0x3000, true),
+                mapping(0x7000, 0x8000, false),
             ]
         );
     }
