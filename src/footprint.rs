@@ -9,7 +9,7 @@
 //! needs is mapped back on first use (a minor fault, no disk read while the page cache keeps
 //! them). Each fault maps back a whole cluster (64 KiB, or a page-cache folio of up to 128 KiB
 //! here), so every function that runs between this and the first sleep costs one (done before
-//! the server was built, it left 15% more resident: BENCHMARKS.md, eighth session).
+//! the server was built, it left more resident: BENCHMARKS.md, eighth session).
 
 use rustix::mm::{Advice, madvise};
 use std::ffi::c_void;
