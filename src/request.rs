@@ -312,4 +312,26 @@ mod tests {
             assert_eq!(*verdict as usize, index);
         }
     }
+
+    #[test]
+    fn addresses_read_the_same_however_often_and_wherever_they_are_read() {
+        let peer = SocketAddr::from(([10, 1, 2, 3], 40000));
+        let local = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 9000));
+        let tcp = Endpoints::tcp(peer, local, ListenerKind::Tcp);
+        let after_handshake = tcp.with_tls(TlsInfo::default());
+        for endpoints in [&tcp, &after_handshake, &tcp] {
+            assert_eq!(endpoints.peer_text(), "10.1.2.3:40000");
+            assert_eq!(endpoints.local_text(), "[::]:9000");
+        }
+        let cred = PeerCred {
+            pid: 1,
+            uid: 2,
+            gid: 3,
+        };
+        let unix = Endpoints::unix("unix:/run/ct.sock".into(), cred);
+        assert_eq!(
+            (unix.peer_text(), unix.local_text()),
+            ("unix", "unix:/run/ct.sock")
+        );
+    }
 }
