@@ -58,8 +58,10 @@ struct CleanMapping {
 fn clean_file_mappings(mut smaps: impl BufRead, exe: &Path) -> Vec<CleanMapping> {
     let mut clean = Vec::new();
     let mut current = None;
-    let mut line = String::new();
-    while matches!(smaps.read_line(&mut line), Ok(n) if n > 0) {
+    let mut bytes = Vec::new();
+    // Bytes, not `read_line`: a path that is not UTF-8 would end the reading there.
+    while matches!(smaps.read_until(b'\n', &mut bytes), Ok(n) if n > 0) {
+        let line = String::from_utf8_lossy(&bytes);
         if let Some(anon) = line.strip_prefix("Anonymous:") {
             let no_anon = anon.trim().strip_suffix("kB").map(str::trim) == Some("0");
             if let Some(mapping) = current.take().filter(|_| no_anon) {
@@ -68,7 +70,7 @@ fn clean_file_mappings(mut smaps: impl BufRead, exe: &Path) -> Vec<CleanMapping>
         } else if let Some(mapping) = mapping_header(&line, exe) {
             current = mapping;
         }
-        line.clear();
+        bytes.clear();
     }
     clean
 }
@@ -128,6 +130,19 @@ Anonymous:             0 kB
                 mapping(0x7000, 0x8000, false),
             ]
         );
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_does_not_end_the_reading() {
+        let smaps: &[u8] = b"\
+1000-2000 r-xp 00000000 08:01 14 /opt/\xff.so
+Anonymous:             0 kB
+2000-3000 r-xp 00000000 08:01 15 /usr/lib/libm.so
+Anonymous:             0 kB
+";
+        let found = clean_file_mappings(smaps, Path::new("/usr/bin/x"));
+        let ranges: Vec<_> = found.iter().map(|m| (m.start, m.end)).collect();
+        assert_eq!(ranges, [(0x1000, 0x2000), (0x2000, 0x3000)]);
     }
 
     #[test]
