@@ -10,11 +10,21 @@
 //! them). Each fault maps back a whole cluster (64 KiB, or a page-cache folio of up to 128 KiB
 //! here), so every function that runs between this and the first sleep costs one (done before
 //! the server was built, it left more resident: BENCHMARKS.md, eighth session).
+//!
+//! An idle server still wakes: the reload thread looks at its files every second, and what it
+//! runs, and what the last requests ran, maps back more clusters than an idle sidecar needs. So
+//! each second in which no request was answered, the binary's code is unmapped again.
 
 use rustix::mm::{Advice, madvise};
 use std::ffi::c_void;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::sync::OnceLock;
+
+/// The executable's clean mappings (start, length), for [`IdleRelease`]. Only the executable's:
+/// they last as long as the process, so the ranges can never come to hold anything else, where a
+/// library or a mapped file could be unmapped and its range reused for private memory.
+static EXECUTABLE_CODE: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
 
 /// Unmaps the clean, read-only file pages of the executable and its libraries. Best effort:
 /// without `/proc` nothing is released and only more memory stays resident.
@@ -25,6 +35,7 @@ pub fn release_startup_code() {
         return;
     };
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+    let mut executable_code = Vec::new();
     for mapping in clean_file_mappings(BufReader::new(smaps), &exe) {
         // Our own binary is paged out: the page cache lets go of it too, so the kernel's
         // fault-around cannot map it back in clusters around the few pages the idle loop
@@ -41,6 +52,43 @@ pub fn release_startup_code() {
         // access maps the same bytes again. No thread can write to it (it is not writable), so
         // no private page can appear between the check and this call.
         let _ = unsafe { madvise(start as *mut c_void, len, advice) };
+        if mapping.of_executable {
+            executable_code.push((start, len));
+        }
+    }
+    let _ = EXECUTABLE_CODE.set(executable_code);
+}
+
+/// Unmaps the executable's code again after each quiet second. The pages stay in the page
+/// cache, so a request that follows a quiet second pays a few minor faults (no disk read).
+pub struct IdleRelease {
+    answered: u64,
+}
+
+impl IdleRelease {
+    pub fn from_now() -> IdleRelease {
+        IdleRelease {
+            answered: crate::metrics::metrics().requests_answered(),
+        }
+    }
+
+    /// Called once a second; releases when no request was answered since the last call.
+    pub fn tick(&mut self) {
+        if self.quiet_since_last_tick(crate::metrics::metrics().requests_answered()) {
+            release_executable_code();
+        }
+    }
+
+    fn quiet_since_last_tick(&mut self, answered: u64) -> bool {
+        std::mem::replace(&mut self.answered, answered) == answered
+    }
+}
+
+fn release_executable_code() {
+    for &(start, len) in EXECUTABLE_CODE.get().into_iter().flatten() {
+        // SAFETY: as in `release_startup_code`; the range is still that mapping, as the
+        // executable's mappings are never unmapped.
+        let _ = unsafe { madvise(start as *mut c_void, len, Advice::LinuxDontNeed) };
     }
 }
 
@@ -146,8 +194,18 @@ Anonymous:             0 kB
     }
 
     #[test]
+    fn only_a_second_without_answers_is_quiet() {
+        let mut idle = IdleRelease { answered: 5 };
+        assert!(idle.quiet_since_last_tick(5));
+        assert!(!idle.quiet_since_last_tick(6));
+        assert!(idle.quiet_since_last_tick(6));
+        assert!(!idle.quiet_since_last_tick(9));
+    }
+
+    #[test]
     fn releasing_leaves_the_process_working() {
         release_startup_code();
+        release_executable_code();
         // Code, constants and relocated data are all still there.
         let text = format!("{:?}", std::hint::black_box(vec![1.5f64.powi(3)]));
         assert_eq!(text, "[3.375]");

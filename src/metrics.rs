@@ -244,6 +244,11 @@ impl Metrics {
         self.request_seconds.observe(duration.as_secs_f64());
     }
 
+    /// Requests answered since start, whatever their outcome: tells a quiet second from a busy one.
+    pub fn requests_answered(&self) -> u64 {
+        self.requests_by_outcome.iter().map(Counter::get).sum()
+    }
+
     pub fn record_refusal(&self, why: Refusal) {
         if let Some(counter) = self.refusals.get(why as usize) {
             counter.inc();

@@ -6,17 +6,22 @@
 //! rename over the file, and the `..data` symlink swap of Kubernetes ConfigMap/Secret volumes.
 
 use crate::auth::{TokenOrigin, TokenSource, Tokens};
+use crate::footprint::IdleRelease;
 use crate::script::ScriptHost;
 use crate::tls::TlsServer;
 use crate::workers::{Outbound, Outbox};
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, eventfd, poll};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 /// How often the files are looked at.
-const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+const WATCH_INTERVAL: Timespec = Timespec {
+    tv_sec: 1,
+    tv_nsec: 0,
+};
 /// How often a certificate close to expiry is warned about again.
 const EXPIRY_WARNING_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
@@ -29,13 +34,37 @@ fn fingerprint(path: &Path) -> Fingerprint {
     Some((meta.dev(), meta.ino(), meta.len(), meta.modified().ok()?))
 }
 
-/// Asks the reload thread to reload now.
+/// Asks the reload thread to reload now, by ringing the eventfd it sleeps on. Not a channel:
+/// after a quiet second the thread unmaps the binary's code (`footprint::IdleRelease`) and goes
+/// to sleep, and each function it runs in between maps a cluster of that code back; a `poll`
+/// made in place (rustix) is the least code there is.
 #[derive(Clone)]
-pub struct ReloadTrigger(Sender<()>);
+pub struct ReloadTrigger(Arc<OwnedFd>);
 
 impl ReloadTrigger {
     pub fn reload_now(&self) {
-        let _ = self.0.send(());
+        let _ = rustix::io::write(&*self.0, &1u64.to_ne_bytes());
+    }
+}
+
+enum Wake {
+    Rung,
+    Tick,
+    /// Every `ReloadTrigger` is gone: the server has ended.
+    Orphaned,
+}
+
+/// Sleeps until the doorbell rings or the watch interval passes (or a signal interrupts).
+fn sleep(doorbell: &Arc<OwnedFd>) -> Wake {
+    let mut fds = [PollFd::new(&**doorbell, PollFlags::IN)];
+    let rung = matches!(poll(&mut fds, Some(&WATCH_INTERVAL)), Ok(n) if n > 0);
+    if Arc::strong_count(doorbell) == 1 {
+        Wake::Orphaned
+    } else if rung {
+        let _ = rustix::io::read(&**doorbell, &mut [0; 8]);
+        Wake::Rung
+    } else {
+        Wake::Tick
     }
 }
 
@@ -48,22 +77,28 @@ pub fn spawn(
     tls: Option<Arc<TlsServer>>,
     outbox: Outbox,
 ) -> std::io::Result<ReloadTrigger> {
-    let (sender, requests) = mpsc::channel();
+    let doorbell = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
+    let trigger = ReloadTrigger(doorbell.clone());
     let mut watcher = Watcher::new(host, token_sources, outbox);
     watcher.tls = tls.map(TlsWatch::new);
     watcher.tokens = tokens;
     thread::Builder::new()
         .name("reload".into())
         .spawn(move || {
+            let mut idle = IdleRelease::from_now();
             loop {
-                match requests.recv_timeout(WATCH_INTERVAL) {
-                    Ok(()) => watcher.reload_all("SIGHUP"),
-                    Err(RecvTimeoutError::Timeout) => watcher.reload_changed(),
-                    Err(RecvTimeoutError::Disconnected) => return,
+                match sleep(&doorbell) {
+                    Wake::Rung => watcher.reload_all("SIGHUP"),
+                    Wake::Tick => {
+                        watcher.reload_changed();
+                        // Here, as this thread is the one that wakes each second anyway.
+                        idle.tick();
+                    }
+                    Wake::Orphaned => return,
                 }
             }
         })?;
-    Ok(ReloadTrigger(sender))
+    Ok(trigger)
 }
 
 struct Watcher {

@@ -6,6 +6,7 @@
 use crate::util::*;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const ECHO_LINE: &str = r#"fn handle(req) { req.payload + "\n" }"#;
@@ -167,4 +168,52 @@ fn first_bytes_spinning(stream: &mut std::net::TcpStream, deadline: Instant) -> 
             Err(e) => panic!("reading: {e}"),
         }
     }
+}
+
+/// Resident KiB of the server binary's code: the `Rss` of its executable mappings.
+fn code_resident_kib(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let binary = binary();
+    let mut in_code = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Rss:") {
+            if in_code {
+                total += kib
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap();
+            }
+        } else if line.contains('-') && !line.starts_with(char::is_uppercase) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            in_code = fields.get(1).is_some_and(|p| p.contains('x'))
+                && fields.get(5).is_some_and(|p| Path::new(p) == binary);
+        }
+    }
+    total
+}
+
+#[test]
+fn a_quiet_second_unmaps_the_code_and_the_next_request_maps_it_back() {
+    let server = Server::start(ECHO_LINE, &[]);
+    let pid = server.child.id();
+    assert_eq!(server.ask("first"), "first\n");
+    let after_request = code_resident_kib(pid);
+    assert!(
+        after_request > 0,
+        "the binary's code mapping was not found in smaps"
+    );
+    let deadline = Instant::now() + WAIT;
+    let mut now = after_request;
+    while now >= after_request && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        now = code_resident_kib(pid);
+    }
+    assert!(
+        now < after_request,
+        "code resident after a request: {after_request} KiB, still {now} KiB after {WAIT:?} idle"
+    );
+    assert_eq!(server.ask("second"), "second\n");
 }
