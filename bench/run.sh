@@ -332,9 +332,10 @@ bench_memory() {
     ulimit -n "$(ulimit -Hn)"
     CT=$ct start_ct --script "$WORK/w1.rhai" --workers "$WORKERS_W1" --max-connections 20000 \
         --read-timeout 300s
-    # Read once the start-up work is over (right after the address is printed, pages touched
-    # only by start-up are still counted and fall out within ~0.2 s).
-    sleep 1
+    # Read once the server has been idle for a whole second: it unmaps its code after the first
+    # quiet second (src/footprint.rs), about 1 s after the address is printed, and a reading at
+    # 1 s fell either side of that.
+    sleep 2
     IDLE_RSS[$tag]=$(rss_kib "$PEER_PID")
     IDLE_SPLIT[$tag]=$(rss_split "$PEER_PID")
     local idle_fds held=10000 fds=0 last=-1
@@ -412,7 +413,7 @@ print_tables() {
     echo
     echo "| command-trigger footprint | $(footprint_header) |"
     echo "|---|$(footprint_header | sed 's/[^|]*/---:/g')|"
-    footprint_row "idle RSS 1 s after start (KiB)" IDLE_RSS
+    footprint_row "idle RSS 2 s after start (KiB)" IDLE_RSS
     footprint_row "RSS split (KiB)" IDLE_SPLIT
     footprint_row "idle connections held" HELD_CONNS
     footprint_row "RSS with them (KiB)" HELD_RSS
