@@ -17,14 +17,23 @@
 
 use rustix::mm::{Advice, madvise};
 use std::ffi::c_void;
+use std::fs::File;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::OnceLock;
 
-/// The executable's clean mappings (start, length), for [`IdleRelease`]. Only the executable's:
-/// they last as long as the process, so the ranges can never come to hold anything else, where a
-/// library or a mapped file could be unmapped and its range reused for private memory.
-static EXECUTABLE_CODE: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
+/// The executable's clean mappings, for [`IdleRelease`]. Only the executable's: they last as
+/// long as the process, so the ranges can never come to hold anything else, where a library or
+/// a mapped file could be unmapped and its range reused for private memory.
+static EXECUTABLE_CODE: OnceLock<ExecutableCode> = OnceLock::new();
+
+struct ExecutableCode {
+    /// (start, length) of each mapping.
+    ranges: Vec<(usize, usize)>,
+    /// `/proc/self/pagemap`, opened at start: it tells whether a range gained a private page.
+    pagemap: File,
+}
 
 /// Unmaps the clean, read-only file pages of the executable and its libraries. Best effort:
 /// without `/proc` nothing is released and only more memory stays resident.
@@ -56,7 +65,12 @@ pub fn release_startup_code() {
             executable_code.push((start, len));
         }
     }
-    let _ = EXECUTABLE_CODE.set(executable_code);
+    if let Ok(pagemap) = File::open("/proc/self/pagemap") {
+        let _ = EXECUTABLE_CODE.set(ExecutableCode {
+            ranges: executable_code,
+            pagemap,
+        });
+    }
 }
 
 /// Unmaps the executable's code again after each quiet second. The pages stay in the page
@@ -85,11 +99,50 @@ impl IdleRelease {
 }
 
 fn release_executable_code() {
-    for &(start, len) in EXECUTABLE_CODE.get().into_iter().flatten() {
-        // SAFETY: as in `release_startup_code`; the range is still that mapping, as the
-        // executable's mappings are never unmapped.
+    let Some(code) = EXECUTABLE_CODE.get() else {
+        return;
+    };
+    for &(start, len) in &code.ranges {
+        if holds_private_page(&code.pagemap, start, len) {
+            continue;
+        }
+        // SAFETY: as in `release_startup_code`, checked again just now (a mapping that is not
+        // writable gains no private page between the check and this call but by a debugger);
+        // the range is still that mapping, as the executable's mappings are never unmapped.
         let _ = unsafe { madvise(start as *mut c_void, len, Advice::LinuxDontNeed) };
     }
+}
+
+/// Whether a page of the range is private, as a debugger's breakpoint or a uprobe makes one (a
+/// copy written over the code): unmapping it would silently drop that breakpoint. `true` when
+/// `pagemap` cannot tell.
+fn holds_private_page(pagemap: &File, start: usize, len: usize) -> bool {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    let page = rustix::param::page_size();
+    let (first, pages) = (start / page, len / page);
+    // On the stack, in pieces: the reload thread calls this every idle second, and a heap
+    // buffer would leave its size resident in the heap's free space.
+    let mut entries = [0u8; 4096];
+    let mut done = 0;
+    while done < pages {
+        let count = (pages - done).min(entries.len() / 8);
+        let buffer = &mut entries[..count * 8];
+        let offset = ((first + done) * 8) as u64;
+        if pagemap.read_exact_at(buffer, offset).is_err() {
+            return true;
+        }
+        let private = buffer.chunks_exact(8).any(|entry| {
+            let entry = u64::from_ne_bytes(entry.try_into().unwrap_or_default());
+            entry & SWAPPED != 0 || (entry & PRESENT != 0 && entry & FILE_OR_SHARED == 0)
+        });
+        if private {
+            return true;
+        }
+        done += count;
+    }
+    false
 }
 
 #[derive(Debug, PartialEq)]
@@ -200,6 +253,43 @@ Anonymous:             0 kB
         assert!(!idle.quiet_since_last_tick(6));
         assert!(idle.quiet_since_last_tick(6));
         assert!(!idle.quiet_since_last_tick(9));
+    }
+
+    #[test]
+    fn a_private_copy_of_a_page_in_a_file_mapping_is_seen() {
+        use rustix::mm::{MapFlags, ProtFlags, mmap, munmap};
+        let path = std::env::temp_dir().join(format!("footprint-{}", std::process::id()));
+        std::fs::write(&path, vec![7u8; 4 * rustix::param::page_size()]).unwrap();
+        let file = File::open(&path).unwrap();
+        let len = 4 * rustix::param::page_size();
+        let protection = ProtFlags::READ | ProtFlags::WRITE;
+        // SAFETY: a fresh private mapping of a file of `len` bytes, unmapped below.
+        let base = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                len,
+                protection,
+                MapFlags::PRIVATE,
+                &file,
+                0,
+            )
+        }
+        .unwrap()
+        .cast::<u8>();
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        let start = base as usize;
+        // SAFETY: inside the mapping.
+        assert_eq!(unsafe { base.add(len - 1).read_volatile() }, 7);
+        assert!(!holds_private_page(&pagemap, start, len), "file pages only");
+        // SAFETY: inside the mapping, which is writable.
+        unsafe { base.add(len / 2).write_volatile(9) };
+        assert!(
+            holds_private_page(&pagemap, start, len),
+            "one page copied on write"
+        );
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { munmap(base.cast(), len) }.unwrap();
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
