@@ -102,10 +102,13 @@ fn release_executable_code() {
     let Some(code) = EXECUTABLE_CODE.get() else {
         return;
     };
+    // All checked before any is released: the check runs code that a release before it would
+    // have to map back.
+    let private = |&(start, len): &(usize, usize)| holds_private_page(&code.pagemap, start, len);
+    if code.ranges.iter().any(private) {
+        return;
+    }
     for &(start, len) in &code.ranges {
-        if holds_private_page(&code.pagemap, start, len) {
-            continue;
-        }
         // SAFETY: as in `release_startup_code`, checked again just now (a mapping that is not
         // writable gains no private page between the check and this call but by a debugger);
         // the range is still that mapping, as the executable's mappings are never unmapped.
