@@ -139,6 +139,9 @@ start_ct() {
 start_ct_at() {
     local listen=$1
     shift
+    # Removed here, not only truncated by the redirection below: that happens in the child,
+    # which a loaded machine may run after this shell has read the last server's address.
+    rm -f "$WORK/ct.addr"
     setsid "$CT" serve --listen "$listen" --print-addr --token-file "$WORK/token" "$@" \
         </dev/null >"$WORK/ct.addr" 2>"$WORK/ct.err" &
     PEER_PID=$!
@@ -169,6 +172,14 @@ cell() {
     local ok=${RESULT[$key.ok]} errors=${RESULT[$key.errors]}
     local pct
     pct=$(awk -v e="$errors" -v o="$ok" 'BEGIN { printf "%.1f", (e + o) ? 100 * e / (e + o) : 0 }')
+    # A cell of ours that failed whole: whether the server was still there, and what it said.
+    if [ "$ok" = 0 ] && [ "$peer" = command-trigger ]; then
+        local state=gone
+        kill -0 "$PEER_PID" 2>/dev/null && state=alive
+        echo "$key: every request failed; server $PEER_PID $state, listening:" \
+            "$(ss -Hltn src "$CT_ADDR" 2>/dev/null | wc -l); its log:" >&2
+        tail -n 20 "$WORK/ct.err" >&2
+    fi
     ROWS+=("$(printf '| %s | %s | %s | %s | %s | %s | %s | %s (%s%%) | %s |' "$peer" "$workload" \
         "$c" "$mode" "${RESULT[$key.rps]}" "$(ms "${RESULT[$key.p50_us]}")" \
         "$(ms "${RESULT[$key.p99_us]}")" "$errors" "$pct" "$note")")
