@@ -173,7 +173,8 @@ fn first_bytes_spinning(stream: &mut std::net::TcpStream, deadline: Instant) -> 
 /// Resident KiB of the server binary's code: the `Rss` of its executable mappings.
 fn code_resident_kib(pid: u32) -> u64 {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let binary = binary();
+    // smaps names the file by its real path.
+    let binary = binary().canonicalize().unwrap_or_else(|_| binary());
     let mut in_code = false;
     let mut total = 0;
     for line in smaps.lines() {
