@@ -35,12 +35,13 @@ struct ExecutableCode {
     pagemap: File,
 }
 
-/// Unmaps the clean, read-only file pages of the executable and its libraries. Best effort:
-/// without `/proc` nothing is released and only more memory stays resident.
+/// Unmaps the clean, read-only file pages of the executable and its libraries, and keeps the
+/// executable's ranges for [`IdleRelease`]. Best effort: without `/proc` nothing is released
+/// and only more memory stays resident.
 pub fn release_startup_code() {
     // Read in small pieces: the whole file (some 64 KiB) would stay in the heap's free space,
     // resident, after it is freed.
-    let Ok(smaps) = std::fs::File::open("/proc/self/smaps") else {
+    let Ok(smaps) = File::open("/proc/self/smaps") else {
         return;
     };
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
@@ -262,9 +263,9 @@ Anonymous:             0 kB
     fn a_private_copy_of_a_page_in_a_file_mapping_is_seen() {
         use rustix::mm::{MapFlags, ProtFlags, mmap, munmap};
         let path = std::env::temp_dir().join(format!("footprint-{}", std::process::id()));
-        std::fs::write(&path, vec![7u8; 4 * rustix::param::page_size()]).unwrap();
-        let file = File::open(&path).unwrap();
         let len = 4 * rustix::param::page_size();
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        let file = File::open(&path).unwrap();
         let protection = ProtFlags::READ | ProtFlags::WRITE;
         // SAFETY: a fresh private mapping of a file of `len` bytes, unmapped below.
         let base = unsafe {
