@@ -7,6 +7,7 @@ use crate::clock::SystemClock;
 use crate::config::{CallConfig, CallInput, Config, Limits, ListenSpec, SendConfig};
 use crate::error::{ConfigError, Fatal, Outcome};
 use crate::framing::Framing;
+use crate::placement::Pinning;
 use crate::request::{Endpoints, Request};
 use crate::script::context::ClientSink;
 use crate::script::{self, HandlerResult, Runtime, ScriptHost};
@@ -139,7 +140,11 @@ pub fn start(
     let waker = Waker::new(poll.registry(), server::WAKER)
         .map_err(|e| Fatal::io("creating the waker", e))?;
     let (outbox, inbox) = workers::outbox(Arc::new(waker));
-    let pool = workers::WorkerPool::start(config.workers, host.clone(), outbox.clone())
+    let pinning = match config.pin_workers {
+        true => Pinning::of_this_process().map_err(|e| Fatal::io("reading the allowed CPUs", e))?,
+        false => None,
+    };
+    let pool = workers::WorkerPool::start(config.workers, pinning, host.clone(), outbox.clone())
         .map_err(|e| Fatal::io("starting workers", e))?;
     let sources = config.token_sources.clone();
     let reload = reload::spawn(host, sources, tokens.clone(), tls, outbox)

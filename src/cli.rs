@@ -122,6 +122,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CT_WORKERS", value_name = "N", default_value = "8")]
     pub workers: usize,
 
+    /// Bind each worker, and the commands it starts, to one CPU (in turn): fewer moves
+    /// between CPUs for many short commands; a command then has one CPU.
+    #[arg(long, env = "CT_PIN_WORKERS", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    pub pin_workers: bool,
+
     /// Complete requests waiting for a worker; beyond it the reply is `ERR busy`.
     #[arg(long, env = "CT_QUEUE", value_name = "N", default_value = "256")]
     pub queue: usize,

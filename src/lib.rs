@@ -67,6 +67,7 @@ pub mod locks;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_server;
+pub mod placement;
 pub mod protocol;
 pub mod ratelimit;
 pub mod reload;

@@ -32,9 +32,16 @@ pub trait Runner: Send + Sync {
     }
 }
 
-/// A named thread for `body`, detached: the job or timer ends on its own.
+/// A named thread for `body`, detached: the job or timer ends on its own. Started by a worker
+/// that may be bound to one CPU (`--pin-workers`), it takes every CPU back first.
 fn spawn_thread(name: String, body: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
-    std::thread::Builder::new().name(name).spawn(body).map(drop)
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            crate::placement::free_current_thread();
+            body()
+        })
+        .map(drop)
 }
 
 /// Real child processes, each in its own process group (see [`crate::commands::run`]).

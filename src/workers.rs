@@ -3,6 +3,7 @@
 use crate::auth::Tokens;
 use crate::connection::ReplyWriter;
 use crate::metrics::metrics;
+use crate::placement::{self, Pinning};
 use crate::protocol::{Encoded, Protocol};
 use crate::request::{Reply, Request, ServerError, Verdict, log_request};
 use crate::script::context::ClientSink;
@@ -200,8 +201,10 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
+    /// Starts `workers` threads, each bound to its CPU of `pinning` when there is one.
     pub fn start(
         workers: usize,
+        pinning: Option<Pinning>,
         host: Arc<ScriptHost>,
         outbox: Outbox,
     ) -> std::io::Result<WorkerPool> {
@@ -212,10 +215,16 @@ impl WorkerPool {
                 host: host.clone(),
                 outbox: outbox.clone(),
             };
+            let cpu = pinning.as_ref().map(|pinning| pinning.cpu_of(index));
             thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .stack_size(crate::script::SCRIPT_STACK_BYTES)
-                .spawn(move || worker.run())?;
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        placement::bind_current_thread(cpu);
+                    }
+                    worker.run()
+                })?;
         }
         Ok(WorkerPool { queue })
     }

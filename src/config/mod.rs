@@ -42,6 +42,8 @@ pub struct Config {
     pub keep_alive: bool,
     /// `--workers`: handler threads, so requests running at once.
     pub workers: usize,
+    /// `--pin-workers`: each worker bound to one CPU (see `placement`).
+    pub pin_workers: bool,
     /// `--queue`: complete requests that may wait for a worker before `ERR busy`.
     pub queue: usize,
     /// `--max-connections`: open client connections before new ones get `ERR busy`.
@@ -151,6 +153,7 @@ impl Config {
             },
             keep_alive: args.keep_alive,
             workers: args.workers,
+            pin_workers: args.pin_workers,
             queue: args.queue,
             max_connections: args.max_connections,
             max_connections_per_ip: args.max_connections_per_ip,

@@ -6,7 +6,7 @@
 use crate::util::*;
 use rustix::process::{Pid, Signal, kill_process};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The bit of signal N in the masks of /proc/PID/status.
 fn bit(signal: u32) -> u64 {
@@ -98,4 +98,54 @@ fn commands_that_cannot_start_say_why_and_the_next_ones_run() {
         assert_eq!(server.ask("true"), "0 |");
         assert_eq!(server.ask("echo"), "0 |\n");
     }
+}
+
+/// The CPUs of a `Cpus_allowed_list:` line in /proc/PID/status ("0-3,6" is 0, 1, 2, 3, 6).
+fn allowed_cpus(status: &str) -> Vec<usize> {
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or_else(|| panic!("no Cpus_allowed_list in {status}"));
+    let mut cpus = Vec::new();
+    for range in line.trim().split(',') {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        cpus.extend(first.parse::<usize>().unwrap()..=last.parse::<usize>().unwrap());
+    }
+    cpus
+}
+
+/// `--pin-workers` (issue 16, tenth session): a worker's commands run on its CPU only, the
+/// first allowed one for the only worker; a background job's thread gets every CPU back, and
+/// so does its command. Without the flag a command may run on every CPU the server may.
+#[test]
+fn pinned_workers_bind_their_commands_to_one_cpu_but_not_background_jobs() {
+    let ours = allowed_cpus(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let script = r#"
+        fn handle(req) {
+            start(["sh", "-c", "cat /proc/self/status > " + shell_quote(req.args[0])]);
+            exec(["/bin/cat", "/proc/self/status"]).stdout
+        }"#;
+    let pinned = Server::start(script, &["--pin-workers", "--workers", "1"]);
+    let job_out = pinned.scratch.path("job-status");
+    let command = allowed_cpus(&pinned.ask(&job_out.display().to_string()));
+    match ours.len() {
+        1 => assert_eq!(command, ours, "one CPU: nothing to bind"),
+        _ => assert_eq!(command, [ours[0]], "allowed to the server: {ours:?}"),
+    }
+    let deadline = Instant::now() + WAIT;
+    let job = loop {
+        let text = std::fs::read_to_string(&job_out).unwrap_or_default();
+        if text.contains("Cpus_allowed_list") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(allowed_cpus(&job), ours, "the job's command");
+
+    let free = Server::start(script, &["--workers", "1"]);
+    let elsewhere = free.scratch.path("job-status");
+    assert_eq!(
+        allowed_cpus(&free.ask(&elsewhere.display().to_string())),
+        ours
+    );
 }
