@@ -9,7 +9,8 @@
 # with `cargo build --release`, starts each peer on 127.0.0.1 (the busybox netcat loop cannot bind
 # one address: it listens on every interface), drives it with bench/ct-bench, stops it by PID.
 # Beside the peers it measures the physical limits in the same run: the spawn ceiling
-# (`ct-bench spawn`: posix_spawn + waitpid of /bin/true, nothing else) for W2, and redis PING
+# (`ct-bench spawn`: posix_spawn + waitpid of /bin/true, nothing else) for W2, with free and
+# with CPU-bound threads (the limit of `--pin-workers`, a W2 row of its own), and redis PING
 # keep-alive for keep-alive; W2 and keep-alive are printed as ratios to them.
 # Raw generator lines go to stderr, so `bench/run.sh > table.md` keeps only the Markdown.
 set -euo pipefail
@@ -243,11 +244,18 @@ bench_command_trigger() {
         for c in 1 32; do
             # Right before the cell compared with it: the machine is shared, and what else
             # runs on it drifts from minute to minute.
-            [ "$w.c$c" = w2.c32 ] && bench_spawn_ceiling
+            [ "$w.c$c" = w2.c32 ] && bench_spawn_ceiling free
             cell "ct.$w.c$c" command-trigger "${w^^}" "$c" close "--workers $workers" -- \
                 --addr "$CT_ADDR" "${LINE_ARGS[@]}"
         done
         stop_peer
+        if [ "$w" = w2 ]; then
+            start_ct --script "$WORK/w2.rhai" --workers "$workers" --pin-workers
+            bench_spawn_ceiling pinned
+            cell ct.w2pin.c32 command-trigger W2 32 close "--workers $workers --pin-workers" -- \
+                --addr "$CT_ADDR" "${LINE_ARGS[@]}"
+            stop_peer
+        fi
         start_ct --script "$WORK/$w.rhai" --workers "$workers" --framing http
         cell "cthttp.$w.c32" "command-trigger" "${w^^}" 32 close \
             "--framing http, HTTP/1.0, --workers $workers" -- --addr "$CT_ADDR" --http \
@@ -283,18 +291,28 @@ bench_redis() {
 # from N threads, and does nothing else: the most processes per second this machine starts,
 # the limit of W2 (one /bin/true per request). Taken with as many threads as cores and as W2
 # has workers; the higher is the ceiling W2 is compared with. Run right before W2 c=32.
+# `pinned`: each thread bound to one CPU, as `--pin-workers` binds the workers, the ceiling
+# of that row; SPAWN_CEILING_ANY is the highest of all four, free or bound.
 bench_spawn_ceiling() {
-    local threads line kv
-    SPAWN_CEILING=0
+    local how=$1 threads line kv key pin=() note="posix_spawn + waitpid only: the W2 limit"
+    [ "$how" = pinned ] && pin=(--pin) note="each thread bound to a CPU: the --pin-workers limit"
+    local ceiling=0
     for threads in $(nproc) "$WORKERS_W2"; do
-        line=$("$GEN" spawn "$threads" "$DURATION" /bin/true </dev/null)
-        echo "spawn.t$threads: $line" >&2
-        for kv in $line; do RESULT[spawn.t$threads.${kv%%=*}]=${kv#*=}; done
-        local rate=${RESULT[spawn.t$threads.spawns_per_s]}
-        ROWS+=("$(printf '| spawn ceiling | /bin/true | %s | %s threads | %s | | | | %s |' \
-            "$threads" "$threads" "$rate" "posix_spawn + waitpid only: the W2 limit")")
-        if [ "$rate" -gt "$SPAWN_CEILING" ]; then SPAWN_CEILING=$rate; fi
+        key=spawn.$how.t$threads
+        line=$("$GEN" spawn "$threads" "$DURATION" /bin/true "${pin[@]}" </dev/null)
+        echo "$key: $line" >&2
+        for kv in $line; do RESULT[$key.${kv%%=*}]=${kv#*=}; done
+        local rate=${RESULT[$key.spawns_per_s]}
+        ROWS+=("$(printf '| spawn ceiling | /bin/true | %s | %s threads%s | %s | | | | %s |' \
+            "$threads" "$threads" "${pin[*]:+, bound}" "$rate" "$note")")
+        if [ "$rate" -gt "$ceiling" ]; then ceiling=$rate; fi
     done
+    case $how in
+        free) SPAWN_CEILING=$ceiling ;;
+        pinned) SPAWN_CEILING_PINNED=$ceiling ;;
+    esac
+    SPAWN_CEILING_ANY=$(( ${SPAWN_CEILING:-0} > ${SPAWN_CEILING_PINNED:-0} ?
+        ${SPAWN_CEILING:-0} : ${SPAWN_CEILING_PINNED:-0} ))
 }
 
 # TLS 1.3, ECDSA P-256 certificate; the generator runs a rustls client on each of its sockets.
@@ -438,19 +456,24 @@ print_tables() {
         "redis-benchmark -c 32 -t ping_inline: $REDIS_BENCHMARK req/s."
     echo
     echo "Limits in the same run: W2 c=32 is $(ratio "${RESULT[ct.w2.c32.rps]}" "$SPAWN_CEILING")×" \
-        "the spawn ceiling ($SPAWN_CEILING spawns/s); W1 keep-alive c=32 is" \
-        "$(ratio "${RESULT[ct.ka.c32.rps]}" "${RESULT[redis.ka.c32.rps]}")× redis PING keep-alive."
+        "the spawn ceiling ($SPAWN_CEILING spawns/s); W2 --pin-workers is" \
+        "$(ratio "${RESULT[ct.w2pin.c32.rps]}" "$SPAWN_CEILING_PINNED")× the ceiling with bound" \
+        "threads ($SPAWN_CEILING_PINNED/s) and $(ratio "${RESULT[ct.w2pin.c32.rps]}" \
+        "$SPAWN_CEILING_ANY")× the highest of the four ($SPAWN_CEILING_ANY/s); W1 keep-alive" \
+        "c=32 is $(ratio "${RESULT[ct.ka.c32.rps]}" "${RESULT[redis.ka.c32.rps]}")× redis PING" \
+        "keep-alive."
     echo
     print_targets
 }
 
 print_targets() {
-    local r1 rka r2t r2w r2s e1 p99ka
+    local r1 rka r2t r2w r2s r2p e1 p99ka
     r1=$(ratio "${RESULT[ct.w1.c32.rps]}" "${RESULT[webhook.w1.c32.rps]}")
     e1=${RESULT[ct.w1.c32.errors]}
     rka=$(ratio "${RESULT[ct.ka.c32.rps]}" "${RESULT[redis.ka.c32.rps]}")
     p99ka=$(ms "${RESULT[ct.ka.c32.p99_us]}")
     r2s=$(ratio "${RESULT[ct.w2.c32.rps]}" "$SPAWN_CEILING")
+    r2p=$(ratio "${RESULT[ct.w2pin.c32.rps]}" "$SPAWN_CEILING_PINNED")
     r2t=$(ratio "${RESULT[ct.w2.c32.rps]}" "${RESULT[tcpserver.w2.c32.rps]}")
     r2w=$(ratio "${RESULT[ct.w2.c32.rps]}" "${RESULT[webhook.w2.c32.rps]}")
     local tag
@@ -462,6 +485,8 @@ print_targets() {
     echo "| W1 keep-alive p99 ≤ 1 ms | $p99ka ms | $(verdict "$p99ka" 1 le) |"
     echo "| W2 ≥ 0.85× the spawn ceiling ($SPAWN_CEILING/s) | ${r2s}× |" \
         "$(verdict "$r2s" 0.85 ge) |"
+    echo "| W2 --pin-workers ≥ 0.85× the ceiling with bound threads ($SPAWN_CEILING_PINNED/s)" \
+        "| ${r2p}× | $(verdict "$r2p" 0.85 ge) |"
     echo "| W2 ≥ 2.2× tcpserver | ${r2t}× | $(verdict "$r2t" 2.2 ge) |"
     echo "| W2 ≥ 1.2× webhook (include-command-output-in-response) | ${r2w}× |" \
         "$(verdict "$r2w" 1.2 ge) |"

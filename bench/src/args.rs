@@ -6,8 +6,10 @@ use std::time::Duration;
 pub const USAGE: &str = "\
 usage: ct-bench --addr IP:PORT --send TEXT [options]
        ct-bench startup RUNS CMD [ARGS...]       time from exec to the first stdout line
-       ct-bench spawn THREADS DURATION PROGRAM   posix_spawn + waitpid PROGRAM from THREADS
-                                                 threads: the spawn ceiling, in spawns/s
+       ct-bench spawn THREADS DURATION PROGRAM [--pin]
+                                                 posix_spawn + waitpid PROGRAM from THREADS
+                                                 threads: the spawn ceiling, in spawns/s;
+                                                 --pin: thread i bound to the i-th allowed CPU
 
   --addr IP:PORT        server to drive
   --mode MODE           close: one connection per request (connect, send, half-close, read to

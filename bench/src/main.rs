@@ -108,15 +108,22 @@ fn spawn_main(argv: &[String]) -> ExitCode {
         Some(ms) => ms.parse::<f64>().ok().map(|ms| ms / 1000.0),
         None => d.trim_end_matches('s').parse::<f64>().ok(),
     });
-    let (Some(threads @ 1..), Some(seconds), Some(program)) = (threads, seconds, argv.get(2))
+    let pin = match argv.get(3).map(String::as_str) {
+        None => Some(false),
+        Some("--pin") => Some(true),
+        Some(_) => None,
+    };
+    let (Some(threads @ 1..), Some(seconds), Some(program), Some(pin)) =
+        (threads, seconds, argv.get(2), pin)
     else {
-        eprintln!("usage: ct-bench spawn THREADS DURATION PROGRAM (DURATION: 5s, 500ms)");
+        eprintln!("usage: ct-bench spawn THREADS DURATION PROGRAM [--pin] (DURATION: 5s, 500ms)");
         return ExitCode::from(2);
     };
     match spawn::run(
         threads,
         std::time::Duration::from_secs_f64(seconds),
         program,
+        pin,
     ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
