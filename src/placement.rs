@@ -30,9 +30,12 @@ impl Pinning {
             .filter(|&cpu| allowed.is_set(cpu))
             .collect();
         if cpus.len() < 2 {
+            log::info!("--pin-workers: one CPU allowed, nothing to bind");
             return Ok(None);
         }
         let _ = ALLOWED.set(allowed);
+        let list: Vec<String> = cpus.iter().map(usize::to_string).collect();
+        log::info!("workers bound to CPUs {} in turn", list.join(","));
         Ok(Some(Pinning { cpus }))
     }
 

@@ -126,6 +126,10 @@ fn pinned_workers_bind_their_commands_to_one_cpu_but_not_background_jobs() {
             exec(["/bin/cat", "/proc/self/status"]).stdout
         }"#;
     let pinned = Server::start(script, &["--pin-workers", "--workers", "1"]);
+    pinned.log.wait_for(match ours.len() {
+        1 => "one CPU allowed, nothing to bind",
+        _ => "workers bound to CPUs",
+    });
     let job_out = pinned.scratch.path("job-status");
     let command = allowed_cpus(&pinned.ask(&job_out.display().to_string()));
     match ours.len() {
