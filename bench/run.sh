@@ -467,7 +467,7 @@ print_tables() {
 }
 
 print_targets() {
-    local r1 rka r2t r2w r2s r2p e1 p99ka
+    local r1 rka r2t r2pt r2w r2s r2p e1 p99ka
     r1=$(ratio "${RESULT[ct.w1.c32.rps]}" "${RESULT[webhook.w1.c32.rps]}")
     e1=${RESULT[ct.w1.c32.errors]}
     rka=$(ratio "${RESULT[ct.ka.c32.rps]}" "${RESULT[redis.ka.c32.rps]}")
@@ -475,6 +475,7 @@ print_targets() {
     r2s=$(ratio "${RESULT[ct.w2.c32.rps]}" "$SPAWN_CEILING")
     r2p=$(ratio "${RESULT[ct.w2pin.c32.rps]}" "$SPAWN_CEILING_PINNED")
     r2t=$(ratio "${RESULT[ct.w2.c32.rps]}" "${RESULT[tcpserver.w2.c32.rps]}")
+    r2pt=$(ratio "${RESULT[ct.w2pin.c32.rps]}" "${RESULT[tcpserver.w2.c32.rps]}")
     r2w=$(ratio "${RESULT[ct.w2.c32.rps]}" "${RESULT[webhook.w2.c32.rps]}")
     local tag
     echo "| target (c=32) | measured | verdict |"
@@ -488,6 +489,7 @@ print_targets() {
     echo "| W2 --pin-workers ≥ 0.85× the ceiling with bound threads ($SPAWN_CEILING_PINNED/s)" \
         "| ${r2p}× | $(verdict "$r2p" 0.85 ge) |"
     echo "| W2 ≥ 2.2× tcpserver | ${r2t}× | $(verdict "$r2t" 2.2 ge) |"
+    echo "| W2 --pin-workers ≥ 2.2× tcpserver | ${r2pt}× | $(verdict "$r2pt" 2.2 ge) |"
     echo "| W2 ≥ 1.2× webhook (include-command-output-in-response) | ${r2w}× |" \
         "$(verdict "$r2w" 1.2 ge) |"
     for tag in $(footprint_tags); do
