@@ -5,7 +5,7 @@
 //! one command in two to another CPU at its `execve` (exec balancing, done by that CPU's
 //! stopper thread: two more context switches and a cold cache) and often wakes the worker on
 //! yet another CPU when the command exits. A worker bound to one CPU starts its commands there
-//! and they stay there: W2 gained ~5% (BENCHMARKS.md, tenth session). Why it is not the
+//! and they stay there: W2 gained 3–5% (BENCHMARKS.md, tenth session). Why it is not the
 //! default: a command inherits the binding, with everything it starts, so a command that
 //! needs several CPUs (a build, a parallel compressor) gets one.
 
