@@ -141,7 +141,12 @@ pub fn start(
         .map_err(|e| Fatal::io("creating the waker", e))?;
     let (outbox, inbox) = workers::outbox(Arc::new(waker));
     let pinning = match config.pin_workers {
-        true => Pinning::of_this_process().map_err(|e| Fatal::io("reading the allowed CPUs", e))?,
+        true => Pinning::of_this_process().unwrap_or_else(|e| {
+            log::warn!(
+                "--pin-workers: could not read the allowed CPUs ({e}); workers left unbound"
+            );
+            None
+        }),
         false => None,
     };
     let pool = workers::WorkerPool::start(config.workers, pinning, host.clone(), outbox.clone())
