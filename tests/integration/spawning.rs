@@ -6,7 +6,7 @@
 use crate::util::*;
 use rustix::process::{Pid, Signal, kill_process};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The bit of signal N in the masks of /proc/PID/status.
 fn bit(signal: u32) -> u64 {
@@ -136,14 +136,7 @@ fn pinned_workers_bind_their_commands_to_one_cpu_but_not_background_jobs() {
         1 => assert_eq!(command, ours, "one CPU: nothing to bind"),
         _ => assert_eq!(command, [ours[0]], "allowed to the server: {ours:?}"),
     }
-    let deadline = Instant::now() + WAIT;
-    let job = loop {
-        let text = std::fs::read_to_string(&job_out).unwrap_or_default();
-        if text.contains("Cpus_allowed_list") || Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let job = file_text_within(&job_out, "Cpus_allowed_list", WAIT);
     assert_eq!(allowed_cpus(&job), ours, "the job's command");
 
     let free = Server::start(script, &["--workers", "1"]);

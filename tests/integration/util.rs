@@ -342,6 +342,19 @@ pub fn file_exists_within(path: &Path, limit: Duration) -> bool {
     false
 }
 
+/// The text of the file at `path` once it holds `needle` (a job's output written after the
+/// reply), or what it holds when `limit` passes.
+pub fn file_text_within(path: &Path, needle: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Writes `bytes` on a fresh connection without closing; for tests that keep talking.
 pub fn open_with(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
     let mut stream = connect(addr);
