@@ -10,6 +10,11 @@ usage: ct-bench --addr IP:PORT --send TEXT [options]
                                                  posix_spawn + waitpid PROGRAM from THREADS
                                                  threads: the spawn ceiling, in spawns/s;
                                                  --pin: thread i bound to the i-th allowed CPU
+       ct-bench spawn-server THREADS PORT PROGRAM
+                                                 serve 127.0.0.1:PORT from THREADS threads:
+                                                 per connection read a line, posix_spawn +
+                                                 waitpid PROGRAM, answer ok; the spawn
+                                                 ceiling behind TCP
 
   --addr IP:PORT        server to drive
   --mode MODE           close: one connection per request (connect, send, half-close, read to

@@ -6,12 +6,14 @@
 //! - [`args`]: the command line; [`load`]: one mio event loop driving its share of the clients;
 //!   [`stats`]: counters, latencies and the report line; [`hold`]: idle connections for RSS;
 //!   [`startup`]: time from exec to listening; [`spawn`]: the spawn ceiling W2 is held to;
-//!   [`tls`]: the client side of TLS for the event loops.
+//!   [`spawn_server`]: the same spawns behind TCP, nothing else; [`tls`]: the client side of
+//!   TLS for the event loops.
 
 mod args;
 mod hold;
 mod load;
 mod spawn;
+mod spawn_server;
 mod startup;
 mod stats;
 mod tls;
@@ -30,6 +32,9 @@ fn main() -> ExitCode {
     }
     if argv.first().is_some_and(|a| a == "spawn") {
         return spawn_main(&argv[1..]);
+    }
+    if argv.first().is_some_and(|a| a == "spawn-server") {
+        return spawn_server_main(&argv[1..]);
     }
     let args = match args::parse(argv.into_iter()) {
         Ok(args) => args,
@@ -128,6 +133,24 @@ fn spawn_main(argv: &[String]) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ct-bench: spawn: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn spawn_server_main(argv: &[String]) -> ExitCode {
+    let threads = argv.first().and_then(|t| t.parse::<usize>().ok());
+    let port = argv.get(1).and_then(|p| p.parse::<u16>().ok());
+    let (Some(threads @ 1..), Some(port), Some(program), None) =
+        (threads, port, argv.get(2), argv.get(3))
+    else {
+        eprintln!("usage: ct-bench spawn-server THREADS PORT PROGRAM");
+        return ExitCode::from(2);
+    };
+    match spawn_server::run(threads, port, program) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ct-bench: spawn-server: {e}");
             ExitCode::FAILURE
         }
     }

@@ -71,33 +71,39 @@ fn bind_to(cpu: usize) -> io::Result<()> {
 }
 
 fn spawn_until(path: &CString, deadline: Instant, spawned: &AtomicU64) -> io::Result<()> {
-    let argv = [path.as_ptr() as *mut libc::c_char, std::ptr::null_mut()];
     while Instant::now() < deadline {
-        let mut pid: libc::pid_t = 0;
-        // SAFETY: path and argv are NUL-terminated and outlive the call; a null file-actions and
-        // attribute pointer mean "none"; environ is the process's own environment.
-        let rc = unsafe {
-            libc::posix_spawn(
-                &mut pid,
-                path.as_ptr(),
-                std::ptr::null(),
-                std::ptr::null(),
-                argv.as_ptr(),
-                environ(),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
-        let mut status = 0;
-        // SAFETY: pid is our child; status is a valid out pointer.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        spawn_and_wait(path)?;
         // Counted only once it has been waited for, as a W2 request is answered only then.
         if Instant::now() < deadline {
             spawned.fetch_add(1, Ordering::Relaxed);
         }
+    }
+    Ok(())
+}
+
+/// Runs `path` (no arguments, our stdio and environment) to its end.
+pub fn spawn_and_wait(path: &CString) -> io::Result<()> {
+    let argv = [path.as_ptr() as *mut libc::c_char, std::ptr::null_mut()];
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: path and argv are NUL-terminated and outlive the call; a null file-actions and
+    // attribute pointer mean "none"; environ is the process's own environment.
+    let rc = unsafe {
+        libc::posix_spawn(
+            &mut pid,
+            path.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            argv.as_ptr(),
+            environ(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    let mut status = 0;
+    // SAFETY: pid is our child; status is a valid out pointer.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
