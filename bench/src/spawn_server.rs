@@ -3,11 +3,13 @@
 //! first newline, `posix_spawn`s PROGRAM and waits for it, answers `ok\n` and closes. No
 //! token, no script, no output captured, no event loop: what the spawn ceiling costs plus one
 //! TCP connection per request, and nothing else. A server that runs one process per request
-//! and speaks TCP cannot be expected to beat it on the same machine and load.
+//! and speaks TCP cannot be expected to beat it on the same machine and load. It ends its
+//! reply as command-trigger does (reply and FIN in one segment), so it pays no packet more.
 
 use std::ffi::CString;
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::io::{self, Read};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::thread;
 
 /// A request longer than this is not W2's; it is answered all the same.
@@ -46,5 +48,25 @@ fn answer(mut stream: TcpStream, path: &CString) -> io::Result<()> {
         }
     }
     crate::spawn::spawn_and_wait(path)?;
-    stream.write_all(b"ok\n")
+    send_before_fin(&stream, b"ok\n")?;
+    stream.shutdown(Shutdown::Write)
+}
+
+/// `MSG_MORE`: the kernel holds the short reply back and the shutdown's FIN rides on it.
+fn send_before_fin(stream: &TcpStream, reply: &[u8]) -> io::Result<()> {
+    let flags = libc::MSG_MORE | libc::MSG_NOSIGNAL;
+    // SAFETY: a connected socket, and a buffer valid for its length.
+    let sent = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            reply.as_ptr().cast(),
+            reply.len(),
+            flags,
+        )
+    };
+    match usize::try_from(sent) {
+        Ok(n) if n == reply.len() => Ok(()),
+        Ok(_) => Err(io::Error::other("short send")),
+        Err(_) => Err(io::Error::last_os_error()),
+    }
 }
