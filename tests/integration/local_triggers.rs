@@ -333,9 +333,7 @@ fn application(dir: &Path) -> std::process::Child {
         "trap 'cat {dir}/conf/app.conf > {dir}/seen' HUP; echo $$ > {dir}/pid; while :; do sleep 0.05; done",
         dir = dir.display()
     );
-    let child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(line)
+    let child = with_default_reload_signals(std::process::Command::new("sh").arg("-c").arg(line))
         .spawn()
         .unwrap();
     assert!(

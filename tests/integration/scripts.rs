@@ -168,9 +168,7 @@ impl Target {
              while [ ! -s child-pid ]; do sleep 0.01; done; touch ready; \
              while :; do sleep 1 & wait $!; done"
         );
-        let child = Command::new(&shell)
-            .arg("-c")
-            .arg(body)
+        let child = with_default_reload_signals(Command::new(&shell).arg("-c").arg(body))
             .current_dir(dir.dir.path())
             .stdin(Stdio::null())
             .spawn()

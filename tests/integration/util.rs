@@ -321,6 +321,22 @@ pub fn shell(line: &str) -> Output {
     }
 }
 
+/// Starts `command` with SIGHUP and SIGUSR1 at their defaults, for a shell that traps them. A
+/// test run under `nohup` (or any parent that ignores SIGHUP) hands the ignore down, and a
+/// non-interactive shell may not trap a signal that was ignored when it started: the signal the
+/// test sends would never reach the trap.
+pub fn with_default_reload_signals(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only `signal`, which is async-signal-safe, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
+            libc::signal(libc::SIGUSR1, libc::SIG_DFL);
+            Ok(())
+        })
+    }
+}
+
 /// Whether a program is on PATH (client tests need the real netcats).
 pub fn have(program: &str) -> bool {
     Command::new("/bin/sh")
