@@ -328,19 +328,34 @@ fn without_streaming_trailers_travel_as_headers() {
 }
 
 /// An "application" that writes its config's content to `seen` on every SIGHUP, as a reload.
-fn application(dir: &Path) -> std::process::Child {
-    let line = format!(
-        "trap 'cat {dir}/conf/app.conf > {dir}/seen' HUP; echo $$ > {dir}/pid; while :; do sleep 0.05; done",
-        dir = dir.display()
-    );
-    let child = with_default_reload_signals(std::process::Command::new("sh").arg("-c").arg(line))
-        .spawn()
-        .unwrap();
-    assert!(
-        file_exists_within(&dir.join("pid"), WAIT),
-        "the application did not start"
-    );
-    child
+/// Stopped when dropped, so a failing test does not leave its loop running.
+struct Application(std::process::Child);
+
+impl Application {
+    #[track_caller]
+    fn start(dir: &Path) -> Application {
+        let line = format!(
+            "trap 'cat {dir}/conf/app.conf > {dir}/seen' HUP; echo $$ > {dir}/pid; while :; do sleep 0.05; done",
+            dir = dir.display()
+        );
+        let mut command = std::process::Command::new("sh");
+        let child = with_default_reload_signals(command.arg("-c").arg(line))
+            .spawn()
+            .unwrap();
+        let app = Application(child);
+        assert!(
+            file_exists_within(&dir.join("pid"), WAIT),
+            "the application did not start"
+        );
+        app
+    }
+}
+
+impl Drop for Application {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
@@ -349,7 +364,7 @@ fn config_reload_script_validates_signals_and_confirms() {
     let conf = dir.path().join("conf");
     std::fs::create_dir(&conf).unwrap();
     std::fs::write(conf.join("app.conf"), "valid 1").unwrap();
-    let mut app = application(dir.path());
+    let _app = Application::start(dir.path());
     let d = dir.path().display().to_string();
     let mut command = command();
     command
@@ -386,8 +401,6 @@ fn config_reload_script_validates_signals_and_confirms() {
         std::fs::read_to_string(dir.path().join("seen")).unwrap(),
         "valid 2"
     );
-    let _ = app.kill();
-    let _ = app.wait();
 }
 
 #[test]
