@@ -321,7 +321,7 @@ pub fn shell(line: &str) -> Output {
     }
 }
 
-/// Starts `command` with SIGHUP and SIGUSR1 at their defaults, for a shell that traps them. A
+/// Has `command` start with SIGHUP and SIGUSR1 at their defaults, for a shell that traps them. A
 /// test run under `nohup` (or any parent that ignores SIGHUP) hands the ignore down, and a
 /// non-interactive shell may not trap a signal that was ignored when it started: the signal the
 /// test sends would never reach the trap.
